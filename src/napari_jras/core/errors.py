@@ -1,0 +1,17 @@
+"""Exception types with messages meant for the person using the tool."""
+
+
+class JRASError(Exception):
+    """Base class of every error napari-jras raises on purpose (shown without a traceback)."""
+
+
+class DataError(JRASError, ValueError):
+    """An input image, label or folder cannot be used; the message says why and what to do."""
+
+
+class ModelError(JRASError):
+    """A checkpoint or model configuration cannot be loaded or is inconsistent."""
+
+
+class BankError(JRASError):
+    """An exemplar bank is missing, damaged, empty or incompatible."""

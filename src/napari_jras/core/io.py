@@ -1,0 +1,314 @@
+"""Read and write medical images and labels (TIFF, PNG, NIfTI) and find paired cases.
+
+Layouts understood by :func:`find_cases`:
+
+* paired folder (recursive): ``<stem>_image.<ext>`` next to ``<stem>_label.<ext>``;
+* nnU-Net: ``imagesTr/<case>_0000.nii.gz`` with ``labelsTr/<case>.nii.gz``;
+* a single image file (optionally with its ``_label`` sibling).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".tiff", ".tif", ".png")
+DEFAULT_PATIENT_REGEX = r"^(.*?)(?:_frame\d+|_slice\d+)?$"
+
+
+def split_extension(path: str | Path) -> tuple[str, str]:
+    """Split ``path``'s name into (stem, extension), treating ``.nii.gz`` as one extension."""
+    name = Path(path).name
+    lower = name.lower()
+    for ext in IMAGE_EXTENSIONS:
+        if lower.endswith(ext):
+            return name[: -len(ext)], ext
+    return Path(name).stem, Path(name).suffix.lower()
+
+
+def is_supported(path: str | Path) -> bool:
+    """True when ``path`` has an extension napari-jras can read."""
+    return split_extension(path)[1] in IMAGE_EXTENSIONS
+
+
+@dataclass(frozen=True)
+class Volume:
+    """An image or label array with its voxel spacing (Z, Y, X order; None when unknown)."""
+
+    data: np.ndarray
+    spacing: tuple[float, ...] | None = None
+
+
+def read_volume(path: str | Path) -> Volume:
+    """Read a 2-D or 3-D array from TIFF, PNG or NIfTI, Z first for volumes.
+
+    NIfTI volumes are returned as (Z, Y, X) with spacing in millimetres. Raises
+    :class:`DataError` for missing, unreadable or unsupported files.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"File not found: {path}")
+    if path.is_dir():
+        raise DataError(f"Expected a file but got a folder: {path}")
+    ext = split_extension(path)[1]
+    if ext not in IMAGE_EXTENSIONS:
+        raise DataError(
+            f"Unsupported file type '{ext or path.name}' for {path}; "
+            f"supported: {', '.join(IMAGE_EXTENSIONS)}"
+        )
+    try:
+        if ext in (".tif", ".tiff"):
+            return _read_tiff(path)
+        if ext == ".png":
+            import imageio.v3 as iio
+
+            return Volume(np.asarray(iio.imread(path)))
+        return _read_nifti(path)
+    except DataError:
+        raise
+    except PermissionError as exc:
+        raise DataError(f"Cannot read {path}: permission denied") from exc
+    except Exception as exc:  # corrupted or truncated files raise many different types
+        raise DataError(f"Cannot read {path}: the file is damaged or not a valid {ext} ({exc})") from exc
+
+
+def _read_tiff(path: Path) -> Volume:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        data = tif.asarray()
+        spacing = None
+        meta = tif.imagej_metadata or {}
+        page = tif.pages[0]
+        res = page.tags.get("XResolution")
+        if meta.get("spacing") is not None and res is not None:
+            num, den = res.value
+            xy = den / num if num else 1.0
+            spacing = (float(meta["spacing"]), xy, xy)
+    if spacing is not None and data.ndim == 2:
+        spacing = spacing[1:]
+    return Volume(np.asarray(data), spacing)
+
+
+def _read_nifti(path: Path) -> Volume:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj)
+    zooms = tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
+    if data.ndim == 3:  # NIfTI is (X, Y, Z): napari-jras works Z first
+        data = np.transpose(data, (2, 1, 0))
+        zooms = zooms[::-1]
+    elif data.ndim == 2:
+        data = data.T
+        zooms = zooms[::-1]
+    return Volume(np.ascontiguousarray(data), zooms)
+
+
+def write_volume(path: str | Path, data: np.ndarray, spacing: tuple[float, ...] | None = None) -> Path:
+    """Write a 2-D/3-D array as TIFF or NIfTI (chosen by extension), atomically.
+
+    The file is written next to its destination and renamed into place, so an interrupted
+    write never leaves a half-written file under the final name.
+    """
+    path = Path(path)
+    stem, ext = split_extension(path)
+    if ext not in (".tif", ".tiff", ".nii", ".nii.gz"):
+        raise DataError(f"Cannot write '{ext}': use .tif, .tiff, .nii or .nii.gz ({path})")
+    data = np.asarray(data)
+    if data.ndim not in (2, 3):
+        raise DataError(f"Can only write 2-D or 3-D arrays, got shape {data.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{stem}.partial{ext}")
+    try:
+        if ext in (".tif", ".tiff"):
+            import tifffile
+
+            kwargs = {}
+            if spacing is not None:
+                kwargs = {
+                    "imagej": True,
+                    "resolution": (1.0 / spacing[-1], 1.0 / spacing[-2]),
+                    "metadata": {"spacing": spacing[0], "unit": "mm"} if data.ndim == 3 else {"unit": "mm"},
+                }
+            out = data.astype(np.uint8) if kwargs and data.dtype.kind in "iub" and data.max(initial=0) < 256 else data
+            tifffile.imwrite(tmp, out, compression="zlib" if not kwargs else None, **kwargs)
+        else:
+            import nibabel as nib
+
+            arr = np.transpose(data, (2, 1, 0)) if data.ndim == 3 else data.T
+            zooms = tuple(spacing[::-1]) if spacing is not None else (1.0,) * arr.ndim
+            affine = np.diag([*zooms, 1.0] if arr.ndim == 3 else [*zooms, 1.0, 1.0])
+            img = nib.Nifti1Image(np.ascontiguousarray(arr), affine)
+            img.header.set_zooms(zooms)
+            nib.save(img, str(tmp))
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"Cannot write {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+def check_image(data: np.ndarray, source: str = "image") -> np.ndarray:
+    """Validate an image array: 2-D or 3-D, real numbers, finite; returns it unchanged."""
+    data = np.asarray(data)
+    if data.ndim == 3 and data.shape[-1] in (3, 4) and data.shape[0] > 4:
+        raise DataError(
+            f"{source} looks like an RGB/RGBA image (shape {data.shape}); "
+            "napari-jras segments greyscale images: convert it to grey first"
+        )
+    if data.ndim == 4:
+        raise DataError(
+            f"{source} is 4-D (shape {data.shape}); napari-jras takes 2-D images or 3-D volumes: "
+            "select one time point or channel first"
+        )
+    if data.ndim not in (2, 3):
+        raise DataError(f"{source} must be 2-D or 3-D, got {data.ndim}-D (shape {data.shape})")
+    if min(data.shape) == 0:
+        raise DataError(f"{source} is empty (shape {data.shape})")
+    if data.dtype.kind not in "biuf":
+        raise DataError(f"{source} has unsupported data type {data.dtype}")
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        n = int((~np.isfinite(data)).sum())
+        raise DataError(f"{source} contains {n} NaN or infinite values; fix or mask them first")
+    return data
+
+
+def check_label(label: np.ndarray, image_shape: tuple[int, ...] | None = None,
+                num_classes: int | None = None, source: str = "label") -> np.ndarray:
+    """Validate a label map and return it as ``uint8``/``int64`` class indices."""
+    label = np.asarray(label)
+    if label.ndim == 4:
+        raise DataError(f"{source} is 4-D (shape {label.shape}); expected 2-D or 3-D")
+    if image_shape is not None and tuple(label.shape) != tuple(image_shape):
+        raise DataError(
+            f"{source} shape {label.shape} does not match the image shape {tuple(image_shape)}"
+        )
+    if label.dtype.kind == "f":
+        if not np.isfinite(label).all():
+            raise DataError(f"{source} contains NaN or infinite values")
+        if not np.array_equal(label, np.round(label)):
+            raise DataError(
+                f"{source} has non-integer values (e.g. {label[label != np.round(label)].flat[0]}); "
+                "labels must be class indices 0, 1, 2, ..."
+            )
+    elif label.dtype.kind not in "biu":
+        raise DataError(f"{source} has unsupported data type {label.dtype}")
+    if label.size and label.min() < 0:
+        raise DataError(f"{source} has negative values (min {label.min()}); labels must be >= 0")
+    if num_classes is not None and label.size and label.max() >= num_classes:
+        raise DataError(
+            f"{source} has class value {int(label.max())} but the model knows only "
+            f"{num_classes} classes (0..{num_classes - 1})"
+        )
+    out_dtype = np.uint8 if (not label.size or label.max() < 256) else np.int64
+    return label.astype(out_dtype, copy=False)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One image (and optional label) file of a dataset, with its case and patient ids."""
+
+    case_id: str
+    patient_id: str
+    image_path: Path
+    label_path: Path | None = None
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+def patient_of(case_id: str, patient_regex: str | None = None) -> str:
+    """Patient id of a case id: the prefix before ``_frame``/``_slice``, or the regex's group 1."""
+    match = re.match(patient_regex or DEFAULT_PATIENT_REGEX, case_id)
+    if not match:
+        return case_id
+    return match.group(1) if match.groups() else match.group(0)
+
+
+def find_cases(root: str | Path, patient_regex: str | None = None,
+               require_labels: bool = True) -> list[Case]:
+    """Find the cases under ``root`` (paired folder, nnU-Net folder or a single file).
+
+    Raises :class:`DataError` for a missing or empty folder, or (with ``require_labels``) an
+    image without its label.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"Path not found: {root}")
+    if root.is_file():
+        return [_single_file_case(root, patient_regex, require_labels)]
+    if (root / "imagesTr").is_dir():
+        return _find_nnunet(root, patient_regex, require_labels)
+    images: dict[str, Path] = {}
+    labels: dict[str, Path] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and is_supported(p)):
+        stem, _ = split_extension(path)
+        rel = str(path.parent.relative_to(root))
+        if stem.endswith("_image"):
+            images[f"{rel}/{stem[:-6]}"] = path
+        elif stem.endswith("_label"):
+            labels[f"{rel}/{stem[:-6]}"] = path
+    if not images:
+        hint = " (found label files without images)" if labels else ""
+        raise DataError(
+            f"No '<name>_image.<ext>' files found under {root}{hint}; expected pairs like "
+            "case1_image.tif + case1_label.tif, or an nnU-Net imagesTr/labelsTr folder"
+        )
+    cases = []
+    missing = []
+    for key, image_path in sorted(images.items()):
+        label_path = labels.get(key)
+        if label_path is None:
+            missing.append(image_path.name)
+        case_id = key.split("/")[-1]
+        cases.append(Case(case_id, patient_of(case_id, patient_regex), image_path, label_path))
+    if require_labels and missing:
+        raise DataError(
+            f"{len(missing)} image(s) under {root} have no matching '_label' file, e.g. {missing[0]}"
+        )
+    return cases
+
+
+def _single_file_case(path: Path, patient_regex: str | None, require_labels: bool) -> Case:
+    stem, ext = split_extension(path)
+    if ext not in IMAGE_EXTENSIONS:
+        raise DataError(f"Unsupported file type '{ext}' for {path}")
+    base = stem[:-6] if stem.endswith("_image") else stem
+    label = path.with_name(f"{base}_label{ext}")
+    label_path = label if label.exists() and label != path else None
+    if require_labels and label_path is None:
+        raise DataError(f"No label file found for {path} (expected {label.name})")
+    return Case(base, patient_of(base, patient_regex), path, label_path)
+
+
+def _find_nnunet(root: Path, patient_regex: str | None, require_labels: bool) -> list[Case]:
+    labels_dir = root / "labelsTr"
+    cases = []
+    for path in sorted(p for p in (root / "imagesTr").iterdir() if is_supported(p)):
+        stem, ext = split_extension(path)
+        case_id = re.sub(r"_\d{4}$", "", stem)
+        if stem != case_id and not stem.endswith("_0000"):
+            continue  # extra modality channels of a case: only the first is used
+        label = labels_dir / f"{case_id}{ext}"
+        if require_labels and not label.exists():
+            raise DataError(f"nnU-Net case {case_id} has no label {label}")
+        cases.append(Case(case_id, patient_of(case_id, patient_regex), path,
+                          label if label.exists() else None))
+    if not cases:
+        raise DataError(f"No images found in {root / 'imagesTr'}")
+    return cases
+
+
+def load_case(case: Case) -> tuple[Volume, np.ndarray | None]:
+    """Read and validate a case's image and label (shapes must match)."""
+    image = read_volume(case.image_path)
+    check_image(image.data, source=str(case.image_path.name))
+    label = None
+    if case.label_path is not None:
+        raw = read_volume(case.label_path).data
+        label = check_label(raw, image.data.shape, source=str(case.label_path.name))
+    return image, label
