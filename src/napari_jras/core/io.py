@@ -82,14 +82,28 @@ def _read_tiff(path: Path) -> Volume:
 
     with tifffile.TiffFile(path) as tif:
         data = tif.asarray()
-        spacing = None
         meta = tif.imagej_metadata or {}
-        page = tif.pages[0]
-        res = page.tags.get("XResolution")
-        if meta.get("spacing") is not None and res is not None:
-            num, den = res.value
-            xy = den / num if num else 1.0
-            spacing = (float(meta["spacing"]), xy, xy)
+        # a file cut inside its page chain reads as its first pages only: compare with the
+        # shape the writer recorded (tifffile "shaped" or ImageJ metadata)
+        expected = None
+        shaped = tif.shaped_metadata
+        if shaped and shaped[0].get("shape"):
+            expected = int(np.prod(shaped[0]["shape"]))
+        elif meta.get("images"):
+            expected = int(meta["images"]) * int(np.prod(tif.pages[0].shape))
+        if expected is not None and expected != data.size:
+            raise DataError(f"Cannot read {path}: the file is damaged or truncated "
+                            f"(expected {expected} values, found {data.size})")
+        spacing = None
+        tags = tif.pages[0].tags
+        xres, yres = tags.get("XResolution"), tags.get("YResolution")
+        if meta and ("spacing" in meta or meta.get("unit")) and xres is not None:
+            def size(tag):
+                num, den = tag.value
+                return den / num if num else 1.0
+            x = size(xres)
+            y = size(yres) if yres is not None else x
+            spacing = (float(meta.get("spacing", 1.0)), y, x)
     if spacing is not None and data.ndim == 2:
         spacing = spacing[1:]
     return Volume(np.asarray(data), spacing)
@@ -129,29 +143,68 @@ def write_volume(path: str | Path, data: np.ndarray, spacing: tuple[float, ...] 
         if ext in (".tif", ".tiff"):
             import tifffile
 
-            kwargs = {}
+            kwargs = {"photometric": "minisblack"}  # never RGB, whatever the first axis size
+            out = data
             if spacing is not None:
-                kwargs = {
-                    "imagej": True,
-                    "resolution": (1.0 / spacing[-1], 1.0 / spacing[-2]),
-                    "metadata": {"spacing": spacing[0], "unit": "mm"} if data.ndim == 3 else {"unit": "mm"},
-                }
-            out = data.astype(np.uint8) if kwargs and data.dtype.kind in "iub" and data.max(initial=0) < 256 else data
-            tifffile.imwrite(tmp, out, compression="zlib" if not kwargs else None, **kwargs)
+                out = _imagej_compatible(data)
+                if out is None:  # ImageJ cannot hold it: keep the data, drop the spacing
+                    out = data
+                else:
+                    kwargs.update(
+                        imagej=True,
+                        resolution=(1.0 / spacing[-1], 1.0 / spacing[-2]),
+                        metadata={"spacing": spacing[0], "unit": "mm"} if data.ndim == 3
+                        else {"unit": "mm"})
+            tifffile.imwrite(tmp, out, compression=None if "imagej" in kwargs else "zlib", **kwargs)
         else:
             import nibabel as nib
 
             arr = np.transpose(data, (2, 1, 0)) if data.ndim == 3 else data.T
+            if arr.dtype == np.int64 or arr.dtype == np.uint64:
+                small = _smallest_int(arr)
+                arr = arr.astype(small) if small is not None else arr
             zooms = tuple(spacing[::-1]) if spacing is not None else (1.0,) * arr.ndim
             affine = np.diag([*zooms, 1.0] if arr.ndim == 3 else [*zooms, 1.0, 1.0])
-            img = nib.Nifti1Image(np.ascontiguousarray(arr), affine)
+            img = nib.Nifti1Image(np.ascontiguousarray(arr), affine, dtype=arr.dtype)
             img.header.set_zooms(zooms)
             nib.save(img, str(tmp))
         tmp.replace(path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise DataError(f"Cannot write {path}: {exc.strerror or exc}") from exc
+    except Exception as exc:  # e.g. a data type the format cannot store
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"Cannot write {path}: {exc}") from exc
     return path
+
+
+def _smallest_int(data: np.ndarray):
+    """Smallest integer dtype (int8..int32 / uint8..uint32) holding ``data``, else None."""
+    if data.size == 0:
+        return np.uint8
+    lo, hi = int(data.min()), int(data.max())
+    for dtype in (np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return dtype
+    return None
+
+
+def _imagej_compatible(data: np.ndarray) -> np.ndarray | None:
+    """``data`` as a type ImageJ TIFFs hold (uint8, uint16, int16->float32, float32), or None."""
+    if data.dtype.kind == "b":
+        return data.astype(np.uint8)
+    if data.dtype.kind in "iu":
+        small = _smallest_int(data)
+        if small in (np.uint8, np.uint16):
+            return data.astype(small, copy=False)
+        if small is not None and np.dtype(small).itemsize <= 2:
+            return data.astype(np.float32)  # small negative ints: exact in float32
+        return None
+    if data.dtype.kind == "f":
+        as32 = data.astype(np.float32)
+        return as32 if np.array_equal(as32, data, equal_nan=True) or data.dtype == np.float16 else None
+    return None
 
 
 def check_image(data: np.ndarray, source: str = "image") -> np.ndarray:

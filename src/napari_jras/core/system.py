@@ -1,0 +1,42 @@
+"""What this machine offers napari-jras: versions, devices, GPU FAISS."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+from typing import Any
+
+from .. import __version__
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def system_info() -> dict[str, Any]:
+    """Versions of the stack, the device ``auto`` picks, CUDA/MPS and faiss GPU availability."""
+    import torch
+
+    from .device import select_device
+    from .index import faiss_gpu_available
+
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None)
+    return {
+        "napari-jras": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "napari": _version("napari"),
+        "faiss": _version("faiss-cpu") if _version("faiss-cpu") != "not installed" else _version("faiss-gpu"),
+        "transformers": _version("transformers"),
+        "numpy": _version("numpy"),
+        "device (auto)": str(select_device("auto")),
+        "cuda available": cuda,
+        "cuda devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "mps available": bool(mps and mps.is_available()),
+        "faiss gpu": faiss_gpu_available(),
+    }
