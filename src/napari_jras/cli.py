@@ -1,0 +1,258 @@
+"""The ``napari-jras`` command: train, evaluate, predict, bank, demo, info.
+
+Errors napari-jras raises on purpose print one line and exit with status 2; ``--debug`` shows the
+traceback. Works under ``torchrun`` as ``python -m napari_jras.cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import __version__
+
+
+def _progress_printer(quiet: bool) -> Callable[[dict[str, Any]], None] | None:
+    if quiet:
+        return None
+
+    def show(record: dict[str, Any]) -> None:
+        parts = [f"{record.get('phase', '')} {record.get('step', '')}/{record.get('total', '')}"]
+        for key in ("loss", "loss_contrastive", "loss_warmup", "val_dice"):
+            if key in record:
+                parts.append(f"{key}={record[key]:.4f}")
+        if "eta_s" in record:
+            parts.append(f"eta={record['eta_s']:.0f}s")
+        if "case" in record:
+            parts.append(str(record["case"]))
+        print("  ".join(parts), file=sys.stderr, flush=True)
+
+    return show
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a J-RAS or baseline model."""
+    from .core.pipeline import train_run
+    from .core.train import TrainConfig
+
+    model_config: dict[str, Any] = {
+        "backbone": args.backbone, "use_retrieval": not args.no_retrieval, "k": args.k,
+        "tau": args.tau, "size": args.size, "modality": args.modality,
+        "backbone_options": json.loads(args.backbone_options) if args.backbone_options else {},
+        "retriever": {"encoder": "cnn", "embed_dim": args.embed_dim},
+    }
+    if args.num_classes:
+        model_config["num_classes"] = args.num_classes
+    if args.class_names:
+        model_config["class_names"] = [n.strip() for n in args.class_names.split(",")]
+    if args.pretrained:
+        model_config["retriever"] = {"encoder": "hf", "pretrained": args.pretrained,
+                                     "embed_dim": args.embed_dim}
+    train_config = TrainConfig(
+        steps=args.steps or 2000, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        device=args.device, amp=not args.no_amp, contrastive_every=args.contrastive_every,
+        retriever_warmup_steps=args.warmup_steps, freeze_retriever=args.freeze_retriever,
+        checkpoint_every=args.checkpoint_every, val_every=args.val_every,
+        log_every=args.log_every, augment=not args.no_augment)
+    out = train_run(args.data, args.out, model_config, train_config, val=args.val,
+                    patient_regex=args.patient_regex, resume=not args.no_resume,
+                    epochs=args.epochs, progress=_progress_printer(args.quiet))
+    print(f"Model written to {out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a model on labelled cases and write the JSON report."""
+    from .core.checkpoint import atomic_write_json
+    from .core.pipeline import evaluate_run
+
+    report = evaluate_run(args.model, args.data, bank=args.bank, device=args.device,
+                          patient_regex=args.patient_regex,
+                          progress=_progress_printer(args.quiet))
+    atomic_write_json(Path(args.report), report)
+    overall = report["summary"]["mean"]
+    print(f"{report['data']['cases']} cases  Dice {overall['dice']['mean']:.4f} +- "
+          f"{overall['dice']['std']:.4f}  HD95 {overall['hd95']['mean']:.2f}  "
+          f"HD {overall['hd']['mean']:.2f}  -> {args.report}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predict label maps for an image file or a folder of images."""
+    from .core.pipeline import predict_files
+
+    written = predict_files(args.model, args.input, args.output, bank=args.bank,
+                            device=args.device, ext=args.format,
+                            progress=_progress_printer(args.quiet))
+    print(f"Wrote {len(written)} label file(s) to {args.output}")
+    return 0
+
+
+def cmd_bank(args: argparse.Namespace) -> int:
+    """Manage an exemplar bank."""
+    from .core import bank_tools
+
+    return bank_tools.run(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Open napari with the bundled cardiac MRI sample (and the assistant when available)."""
+    import napari
+
+    viewer = napari.Viewer(title="napari-jras demo")
+    viewer.open_sample("napari-jras", "cardiac_mri")
+    _add_assistant(viewer)
+    if args.no_run:
+        viewer.close()
+        return 0
+    napari.run()
+    return 0
+
+
+def _add_assistant(viewer: Any) -> None:
+    """Dock the J-RAS assistant widget if the manifest provides it."""
+    from npe2 import PluginManager
+
+    manifest = PluginManager.instance().get_manifest("napari-jras")
+    widgets = manifest.contributions.widgets or []
+    if widgets:
+        viewer.window.add_plugin_dock_widget("napari-jras", widgets[0].display_name)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print versions, devices and GPU support."""
+    from .core.system import system_info
+
+    info = system_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:22s} {value}")
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
+    if device:
+        p.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:N, mps")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (documented in docs/cli.md)."""
+    parser = argparse.ArgumentParser(
+        prog="napari-jras", description="J-RAS: joint retrieval-augmented segmentation.")
+    parser.add_argument("--version", action="version", version=f"napari-jras {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a J-RAS (or baseline) model on labelled cases",
+                       description="Train a J-RAS model (or the same backbone without retrieval).")
+    t.add_argument("--data", required=True, help="folder of <name>_image.* + <name>_label.* pairs")
+    t.add_argument("--val", help="validation folder (other patients) for val Dice in the log")
+    t.add_argument("--out", required=True, help="run folder to write (resumed if it has checkpoints)")
+    t.add_argument("--backbone", default="unet", help="unet or transunet (more in later versions)")
+    t.add_argument("--backbone-options", help='JSON, e.g. \'{"base_channels": 16}\'')
+    t.add_argument("--no-retrieval", action="store_true", help="baseline: the backbone alone")
+    t.add_argument("--k", type=int, default=2, help="exemplars fused per query (1-8)")
+    t.add_argument("--tau", type=float, default=0.1, help="fusion softmax temperature")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=int, help="passes over the training slices")
+    g.add_argument("--steps", type=int, help="optimisation steps (default 2000)")
+    t.add_argument("--size", type=int, default=128, help="working image size in pixels")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--modality", default="auto", choices=["auto", "mri", "ct", "us"])
+    t.add_argument("--num-classes", type=int, help="classes incl. background (default: from labels)")
+    t.add_argument("--class-names", help="comma-separated names, background first")
+    t.add_argument("--pretrained", help="hub id or local folder of a transformers vision encoder "
+                                        "for the retriever")
+    t.add_argument("--embed-dim", type=int, default=128, help="retriever embedding size")
+    t.add_argument("--contrastive-every", type=int, default=1,
+                   help="a contrastive retriever step every N supervised steps (0: off)")
+    t.add_argument("--warmup-steps", type=int, default=0, help="NT-Xent retriever warm-up steps")
+    t.add_argument("--freeze-retriever", action="store_true", help="ablation: no retriever training")
+    t.add_argument("--no-augment", action="store_true")
+    t.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    t.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
+    t.add_argument("--checkpoint-every", type=int, default=200)
+    t.add_argument("--val-every", type=int, default=0)
+    t.add_argument("--log-every", type=int, default=10)
+    t.add_argument("--patient-regex", help="regex whose group 1 is the patient id of a case name")
+    _add_common(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="score a model on labelled cases (JSON report)")
+    e.add_argument("--model", required=True, help="run folder")
+    e.add_argument("--data", required=True, help="labelled cases to evaluate")
+    e.add_argument("--bank", help="exemplar bank (default: the run folder's bank)")
+    e.add_argument("--report", required=True, help="JSON report to write")
+    e.add_argument("--patient-regex")
+    _add_common(e)
+    e.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="segment an image file or a folder of images")
+    p.add_argument("--model", required=True, help="run folder")
+    p.add_argument("--input", required=True, help="image file or folder")
+    p.add_argument("--output", required=True, help="folder for <name>_label files")
+    p.add_argument("--bank", help="exemplar bank (default: the run folder's bank)")
+    p.add_argument("--format", default=".tif", choices=[".tif", ".nii.gz"], help="output format")
+    _add_common(p)
+    p.set_defaults(func=cmd_predict)
+
+    b = sub.add_parser("bank", help="list, add to, rebuild or prune an exemplar bank")
+    bsub = b.add_subparsers(dest="bank_command", required=True, metavar="ACTION")
+    bl = bsub.add_parser("list", help="summary and exemplars of a bank")
+    bl.add_argument("--bank", required=True)
+    bl.add_argument("--limit", type=int, default=20, help="exemplars to list (0: summary only)")
+    bl.add_argument("--json", action="store_true")
+    ba = bsub.add_parser("add", help="add labelled cases to a bank (created if missing)")
+    ba.add_argument("--bank", required=True)
+    ba.add_argument("--model", required=True, help="run folder whose retriever embeds them")
+    ba.add_argument("--data", required=True)
+    ba.add_argument("--origin", default="import", choices=["import", "training", "correction"])
+    ba.add_argument("--patient-regex")
+    _add_common(ba)
+    br = bsub.add_parser("rebuild", help="re-embed with a model's retriever and rebuild the index")
+    br.add_argument("--bank", required=True)
+    br.add_argument("--model", help="run folder (without it: rebuild the index only)")
+    _add_common(br)
+    bd = bsub.add_parser("remove", help="remove exemplars by id")
+    bd.add_argument("--bank", required=True)
+    bd.add_argument("ids", type=int, nargs="+")
+    b.set_defaults(func=cmd_bank)
+
+    d = sub.add_parser("demo", help="open napari with the bundled cardiac MRI sample and model")
+    d.add_argument("--no-run", action="store_true", help=argparse.SUPPRESS)
+    d.set_defaults(func=cmd_demo)
+
+    i = sub.add_parser("info", help="versions, devices, GPU and faiss-gpu support")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``napari-jras`` console script."""
+    from .core.errors import JRASError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (JRASError, FileNotFoundError, PermissionError) as exc:
+        if args.debug:
+            raise
+        print(f"napari-jras {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

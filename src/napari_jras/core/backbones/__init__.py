@@ -1,0 +1,54 @@
+"""Segmentation backbones behind one interface (:class:`Backbone`) and a name registry.
+
+Backbone modules decorate their class with :func:`register_backbone`; importing this package
+imports the built-in ones so they are available to :func:`build_backbone`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from ..errors import ModelError
+from .base import Backbone
+
+BACKBONES: dict[str, type[Backbone]] = {}
+_FIXED_ARGS = ("self", "num_classes", "use_retrieval")
+
+
+def register_backbone(cls: type[Backbone]) -> type[Backbone]:
+    """Class decorator: make ``cls`` buildable by :func:`build_backbone` under ``cls.name``."""
+    if not (isinstance(cls, type) and issubclass(cls, Backbone)):
+        raise TypeError(f"{cls!r} is not a Backbone subclass")
+    if BACKBONES.get(cls.name, cls) is not cls:
+        raise ValueError(f"A different backbone is already registered as '{cls.name}'")
+    BACKBONES[cls.name] = cls
+    return cls
+
+
+def build_backbone(name: str, num_classes: int, use_retrieval: bool, **options: Any) -> Backbone:
+    """Build the backbone registered as ``name``; ``build_backbone(**model.config())`` rebuilds it.
+
+    Raises :class:`ModelError` for an unknown name or option, or an invalid option value.
+    """
+    cls = BACKBONES.get(str(name).lower())
+    if cls is None:
+        raise ModelError(f"Unknown backbone '{name}'; available: {', '.join(sorted(BACKBONES))}")
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        allowed = [n for n, p in params.items() if n not in _FIXED_ARGS and p.kind in
+                   (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ModelError(
+                f"Unknown option(s) {', '.join(unknown)} for backbone '{cls.name}'; "
+                f"valid options: {', '.join(allowed) or 'none'}"
+            )
+    return cls(num_classes, use_retrieval, **options)
+
+
+# Built-in backbones register themselves on import (they need the names defined above).
+from .transunet import TransUNet  # noqa: E402
+from .unet import UNet  # noqa: E402
+
+__all__ = ["BACKBONES", "Backbone", "TransUNet", "UNet", "build_backbone", "register_backbone"]

@@ -1,0 +1,95 @@
+"""TransUNet-style backbone (Chen et al. 2021) in plain PyTorch.
+
+A CNN encoder (the U-Net conv blocks) down to 1/16, a pre-norm transformer over the 1/16 feature
+map (1x1 patch embedding, learned positional embedding interpolated to other grid sizes), and a
+cascaded upsampler (CUP) decoder with skip connections at every scale, then a 1x1 head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ModelError
+from . import register_backbone
+from .base import Backbone, check_choice, check_fraction, check_int
+from .unet import NORMS, ConvDecoder, ConvEncoder, make_norm
+
+STRIDE = 16
+
+
+class TransformerBottleneck(nn.Module):
+    """Transformer over a feature map: tokens = pixels of the map, output has its shape."""
+
+    def __init__(self, channels: int, hidden_size: int, num_layers: int, num_heads: int,
+                 mlp_ratio: float, grid_size: int, dropout: float, norm: str):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(channels, hidden_size, 1)
+        self.pos_embed = nn.Parameter(torch.empty(1, hidden_size, grid_size, grid_size))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.dropout = nn.Dropout(dropout)
+        layer = nn.TransformerEncoderLayer(
+            hidden_size, num_heads, round(hidden_size * mlp_ratio), dropout,
+            activation="gelu", batch_first=True, norm_first=True,
+        )
+        self.transformer = nn.TransformerEncoder(layer, num_layers, norm=nn.LayerNorm(hidden_size),
+                                                 enable_nested_tensor=False)
+        self.conv_more = nn.Sequential(
+            nn.Conv2d(hidden_size, channels, 3, padding=1, bias=False),
+            make_norm(norm, channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, _, height, width = x.shape
+        pos = self.pos_embed
+        if pos.shape[-2:] != (height, width):
+            pos = F.interpolate(pos, size=(height, width), mode="bilinear", align_corners=False)
+        tokens = self.dropout(self.patch_embed(x) + pos).flatten(2).transpose(1, 2)
+        tokens = self.transformer(tokens)
+        return self.conv_more(tokens.transpose(1, 2).reshape(batch, -1, height, width))
+
+
+@register_backbone
+class TransUNet(Backbone):
+    """TransUNet: conv encoder to 1/16, transformer bottleneck, CUP decoder with skips.
+
+    ``img_size`` is the input size the positional embedding grid is laid out for
+    (``img_size // 16`` per side); other sizes interpolate it.
+    """
+
+    name = "transunet"
+    size_multiple = STRIDE
+
+    def __init__(self, num_classes: int, use_retrieval: bool, *, base_channels: int = 32,
+                 hidden_size: int = 256, num_layers: int = 4, num_heads: int = 4,
+                 mlp_ratio: float = 4.0, img_size: int = 256, norm: str = "group",
+                 dropout: float = 0.1):
+        super().__init__(num_classes, use_retrieval, base_channels=base_channels,
+                         hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                         mlp_ratio=mlp_ratio, img_size=img_size, norm=norm, dropout=dropout)
+        check_int(base_channels, "base_channels")
+        check_int(hidden_size, "hidden_size")
+        check_int(num_layers, "num_layers")
+        check_int(num_heads, "num_heads")
+        check_int(img_size, "img_size", STRIDE)
+        check_choice(norm, "norm", NORMS)
+        dropout = check_fraction(dropout, "dropout")
+        if hidden_size % num_heads:
+            raise ModelError(
+                f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
+            )
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or mlp_ratio <= 0:
+            raise ModelError(f"option 'mlp_ratio' must be a positive number, got {mlp_ratio!r}")
+        channels = [base_channels * 2**level for level in range(5)]
+        self.encoder = ConvEncoder(self.in_channels, channels, norm)
+        self.bottleneck = TransformerBottleneck(channels[-1], hidden_size, num_layers, num_heads,
+                                                mlp_ratio, img_size // STRIDE, dropout, norm)
+        self.decoder = ConvDecoder(channels, norm, "bilinear")
+        self.head = nn.Conv2d(channels[0], num_classes, 1)
+
+    def segment(self, x: Tensor) -> Tensor:
+        features = self.encoder(x)
+        features[-1] = self.bottleneck(features[-1])
+        return self.head(self.decoder(features))

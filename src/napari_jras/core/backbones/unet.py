@@ -1,0 +1,124 @@
+"""Classic U-Net (Ronneberger et al. 2015) in plain PyTorch, plus the conv blocks TransUNet reuses.
+
+Default normalisation is GroupNorm: unlike BatchNorm it does not depend on the batch (inference
+runs one slice at a time, training batches are small, and train/eval behave the same), and unlike
+InstanceNorm it still works when a deep feature map shrinks to 1x1 on small inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from . import register_backbone
+from .base import Backbone, check_choice, check_fraction, check_int
+
+NORMS = ("group", "instance", "batch")
+UPSAMPLING = ("bilinear", "transpose")
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """Normalisation layer ``kind`` ("group" uses up to 8 groups) for ``channels`` channels."""
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(channels, 8), channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    return nn.BatchNorm2d(channels)
+
+
+class ConvBlock(nn.Sequential):
+    """(conv3x3 - norm - ReLU) x 2, with optional channel dropout between the two convolutions."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str, dropout: float = 0.0):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            make_norm(norm, out_channels),
+            nn.ReLU(inplace=True),
+            nn.Dropout2d(dropout) if dropout else nn.Identity(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            make_norm(norm, out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UpBlock(nn.Module):
+    """Upsample x2 to ``out_channels``, concatenate the skip features, then a :class:`ConvBlock`."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, norm: str,
+                 upsample: str, dropout: float = 0.0):
+        super().__init__()
+        if upsample == "transpose":
+            self.up = nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)
+        else:
+            self.up = nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                nn.Conv2d(in_channels, out_channels, 1),
+            )
+        self.conv = ConvBlock(out_channels + skip_channels, out_channels, norm, dropout)
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return self.conv(torch.cat([self.up(x), skip], dim=1))
+
+
+class ConvEncoder(nn.Module):
+    """A :class:`ConvBlock` at full resolution, then (maxpool, ConvBlock) per entry of ``channels``."""
+
+    def __init__(self, in_channels: int, channels: list[int], norm: str, dropout: float = 0.0):
+        super().__init__()
+        self.stem = ConvBlock(in_channels, channels[0], norm, dropout)
+        self.downs = nn.ModuleList(
+            nn.Sequential(nn.MaxPool2d(2), ConvBlock(c_in, c_out, norm, dropout))
+            for c_in, c_out in zip(channels[:-1], channels[1:])
+        )
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Feature maps at strides 1, 2, 4, ..., finest first."""
+        features = [self.stem(x)]
+        for down in self.downs:
+            features.append(down(features[-1]))
+        return features
+
+
+class ConvDecoder(nn.Module):
+    """U-Net decoder: from the deepest feature map up to full resolution through the skips."""
+
+    def __init__(self, channels: list[int], norm: str, upsample: str, dropout: float = 0.0):
+        super().__init__()
+        self.ups = nn.ModuleList(
+            UpBlock(channels[i + 1], channels[i], channels[i], norm, upsample, dropout)
+            for i in reversed(range(len(channels) - 1))
+        )
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        x = features[-1]
+        for up, skip in zip(self.ups, reversed(features[:-1])):
+            x = up(x, skip)
+        return x
+
+
+@register_backbone
+class UNet(Backbone):
+    """U-Net with ``depth`` downsamplings; channels ``base_channels * 2**level``."""
+
+    name = "unet"
+
+    def __init__(self, num_classes: int, use_retrieval: bool, *, base_channels: int = 32,
+                 depth: int = 4, norm: str = "group", upsample: str = "bilinear",
+                 dropout: float = 0.0):
+        super().__init__(num_classes, use_retrieval, base_channels=base_channels, depth=depth,
+                         norm=norm, upsample=upsample, dropout=dropout)
+        check_int(base_channels, "base_channels")
+        check_int(depth, "depth")
+        check_choice(norm, "norm", NORMS)
+        check_choice(upsample, "upsample", UPSAMPLING)
+        dropout = check_fraction(dropout, "dropout")
+        channels = [base_channels * 2**level for level in range(depth + 1)]
+        self.size_multiple = 2**depth
+        self.encoder = ConvEncoder(self.in_channels, channels, norm, dropout)
+        self.decoder = ConvDecoder(channels, norm, upsample, dropout)
+        self.head = nn.Conv2d(channels[0], num_classes, 1)
+
+    def segment(self, x: Tensor) -> Tensor:
+        return self.head(self.decoder(self.encoder(x)))

@@ -1,0 +1,714 @@
+"""Exemplar bank: a folder of annotated slices with their embeddings and provenance.
+
+Layout (copy the whole folder to move or share a bank)::
+
+    bank.sqlite        metadata, provenance and embeddings with the retriever version that made
+                       them (WAL mode, one transaction per change)
+    pixels/<id>.npz    compressed image (uint8, 0..255) and mask (uint8 class indices)
+    index.faiss        search index, derived from the stored embeddings; rebuilt when missing,
+                       stale or damaged
+
+Crash safety: pixel files are written under temporary names, renamed into place, then the rows are
+committed in one transaction; files without a committed row are deleted when the bank is opened.
+Several processes may use one bank: each notices the others' embedding changes before searching.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import operator
+import os
+import re
+import sqlite3
+import threading
+import uuid
+import warnings
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .data import resize_images, resize_labels
+from .errors import BankError
+from .index import EmbeddingIndex
+from .io import patient_of
+
+FORMAT = "napari-jras-bank"
+FORMAT_VERSION = 1
+DB_FILE = "bank.sqlite"
+PIXELS_DIR = "pixels"
+INDEX_FILE = "index.faiss"
+ORIGINS = ("training", "correction", "import")
+PROVENANCE_KEYS = ("case_id", "patient_id", "slice_index", "source", "origin", "author", "created")
+RANGE_TOLERANCE = 0.01  # images may stray this far outside [0, 1] (rounding); they are clipped
+SQL_CHUNK = 500  # ids per "IN (...)" query, well under SQLite's parameter limit
+
+SCHEMA = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)",
+    """CREATE TABLE exemplars (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        case_id TEXT NOT NULL,
+        patient_id TEXT NOT NULL,
+        slice_index INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        author TEXT,
+        created TEXT NOT NULL,
+        extra TEXT NOT NULL,
+        embedding BLOB,
+        retriever_version TEXT
+    )""",
+    "CREATE INDEX exemplars_patient ON exemplars (patient_id)",
+)
+RECORD_COLUMNS = "id, case_id, patient_id, slice_index, source, origin, author, created, extra"
+PIXEL_NAME = re.compile(r"^(\d+)\.npz$|^\.(\d+)\.partial$")
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One retrieved exemplar: its id, cosine similarity and record (id + provenance)."""
+
+    id: int
+    score: float
+    record: dict
+
+
+def _locked(method):
+    """Run a method under the bank's lock, refusing a closed bank."""
+
+    @functools.wraps(method)
+    def wrapper(self: ExemplarBank, *args, **kwargs):
+        with self._lock:
+            if self._db is None:
+                raise BankError(f"The bank at {self._path} is closed")
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+class ExemplarBank:
+    """Persistent exemplar bank; make one with :meth:`create` or :meth:`open` (not the constructor).
+
+    Images are stored at ``size`` x ``size``; masks hold class indices below ``num_classes``;
+    embeddings are L2-normalised ``embed_dim`` vectors, all made by one retriever version.
+    """
+
+    def __init__(self, path: Path, db: sqlite3.Connection, use_gpu: bool | None) -> None:
+        self._path = path
+        self._db: sqlite3.Connection | None = db
+        self._use_gpu = use_gpu
+        self._lock = threading.RLock()
+        try:
+            meta = dict(db.execute("SELECT key, value FROM meta"))
+            if meta.get("format") != FORMAT:
+                raise BankError(f"{path} is not a napari-jras exemplar bank")
+            if int(meta["format_version"]) > FORMAT_VERSION:
+                raise BankError(f"The bank at {path} was made by a newer napari-jras: upgrade it")
+            self._size = int(meta["size"])
+            self._num_classes = int(meta["num_classes"])
+            self._embed_dim = int(meta["embed_dim"])
+            self._class_names = list(json.loads(meta["class_names"]))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise BankError(f"The bank metadata in {path / DB_FILE} is damaged ({exc})") from exc
+        if not (path / PIXELS_DIR).is_dir():
+            raise BankError(f"The bank at {path} is damaged: its '{PIXELS_DIR}' folder is missing")
+        db.execute("PRAGMA journal_mode = WAL")  # only once the file is known to be a bank
+        self._index: EmbeddingIndex | None = None
+        self._index_token: str | None = None  # embeddings_token the cached index reflects
+        self._index_dirty = False  # cached index is newer than index.faiss
+        self._clean_orphans()
+        self._sync_index()
+
+    # --- creating and opening -------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, size: int, num_classes: int, embed_dim: int,
+               class_names: list[str] | None = None, *,
+               use_gpu: bool | None = None) -> ExemplarBank:
+        """Create an empty bank in a new (or empty) folder ``path``."""
+        path = Path(path)
+        if (path / DB_FILE).exists():
+            raise BankError(f"A bank already exists at {path}: open it, or choose a new folder")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise BankError(f"{path} is not an empty folder: choose a new folder for the bank")
+        for name, value, low in (("size", size, 8), ("num_classes", num_classes, 2),
+                                 ("embed_dim", embed_dim, 1)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise BankError(f"{name} must be a whole number >= {low}, got {value!r}")
+        if num_classes > 256:
+            raise BankError(f"A bank holds at most 256 classes, got {num_classes}")
+        if class_names is None:
+            class_names = ["background"] + [f"class {c}" for c in range(1, num_classes)]
+        if len(class_names) != num_classes or not all(
+                isinstance(n, str) and n for n in class_names):
+            raise BankError(f"class_names must be {num_classes} non-empty names, got {class_names!r}")
+        try:
+            (path / PIXELS_DIR).mkdir(parents=True, exist_ok=True)
+            db = _connect(path / DB_FILE)
+        except (OSError, sqlite3.Error) as exc:
+            raise BankError(f"Cannot create a bank at {path}: {exc}") from exc
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "size": size,
+                "num_classes": num_classes, "embed_dim": embed_dim,
+                "class_names": json.dumps(list(class_names)), "embeddings_token": _token()}
+        with _transaction(db, path):
+            for statement in SCHEMA:
+                db.execute(statement)
+            db.executemany("INSERT INTO meta VALUES (?, ?)",
+                           [(k, str(v)) for k, v in meta.items()])
+        return cls(path, db, use_gpu)
+
+    @classmethod
+    def open(cls, path: str | Path, *, use_gpu: bool | None = None) -> ExemplarBank:
+        """Open an existing bank folder (cleans up after interrupted writes, repairs the index)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise BankError(f"No exemplar bank folder at {path}")
+        if not (path / DB_FILE).is_file():
+            raise BankError(f"{path} is not an exemplar bank (no {DB_FILE} in it)")
+        try:
+            db = _connect(path / DB_FILE)
+        except sqlite3.Error as exc:
+            raise BankError(f"Cannot open the bank at {path}: {exc} (is {DB_FILE} damaged?)") from exc
+        try:
+            return cls(path, db, use_gpu)
+        except sqlite3.Error as exc:
+            db.close()
+            raise BankError(f"Cannot open the bank at {path}: {exc} (is {DB_FILE} damaged?)") from exc
+        except BaseException:
+            db.close()
+            raise
+
+    def close(self) -> None:
+        """Save the search index if it changed and release the database (closing twice is fine)."""
+        with self._lock:
+            if self._db is None:
+                return
+            try:
+                if self._index_dirty:
+                    self._try_save_index()
+            finally:
+                self._db.close()
+                self._db = None
+
+    def __enter__(self) -> ExemplarBank:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # --- properties -----------------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        """The bank folder."""
+        return self._path
+
+    @property
+    def size(self) -> int:
+        """Side length of the stored square images and masks."""
+        return self._size
+
+    @property
+    def num_classes(self) -> int:
+        """Number of mask classes (background included)."""
+        return self._num_classes
+
+    @property
+    def embed_dim(self) -> int:
+        """Length of the embeddings."""
+        return self._embed_dim
+
+    @property
+    def class_names(self) -> list[str]:
+        """Names of the mask classes, background first."""
+        return list(self._class_names)
+
+    @property
+    @_locked
+    def retriever_version(self) -> str | None:
+        """Version of the retriever that made the stored embeddings (None when there are none)."""
+        versions = self._versions()
+        return versions[0] if versions else None
+
+    @_locked
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM exemplars").fetchone()[0]
+
+    # --- adding and removing --------------------------------------------------------------
+    @_locked
+    def add(self, images: np.ndarray, masks: np.ndarray, provenance: Sequence[Mapping],
+            embeddings: np.ndarray | None = None,
+            retriever_version: str | None = None) -> list[int]:
+        """Add exemplars; returns their new ids.
+
+        ``images`` (N, H, W) in [0, 1] and ``masks`` (N, H, W) class indices are resized to the
+        bank size. ``provenance[i]`` needs ``case_id`` and ``origin`` (training / correction /
+        import); ``patient_id`` (default: from the case id), ``slice_index`` (0), ``source``,
+        ``author`` and ``created`` (now, UTC) are optional, other keys are kept as extra fields.
+        ``embeddings`` (N, D) must come with the ``retriever_version`` of the stored ones.
+        """
+        images, masks = self._check_pixels(images, masks)
+        rows = _check_provenance(provenance, len(images))
+        blobs = [None] * len(images)
+        if embeddings is not None:
+            blobs = [v.tobytes() for v in self._check_embeddings(embeddings, len(images))]
+            if not isinstance(retriever_version, str) or not retriever_version:
+                raise BankError("Embeddings need the retriever_version that made them")
+        elif retriever_version is not None:
+            raise BankError("retriever_version was given without embeddings")
+        if not rows:
+            return []
+        version = retriever_version if embeddings is not None else None
+        ids: list[int] = []
+        with self._transaction() as db:
+            if embeddings is not None:
+                self._check_version_matches(retriever_version)
+            for row, blob in zip(rows, blobs):
+                ids.append(db.execute(
+                    "INSERT INTO exemplars (case_id, patient_id, slice_index, source, origin, "
+                    "author, created, extra, embedding, retriever_version) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (*row, blob, version)).lastrowid)
+            try:
+                for i, image, mask in zip(ids, images, masks):
+                    _write_pixels(self._pixel_file(i), image, mask)
+            except BaseException:
+                for i in ids:
+                    self._pixel_file(i).unlink(missing_ok=True)
+                raise
+            was_current, token = self._bump_token() if embeddings is not None else (False, None)
+        if token is not None:
+            vecs = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(ids), -1)
+            if was_current and self._index is not None:
+                self._index.add(ids, vecs)
+            elif was_current:
+                self._index = EmbeddingIndex(ids, vecs, use_gpu=self._use_gpu)
+            self._changed_index(was_current, token)
+        return ids
+
+    @_locked
+    def remove(self, ids: Iterable[int]) -> None:
+        """Delete exemplars (rows, pixels and embeddings); unknown ids raise :class:`BankError`."""
+        embedded = self._fetch(ids, "embedding IS NOT NULL")
+        with self._transaction() as db:
+            db.executemany("DELETE FROM exemplars WHERE id = ?", [(i,) for i in embedded])
+            gone = [i for i, (has,) in embedded.items() if has]
+            was_current, token = self._bump_token() if gone else (False, None)
+        for i in embedded:
+            self._pixel_file(i).unlink(missing_ok=True)
+        if token is not None:
+            if was_current:
+                self._index.remove(gone)
+                self._index = self._index if len(self._index) else None
+            self._changed_index(was_current, token)
+
+    # --- reading --------------------------------------------------------------------------
+    @_locked
+    def records(self, ids: Iterable[int] | None = None) -> list[dict]:
+        """Id and provenance of the given exemplars (all, by id, when ``ids`` is None)."""
+        if ids is None:
+            return [_record(r) for r in self._db.execute(
+                f"SELECT {RECORD_COLUMNS} FROM exemplars ORDER BY id")]
+        ids = _id_list(ids)
+        rows = self._fetch(ids, RECORD_COLUMNS)
+        return [_record(rows[i]) for i in ids]
+
+    @_locked
+    def images(self, ids: Iterable[int]) -> np.ndarray:
+        """Images of the given exemplars, (N, size, size) float32 in [0, 1]."""
+        ids = _id_list(ids)
+        self._fetch(ids, "id")
+        return self._stack([self._read_pixels(i)[0] for i in ids]).astype(np.float32) / 255.0
+
+    @_locked
+    def masks(self, ids: Iterable[int]) -> np.ndarray:
+        """Masks of the given exemplars, (N, size, size) uint8 class indices."""
+        ids = _id_list(ids)
+        self._fetch(ids, "id")
+        return self._stack([self._read_pixels(i)[1] for i in ids])
+
+    @_locked
+    def load_all(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every exemplar: (ids int64, images (N, size, size) float32, masks uint8), by id."""
+        ids = [r[0] for r in self._db.execute("SELECT id FROM exemplars ORDER BY id")]
+        pixels = [self._read_pixels(i) for i in ids]
+        images = self._stack([p[0] for p in pixels]).astype(np.float32) / 255.0
+        return np.asarray(ids, dtype=np.int64), images, self._stack([p[1] for p in pixels])
+
+    # --- embeddings -----------------------------------------------------------------------
+    @_locked
+    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """Stored embeddings: (ids int64, (N, D) float32), by id; exemplars without one are left out."""
+        return self._stored_embeddings()
+
+    @_locked
+    def set_embeddings(self, ids: Iterable[int], embeddings: np.ndarray,
+                       retriever_version: str) -> None:
+        """Replace every exemplar's embedding at once (after re-embedding the whole bank)."""
+        if not isinstance(retriever_version, str) or not retriever_version:
+            raise BankError("set_embeddings needs the retriever_version that made the embeddings")
+        ids = _id_list(ids)
+        vecs = self._check_embeddings(embeddings, len(ids))
+        if len(set(ids)) != len(ids):
+            raise BankError("set_embeddings got the same exemplar id twice")
+        with self._transaction() as db:
+            stored = {r[0] for r in db.execute("SELECT id FROM exemplars")}
+            if stored != set(ids):
+                raise BankError(
+                    f"set_embeddings needs exactly the bank's {len(stored)} exemplars, got "
+                    f"{len(ids)} ids ({len(stored - set(ids))} missing, "
+                    f"{len(set(ids) - stored)} unknown); re-embed the whole bank")
+            db.executemany("UPDATE exemplars SET embedding = ?, retriever_version = ? WHERE id = ?",
+                           [(v.tobytes(), retriever_version, i) for i, v in zip(ids, vecs)])
+            _, token = self._bump_token()
+        self._index = EmbeddingIndex(ids, vecs, use_gpu=self._use_gpu) if ids else None
+        self._changed_index(True, token)
+        self._try_save_index()
+
+    @_locked
+    def needs_embedding(self, retriever_version: str) -> bool:
+        """True when some exemplar has no embedding or one made by another retriever version."""
+        return self._db.execute(
+            "SELECT COUNT(*) FROM exemplars WHERE embedding IS NULL OR retriever_version IS NOT ?",
+            (retriever_version,)).fetchone()[0] > 0
+
+    @_locked
+    def rebuild_index(self) -> None:
+        """Rebuild the search index from the stored embeddings and save it."""
+        self._sync_index(rebuild=True)
+
+    # --- search ---------------------------------------------------------------------------
+    @_locked
+    def search(self, query_embeddings: np.ndarray, k: int, retriever_version: str,
+               exclude_patients: Sequence[str | None] | None = None,
+               exclude_ids: Sequence[Iterable[int]] | None = None) -> list[list[Hit]]:
+        """The ``k`` most similar exemplars of each query, best first.
+
+        ``exclude_patients[q]`` removes every exemplar of that patient from query ``q``'s results
+        (no leakage), ``exclude_ids[q]`` removes single exemplars. A query gets fewer than ``k``
+        hits when fewer eligible exemplars exist.
+        """
+        queries = np.asarray(query_embeddings)
+        if queries.ndim != 2 or queries.shape[1] != self._embed_dim:
+            raise BankError(f"Query embeddings must have shape (Q, {self._embed_dim}), got "
+                            f"{queries.shape}: the retriever does not match this bank")
+        total, embedded = self._db.execute(
+            "SELECT COUNT(*), COUNT(embedding) FROM exemplars").fetchone()
+        if total == 0:
+            raise BankError(f"The exemplar bank at {self._path} is empty: add exemplars first")
+        if embedded < total:
+            raise BankError(f"{total - embedded} of {total} exemplars have no embedding: re-embed "
+                            "the bank with the current retriever (`napari-jras bank rebuild`)")
+        stored = self._versions()
+        if stored != [retriever_version]:
+            raise BankError(
+                f"The bank's embeddings were made by retriever version {', '.join(stored)} but "
+                f"the current one is {retriever_version}: re-embed the bank "
+                "(`napari-jras bank rebuild`)")
+        exclude = [set() for _ in range(len(queries))]
+        for name, given in (("exclude_patients", exclude_patients), ("exclude_ids", exclude_ids)):
+            if given is not None and len(given) != len(queries):
+                raise BankError(f"{name} has {len(given)} entries for {len(queries)} queries")
+        if exclude_ids is not None:
+            for blocked, extra in zip(exclude, exclude_ids):
+                blocked.update(_id_list(extra))
+        if exclude_patients is not None:
+            for patient in {p for p in exclude_patients if p is not None}:
+                same = {r[0] for r in self._db.execute(
+                    "SELECT id FROM exemplars WHERE patient_id = ?", (str(patient),))}
+                for blocked, p in zip(exclude, exclude_patients):
+                    if p == patient:
+                        blocked.update(same)
+        self._sync_index()
+        scores, ids = self._index.search(queries, k, exclude)
+        found = {int(i) for i in ids.flat if i >= 0}
+        rows = self._fetch(found, RECORD_COLUMNS)
+        return [[Hit(int(i), float(s), _record(rows[int(i)])) for s, i in zip(srow, irow) if i >= 0]
+                for srow, irow in zip(scores, ids)]
+
+    # --- internals: validation ------------------------------------------------------------
+    def _check_pixels(self, images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Validate images/masks and return them resized as uint8 (N, size, size) stacks."""
+        images, masks = np.asarray(images), np.asarray(masks)
+        if images.ndim != 3:
+            raise BankError(f"images must be a stack (N, H, W), got shape {images.shape}; "
+                            "for a single slice pass image[None]")
+        if masks.shape != images.shape:
+            raise BankError(f"masks shape {masks.shape} does not match images shape {images.shape}")
+        if images.size == 0 and images.shape[0]:
+            raise BankError(f"images are empty (shape {images.shape})")
+        for name, arr in (("images", images), ("masks", masks)):
+            if arr.dtype.kind not in "biuf":
+                raise BankError(f"{name} must be numbers, got data type {arr.dtype}")
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise BankError(f"{name} contain NaN or infinite values")
+        if images.size and (images.min() < -RANGE_TOLERANCE or images.max() > 1 + RANGE_TOLERANCE):
+            raise BankError(f"images must be scaled to [0, 1], got values from {images.min():g} to "
+                            f"{images.max():g}: normalise them first")
+        if masks.dtype.kind == "b":
+            masks = masks.astype(np.uint8)
+        if masks.dtype.kind == "f" and not np.array_equal(masks, np.round(masks)):
+            raise BankError("masks must hold whole-number class indices")
+        if masks.size and (masks.min() < 0 or masks.max() >= self._num_classes):
+            raise BankError(
+                f"masks hold class value {masks.min() if masks.min() < 0 else masks.max():g} but "
+                f"this bank has {self._num_classes} classes (0..{self._num_classes - 1})")
+        if not images.shape[0]:
+            empty = np.empty((0, self._size, self._size), dtype=np.uint8)
+            return empty, empty
+        side = (self._size, self._size)
+        images = np.round(np.clip(resize_images(images, side), 0.0, 1.0) * 255).astype(np.uint8)
+        return images, resize_labels(masks.astype(np.uint8), side)
+
+    def _check_embeddings(self, embeddings: np.ndarray, n: int) -> np.ndarray:
+        vecs = np.asarray(embeddings)
+        if vecs.shape != (n, self._embed_dim):
+            raise BankError(f"Expected embeddings of shape ({n}, {self._embed_dim}), "
+                            f"got {vecs.shape}")
+        if vecs.dtype.kind not in "biuf" or not np.isfinite(vecs).all():
+            raise BankError("Embeddings must be finite numbers (found NaN, infinity or non-numbers)")
+        return np.ascontiguousarray(vecs, dtype=np.float32)
+
+    def _check_version_matches(self, retriever_version: str) -> None:
+        stored = self._versions()
+        if stored and stored != [retriever_version]:
+            raise BankError(
+                f"These embeddings were made by retriever version {retriever_version} but the "
+                f"bank holds embeddings of version {', '.join(stored)}: re-embed the bank "
+                "(`napari-jras bank rebuild`) or embed the new exemplars with that version")
+
+    # --- internals: storage ---------------------------------------------------------------
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with _transaction(self._db, self._path):
+            yield self._db
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _versions(self) -> list[str]:
+        return [r[0] for r in self._db.execute(
+            "SELECT DISTINCT retriever_version FROM exemplars "
+            "WHERE retriever_version IS NOT NULL ORDER BY 1")]
+
+    def _fetch(self, ids: Iterable[int], columns: str) -> dict[int, tuple]:
+        """Rows of ``ids`` keyed by id, in the given order; unknown ids raise."""
+        ids = _id_list(ids)
+        rows: dict[int, tuple] = {}
+        for start in range(0, len(ids), SQL_CHUNK):
+            part = ids[start:start + SQL_CHUNK]
+            for row in self._db.execute(
+                    f"SELECT id, {columns} FROM exemplars WHERE id IN "
+                    f"({', '.join('?' * len(part))})", part):
+                rows[row[0]] = row[1:]
+        missing = [i for i in ids if i not in rows]
+        if missing:
+            raise BankError(f"No exemplar with id {missing[0]} in the bank at {self._path}")
+        return {i: rows[i] for i in ids}
+
+    def _pixel_file(self, exemplar_id: int) -> Path:
+        return self._path / PIXELS_DIR / f"{int(exemplar_id)}.npz"
+
+    def _read_pixels(self, exemplar_id: int) -> tuple[np.ndarray, np.ndarray]:
+        file = self._pixel_file(exemplar_id)
+        try:
+            with np.load(file) as data:
+                image, mask = data["image"], data["mask"]
+        except FileNotFoundError as exc:
+            raise BankError(f"The pixels of exemplar {exemplar_id} are missing ({file}): "
+                            "restore the file or remove the exemplar") from exc
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise BankError(f"The pixels of exemplar {exemplar_id} are damaged ({file}): "
+                            "restore the file or remove the exemplar") from exc
+        side = (self._size, self._size)
+        if image.shape != side or mask.shape != side or image.dtype != np.uint8 \
+                or mask.dtype != np.uint8:
+            raise BankError(f"The pixels of exemplar {exemplar_id} are damaged ({file})")
+        return image, mask
+
+    def _stack(self, arrays: list[np.ndarray]) -> np.ndarray:
+        return np.stack(arrays) if arrays else np.empty((0, self._size, self._size), np.uint8)
+
+    def _clean_orphans(self) -> None:
+        """Delete pixel files without a committed row (left by an interrupted add or remove)."""
+        with self._transaction() as db:  # the write lock waits for another process's add
+            known = {r[0] for r in db.execute("SELECT id FROM exemplars")}
+            for file in (self._path / PIXELS_DIR).iterdir():
+                match = PIXEL_NAME.match(file.name)
+                if match and (match.group(2) or int(match.group(1)) not in known):
+                    file.unlink(missing_ok=True)
+
+    # --- internals: search index ----------------------------------------------------------
+    def _stored_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        rows = self._db.execute(
+            "SELECT id, embedding FROM exemplars WHERE embedding IS NOT NULL ORDER BY id").fetchall()
+        data = b"".join(r[1] for r in rows)
+        if len(data) != len(rows) * self._embed_dim * 4:
+            raise BankError(f"The stored embeddings in {self._path / DB_FILE} are damaged: "
+                            "re-embed the bank (`napari-jras bank rebuild`)")
+        ids = np.asarray([r[0] for r in rows], dtype=np.int64)
+        return ids, np.frombuffer(data, dtype=np.float32).reshape(len(rows), self._embed_dim)
+
+    def _bump_token(self) -> tuple[bool, str]:
+        """Mark the stored embeddings as changed (call inside a transaction).
+
+        Returns whether the cached index matched them before the change, and the new token.
+        """
+        was_current = self._meta("embeddings_token") == self._index_token
+        token = _token()
+        self._db.execute("UPDATE meta SET value = ? WHERE key = 'embeddings_token'", (token,))
+        return was_current, token
+
+    def _changed_index(self, was_current: bool, token: str) -> None:
+        """Record that the cached index was updated to ``token`` (or must be reloaded)."""
+        self._index_token = token if was_current else None
+        self._index_dirty = was_current
+
+    def _sync_index(self, rebuild: bool = False) -> None:
+        """Make the cached index match the stored embeddings: reuse, load or rebuild it."""
+        with self._transaction():  # a consistent snapshot of token and embeddings
+            token = self._meta("embeddings_token")
+            if token == self._index_token and not rebuild:
+                return
+            index = None if rebuild else self._load_index_file(token)
+            stored = self._stored_embeddings() if index is None else None
+        if stored is not None and stored[0].size:
+            index = EmbeddingIndex(*stored, use_gpu=self._use_gpu)
+        self._index, self._index_token, self._index_dirty = index, token, False
+        if stored is not None:
+            self._try_save_index()
+
+    def _load_index_file(self, token: str) -> EmbeddingIndex | None:
+        """The saved index when it matches the stored embeddings, else None."""
+        file = self._path / INDEX_FILE
+        if not file.is_file() or self._meta("index_token") != token \
+                or self._meta("index_sha256") != _sha256(file):
+            return None
+        try:
+            index = EmbeddingIndex.load(file, self._embed_dim, use_gpu=self._use_gpu)
+        except BankError:
+            return None
+        count = self._db.execute("SELECT COUNT(embedding) FROM exemplars").fetchone()[0]
+        return index if len(index) == count else None
+
+    def _try_save_index(self) -> None:
+        """Write index.faiss; failure only costs a rebuild next time, so it is a warning."""
+        file = self._path / INDEX_FILE
+        try:
+            if self._index is None:
+                file.unlink(missing_ok=True)
+            else:
+                self._index.save(file)
+                with self._transaction() as db:
+                    db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                   [("index_token", self._index_token),
+                                    ("index_sha256", _sha256(file))])
+            self._index_dirty = False
+        except (BankError, OSError) as exc:
+            warnings.warn(f"Could not save the search index of {self._path}: {exc}", stacklevel=3)
+
+
+# --- module helpers ------------------------------------------------------------------------
+def _connect(file: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(file, timeout=30, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA synchronous = FULL")  # a committed change survives a power cut
+    return db
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection, path: Path) -> Iterator[None]:
+    """One write transaction (taken at once, so concurrent writers queue up); rolled back on error."""
+    try:
+        db.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        raise BankError(f"The bank at {path} is busy or read-only ({exc}); try again") from exc
+    try:
+        yield
+        db.execute("COMMIT")
+    except sqlite3.Error as exc:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise BankError(f"Cannot write to the bank at {path}: {exc}") from exc
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _write_pixels(file: Path, image: np.ndarray, mask: np.ndarray) -> None:
+    """Write one exemplar's pixels to a temporary file, flush it to disk, rename it into place."""
+    buffer = io.BytesIO()  # one write is much faster than savez's many small ones
+    np.savez_compressed(buffer, image=image, mask=mask)
+    tmp = file.with_name(f".{file.stem}.partial")
+    with open(tmp, "wb") as f:
+        f.write(buffer.getbuffer())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, file)
+
+
+def _check_provenance(provenance: Sequence[Mapping], n: int) -> list[tuple]:
+    """Validate provenance dicts and return database rows (without embedding columns)."""
+    if isinstance(provenance, Mapping) or len(provenance) != n:
+        raise BankError(f"Expected a list of {n} provenance dicts (one per exemplar)")
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    rows = []
+    for i, p in enumerate(provenance):
+        where = f"provenance[{i}]"
+        if not isinstance(p, Mapping):
+            raise BankError(f"{where} must be a dict, got {type(p).__name__}")
+        if not p.get("case_id"):
+            raise BankError(f"{where} needs a 'case_id'")
+        if p.get("origin") not in ORIGINS:
+            raise BankError(f"{where}: 'origin' must be one of {', '.join(ORIGINS)}, "
+                            f"got {p.get('origin')!r}")
+        try:
+            slice_index = operator.index(p.get("slice_index", 0))
+        except TypeError:
+            slice_index = -1
+        if slice_index < 0:
+            raise BankError(f"{where}: 'slice_index' must be a whole number >= 0")
+        extra = {k: v for k, v in p.items() if k not in PROVENANCE_KEYS}
+        if "id" in extra:
+            raise BankError(f"{where}: 'id' is set by the bank, do not pass it")
+        try:
+            extra_json = json.dumps(extra)
+        except (TypeError, ValueError) as exc:
+            raise BankError(f"{where}: extra fields must be plain values (text, numbers, lists): "
+                            f"{exc}") from exc
+        author = p.get("author")
+        case_id = str(p["case_id"])
+        rows.append((case_id, str(p.get("patient_id") or patient_of(case_id)), slice_index,
+                     str(p.get("source") or ""), p["origin"], None if author is None else str(author),
+                     str(p.get("created") or now), extra_json))
+    return rows
+
+
+def _record(row: Sequence) -> dict:
+    """Record dict of a row selected with RECORD_COLUMNS."""
+    keys = ("id",) + PROVENANCE_KEYS
+    return {**dict(zip(keys, row[:len(keys)])), **json.loads(row[len(keys)])}
+
+
+def _id_list(ids: Iterable[int]) -> list[int]:
+    try:
+        return [operator.index(i) for i in ids]
+    except TypeError as exc:
+        raise BankError(f"Exemplar ids must be whole numbers ({exc})") from exc
+
+
+def _token() -> str:
+    return uuid.uuid4().hex
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

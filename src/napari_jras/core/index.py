@@ -1,0 +1,256 @@
+"""FAISS nearest-neighbour search over L2-normalised embeddings (inner product = cosine).
+
+Small sets use an exact flat index (moved to the GPU when FAISS has GPU support); past
+``approx_threshold`` vectors an HNSW graph is used. Ids are arbitrary non-negative int64 values;
+search results are padded with id ``-1`` and score ``-inf`` when fewer valid neighbours exist.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .errors import BankError
+
+DEFAULT_APPROX_THRESHOLD = 50_000
+DEFAULT_EF_SEARCH = 128
+HNSW_M = 32
+GPU_MAX_K = 2048  # FAISS GPU indexes cannot return more neighbours per query
+COMPACT_FRACTION = 0.25  # rebuild an HNSW graph once this fraction of its vectors is removed
+
+
+def faiss_gpu_available() -> bool:
+    """True when the installed FAISS has GPU support and sees at least one GPU."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        return False
+    try:
+        return faiss.get_num_gpus() > 0
+    except Exception:  # a GPU build without a usable driver
+        return False
+
+
+class EmbeddingIndex:
+    """Searchable set of (id, embedding) pairs; embeddings are (N, D) float32, L2-normalised.
+
+    The exact ``IndexFlatIP`` is used while the set has fewer than ``approx_threshold`` vectors,
+    an HNSW graph (M=32, ``ef_search``) from then on. ``use_gpu=None`` moves a flat index to the
+    GPU(s) when available; ``True`` requires it.
+    """
+
+    def __init__(self, ids: Sequence[int] | np.ndarray, embeddings: np.ndarray, *,
+                 approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
+                 ef_search: int = DEFAULT_EF_SEARCH, use_gpu: bool | None = None) -> None:
+        embeddings = np.asarray(embeddings)
+        if embeddings.ndim != 2 or embeddings.shape[1] < 1:
+            raise BankError(f"Embeddings must be a 2-D array (N, D), got shape {embeddings.shape}")
+        self._configure(embeddings.shape[1], approx_threshold, ef_search, use_gpu)
+        vecs = self._check_vectors(embeddings, "embeddings")
+        self._attach(self._build(self._check_ids(ids, len(vecs)), vecs))
+
+    def _configure(self, dim: int, approx_threshold: int, ef_search: int,
+                   use_gpu: bool | None) -> None:
+        if approx_threshold < 1 or ef_search < 1:
+            raise BankError("approx_threshold and ef_search must be at least 1")
+        if use_gpu and not faiss_gpu_available():
+            raise BankError("FAISS GPU search was requested but is not available: install "
+                            "faiss-gpu and check that a GPU is visible, or use the CPU")
+        self.dim = int(dim)
+        self.approx_threshold = int(approx_threshold)
+        self.ef_search = int(ef_search)
+        self._want_gpu = faiss_gpu_available() if use_gpu is None else bool(use_gpu)
+        self._removed: set[int] = set()  # HNSW cannot delete: removed ids are filtered out
+
+    # --- properties -----------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._cpu.ntotal - len(self._removed)
+
+    @property
+    def kind(self) -> str:
+        """``"flat"`` (exact) or ``"hnsw"`` (approximate)."""
+        return "hnsw" if isinstance(self._inner, faiss.IndexHNSW) else "flat"
+
+    @property
+    def on_gpu(self) -> bool:
+        """True when searches run on the GPU."""
+        return self._gpu is not None
+
+    # --- changes --------------------------------------------------------------------------
+    def add(self, ids: Sequence[int] | np.ndarray, embeddings: np.ndarray) -> None:
+        """Add vectors under new, unused ids."""
+        vecs = self._check_vectors(embeddings, "embeddings")
+        new_ids = self._check_ids(ids, len(vecs))
+        if not new_ids.size:
+            return
+        if self._removed.intersection(new_ids.tolist()):
+            self._compact()  # an id coming back must not meet its old, filtered-out vector
+        taken = new_ids[np.isin(new_ids, self._row_ids)]
+        if taken.size:
+            raise BankError(f"Id {int(taken[0])} is already in the index")
+        if self.kind == "flat" and len(self) + len(vecs) >= self.approx_threshold:
+            old_ids, old_vecs = self._alive()
+            self._attach(self._build(np.concatenate([old_ids, new_ids]),
+                                     np.concatenate([old_vecs, vecs])))
+            return
+        self._cpu.add_with_ids(vecs, new_ids)
+        self._row_ids = np.concatenate([self._row_ids, new_ids])
+        if self._gpu is not None:
+            self._gpu.add(vecs)
+        elif self._want_gpu and self.kind == "flat":
+            self._attach(self._cpu)  # the first vectors of an empty index: copy it to the GPU
+
+    def remove(self, ids: Iterable[int]) -> None:
+        """Remove vectors by id; unknown ids raise :class:`BankError`."""
+        gone = np.unique(np.asarray(list(ids), dtype=np.int64))
+        present = np.isin(gone, self._row_ids) & ~np.isin(gone, list(self._removed))
+        if not present.all():
+            raise BankError(f"Id {int(gone[~present][0])} is not in the index")
+        if self.kind == "flat":
+            self._cpu.remove_ids(gone)
+            self._attach(self._cpu)
+            return
+        self._removed.update(gone.tolist())
+        if len(self._removed) > COMPACT_FRACTION * self._cpu.ntotal:
+            self._compact()
+
+    # --- search ---------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int,
+               exclude: Sequence[Iterable[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` neighbours of each query: (scores (Q, k) float32, ids (Q, k) int64).
+
+        ``exclude[q]`` lists ids query ``q`` must never get. Rows with fewer than ``k`` valid
+        neighbours are padded with id -1 and score -inf.
+        """
+        queries = self._check_vectors(queries, "queries")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise BankError(f"k must be a whole number of at least 1, got {k!r}")
+        if exclude is not None and len(exclude) != len(queries):
+            raise BankError(f"exclude has {len(exclude)} entries for {len(queries)} queries")
+        k = int(k)
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        total = self._cpu.ntotal
+        if total == 0 or len(queries) == 0:
+            return scores, ids
+        blocked = [np.fromiter(e, dtype=np.int64) for e in exclude] if exclude is not None \
+            else [np.empty(0, dtype=np.int64)] * len(queries)
+        removed = np.fromiter(self._removed, dtype=np.int64)
+        fetch = min(total, k + removed.size + max(b.size for b in blocked))
+        pending = np.arange(len(queries))
+        while pending.size:
+            found_s, found_i = self._raw_search(queries[pending], fetch)
+            unfinished = []
+            for row, q in enumerate(pending):
+                keep = (found_i[row] >= 0) & ~np.isin(found_i[row], removed) \
+                    & ~np.isin(found_i[row], blocked[q])
+                got = np.flatnonzero(keep)[:k]
+                if got.size < k and fetch < total:
+                    unfinished.append(q)
+                    continue
+                scores[q, :got.size] = found_s[row, got]
+                ids[q, :got.size] = found_i[row, got]
+            pending = np.asarray(unfinished, dtype=np.int64)
+            fetch = min(total, 2 * fetch)
+        return scores, ids
+
+    def _raw_search(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        index = self._gpu if self._gpu is not None and fetch <= GPU_MAX_K else self._inner
+        scores, rows = index.search(queries, fetch)
+        ids = np.where(rows >= 0, self._row_ids[np.maximum(rows, 0)], -1)
+        return scores, ids
+
+    # --- persistence ----------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write the index (CPU form, with its ids) to ``path`` atomically."""
+        path = Path(path)
+        if self._removed:
+            self._compact()
+        tmp = path.with_name(f".{path.name}.partial")
+        try:
+            faiss.write_index(self._cpu, str(tmp))
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as exc:
+            tmp.unlink(missing_ok=True)
+            raise BankError(f"Cannot write the search index {path}: {exc}") from exc
+
+    @classmethod
+    def load(cls, path: str | Path, expected_dim: int, *,
+             approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
+             ef_search: int = DEFAULT_EF_SEARCH, use_gpu: bool | None = None) -> EmbeddingIndex:
+        """Read an index written by :meth:`save`; a missing, damaged or foreign file raises."""
+        path = Path(path)
+        if not path.is_file():
+            raise BankError(f"Search index not found: {path}")
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as exc:
+            raise BankError(f"The search index {path} is damaged: rebuild it") from exc
+        inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else None
+        if not isinstance(inner, (faiss.IndexFlat, faiss.IndexHNSWFlat)) \
+                or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise BankError(f"{path} is not a napari-jras search index: rebuild it")
+        if index.d != expected_dim:
+            raise BankError(f"The search index {path} holds {index.d}-d embeddings but "
+                            f"{expected_dim}-d are expected: rebuild it")
+        loaded = cls.__new__(cls)
+        loaded._configure(index.d, approx_threshold, ef_search, use_gpu)
+        loaded._attach(index)
+        return loaded
+
+    # --- internals ------------------------------------------------------------------------
+    def _build(self, ids: np.ndarray, vecs: np.ndarray) -> faiss.IndexIDMap2:
+        if len(ids) < self.approx_threshold:
+            inner = faiss.IndexFlatIP(self.dim)
+        else:
+            inner = faiss.IndexHNSWFlat(self.dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexIDMap2(inner)
+        index.add_with_ids(vecs, ids)
+        return index
+
+    def _attach(self, index: faiss.IndexIDMap2) -> None:
+        """Make ``index`` the live index: cache its ids, tune HNSW, copy a flat one to GPU."""
+        self._cpu = index
+        self._inner = faiss.downcast_index(index.index)
+        self._row_ids = faiss.vector_to_array(index.id_map).astype(np.int64, copy=False)
+        self._gpu = None
+        if isinstance(self._inner, faiss.IndexHNSW):
+            self._inner.hnsw.efSearch = self.ef_search
+        elif self._want_gpu and index.ntotal:
+            self._gpu = faiss.index_cpu_to_all_gpus(self._inner)
+
+    def _alive(self) -> tuple[np.ndarray, np.ndarray]:
+        vecs = self._inner.reconstruct_n(0, self._cpu.ntotal) if self._cpu.ntotal \
+            else np.empty((0, self.dim), dtype=np.float32)
+        keep = ~np.isin(self._row_ids, list(self._removed))
+        return self._row_ids[keep], vecs[keep]
+
+    def _compact(self) -> None:
+        ids, vecs = self._alive()
+        self._removed.clear()
+        self._attach(self._build(ids, vecs))
+
+    def _check_vectors(self, x: np.ndarray, name: str) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise BankError(f"{name} must have shape (N, {self.dim}), got {x.shape}")
+        if x.dtype.kind not in "biuf":
+            raise BankError(f"{name} must be numbers, got data type {x.dtype}")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise BankError(f"{name} contain NaN or infinite values")
+        return x
+
+    @staticmethod
+    def _check_ids(ids: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.shape != (n,) or (n and ids.dtype.kind not in "iu"):
+            raise BankError(f"Expected {n} integer ids, got an array of shape {ids.shape}")
+        ids = ids.astype(np.int64)
+        if n and ids.min() < 0:
+            raise BankError("Ids must be >= 0 (-1 marks a missing result)")
+        if np.unique(ids).size != n:
+            raise BankError("Ids must be unique")
+        return ids

@@ -1,0 +1,107 @@
+"""The J-RAS model: a retriever plus a segmenter fed [query, guide image, guide mask].
+
+In baseline mode (``use_retrieval=False``) the same backbone sees the query channel only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .backbones import build_backbone
+from .errors import ModelError
+from .fusion import Guide, check_k_tau
+from .retrieval import Retriever, build_retriever
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model (saved as a run folder's ``config.json``)."""
+
+    num_classes: int
+    backbone: str = "unet"
+    backbone_options: dict[str, Any] = field(default_factory=dict)
+    use_retrieval: bool = True
+    k: int = 2
+    tau: float = 0.1
+    size: int = 128
+    modality: str = "auto"
+    class_names: list[str] = field(default_factory=list)
+    retriever: dict[str, Any] = field(default_factory=lambda: {"encoder": "cnn", "embed_dim": 128})
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 2:
+            raise ModelError(f"num_classes must be at least 2 (background + 1), got {self.num_classes}")
+        if self.use_retrieval:
+            check_k_tau(self.k, self.tau)
+        if not self.class_names:
+            self.class_names = ["background"] + [f"class {i}" for i in range(1, self.num_classes)]
+        if len(self.class_names) != self.num_classes:
+            raise ModelError(
+                f"{len(self.class_names)} class names given for {self.num_classes} classes")
+        if self.size < 16:
+            raise ModelError(f"size must be at least 16 pixels, got {self.size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Rebuild from :meth:`to_dict` output, with a clear error for unknown or missing keys."""
+        if not isinstance(data, dict):
+            raise ModelError("config.json must hold a JSON object")
+        version = data.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise ModelError(
+                f"This model was saved by a newer napari-jras (format {version}); please upgrade")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ModelError(f"config.json has unknown keys {unknown}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ModelError(f"config.json is incomplete: {exc}") from exc
+
+
+class JRASModel(nn.Module):
+    """Retriever + segmenter. ``forward(query, guide)`` returns logits (B, C, H, W)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        retriever_options = dict(config.retriever)
+        retriever_options.setdefault("input_size", config.size)
+        self.retriever: Retriever | None = (
+            build_retriever(retriever_options) if config.use_retrieval else None)
+        if self.retriever is not None:
+            self.config.retriever = self.retriever.config()
+        self.segmenter = build_backbone(config.backbone, num_classes=config.num_classes,
+                                        use_retrieval=config.use_retrieval,
+                                        **config.backbone_options)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes including background."""
+        return self.config.num_classes
+
+    def forward(self, query: torch.Tensor, guide: Guide | None = None) -> torch.Tensor:
+        """Segment ``query`` (B,1,H,W); ``guide`` is required in retrieval mode."""
+        if self.config.use_retrieval:
+            if guide is None:
+                raise ModelError("This J-RAS model needs retrieved exemplars (a guide) to predict")
+            return self.segmenter(query, guide.image, guide.mask)
+        return self.segmenter(query)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Retriever embeddings of (B,1,H,W) images."""
+        if self.retriever is None:
+            raise ModelError("A baseline model (no retrieval) has no retriever")
+        return self.retriever(images)

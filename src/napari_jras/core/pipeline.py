@@ -1,0 +1,189 @@
+"""End-to-end workflows shared by the CLI and the widgets: train, evaluate, predict, bank building."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .bank import ExemplarBank
+from .checkpoint import atomic_write_json, save_model
+from .data import SliceSample, load_slices, num_classes_of
+from .engine import BANK_DIR, load_engine
+from .errors import DataError
+from .io import (Case, check_image, find_cases, is_supported, load_case, read_volume,
+                 split_extension, write_volume)
+from .metrics import evaluate_case, summarize
+from .model import JRASModel, ModelConfig
+from .retrieval import embed_images, retriever_version
+from .train import CancelFn, JointTrainer, ProgressFn, SliceSet, TrainConfig, seed_everything
+
+TRAIN_CONFIG_FILE = "train_config.json"
+
+
+def provenance_of(sample: SliceSample, origin: str = "training") -> dict[str, Any]:
+    """Bank provenance record of a slice (file name only: no folder paths leave the machine)."""
+    return {"case_id": sample.case_id, "patient_id": sample.patient_id,
+            "slice_index": sample.slice_index, "source": Path(sample.source).name, "origin": origin}
+
+
+def build_bank(bank_dir: str | Path, model: JRASModel, samples: Sequence[SliceSample],
+               embeddings: np.ndarray | None = None, origin: str = "training",
+               size: int | None = None) -> ExemplarBank:
+    """Create a bank at ``bank_dir`` (replacing an old one) holding ``samples`` with embeddings.
+
+    The bank is built in a temporary folder and renamed into place when complete. ``size``
+    stores exemplars at a reduced resolution (default: the model size).
+    """
+    bank_dir = Path(bank_dir)
+    tmp = bank_dir.with_name(f".{bank_dir.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cfg = model.config
+    images = np.stack([s.image for s in samples])
+    masks = np.stack([s.label for s in samples])
+    if embeddings is None:
+        embeddings = embed_images(model.retriever, torch.from_numpy(images)).numpy()
+    bank = ExemplarBank.create(tmp, size=size or cfg.size, num_classes=cfg.num_classes,
+                               embed_dim=model.retriever.embed_dim, class_names=cfg.class_names)
+    bank.add(images, masks, [provenance_of(s, origin) for s in samples],
+             embeddings=np.asarray(embeddings, np.float32),
+             retriever_version=retriever_version(model.retriever))
+    bank.close()
+    shutil.rmtree(bank_dir, ignore_errors=True)
+    tmp.rename(bank_dir)
+    return ExemplarBank.open(bank_dir)
+
+
+def _data_summary(path: str | Path, cases: Sequence[Case], samples: Sequence[SliceSample]) -> dict:
+    return {"path": str(path), "cases": len(cases),
+            "patients": len({c.patient_id for c in cases}), "slices": len(samples)}
+
+
+def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
+              train_config: TrainConfig, val: str | Path | None = None,
+              patient_regex: str | None = None, resume: bool = True, epochs: int | None = None,
+              progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> Path:
+    """Train a J-RAS (or baseline) model on the cases under ``data`` into the run folder ``out``.
+
+    ``model_config`` holds :class:`ModelConfig` fields; ``num_classes`` is read from the labels
+    when absent. The run folder receives ``config.json``, ``model.safetensors``,
+    ``train_config.json``, ``log.jsonl``, ``checkpoints/`` and (J-RAS only) the training ``bank/``.
+    ``epochs`` (when given) sets the number of steps from the number of training slices.
+    """
+    out = Path(out)
+    cases = find_cases(data, patient_regex)
+    size = int(model_config.get("size", 128))
+    modality = model_config.get("modality", "auto")
+    samples = load_slices(cases, size=size, modality=modality)
+    val_samples = None
+    if val is not None:
+        val_cases = find_cases(val, patient_regex)
+        overlap = {c.patient_id for c in val_cases} & {c.patient_id for c in cases}
+        if overlap:
+            raise DataError(f"Validation patients also appear in the training data: "
+                            f"{sorted(overlap)[:3]}")
+        val_samples = load_slices(val_cases, size=size, modality=modality)
+    if epochs is not None:
+        steps = max(1, -(-epochs * len(samples) // train_config.batch_size))
+        train_config = replace(train_config, steps=steps)
+    config = dict(model_config)
+    config.setdefault("num_classes", num_classes_of(samples))
+    seed_everything(train_config.seed)
+    model = JRASModel(ModelConfig(**config))
+    train_set = SliceSet(samples, model.num_classes)
+    val_set = SliceSet(val_samples, model.num_classes) if val_samples else None
+    trainer = JointTrainer(model, train_set, train_config, run_dir=out, val=val_set,
+                           progress=progress, cancel=cancel)
+    if resume:
+        trainer.resume()
+    started = time.time()
+    trainer.fit()
+    save_model(out, model)
+    atomic_write_json(out / TRAIN_CONFIG_FILE, {
+        "train": asdict(train_config), "data": _data_summary(data, cases, samples),
+        "val": str(val) if val is not None else None, "steps_done": trainer.step,
+        "wall_time_s": round(time.time() - started, 1), "device": str(trainer.device),
+        "torch": torch.__version__, "machine": platform.machine()})
+    if model.config.use_retrieval:
+        build_bank(out / BANK_DIR, model.cpu(), samples,
+                   embeddings=trainer.bank_emb.cpu().numpy())
+    return out
+
+
+def evaluate_run(model_dir: str | Path, data: str | Path, bank: str | Path | None = None,
+                 device: str = "auto", patient_regex: str | None = None,
+                 progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Predict every case under ``data`` and score it: per-case and mean +- std Dice/HD95/HD.
+
+    Queries never retrieve exemplars of their own patient, whatever the bank holds.
+    """
+    engine = load_engine(model_dir, bank=bank, device=device)
+    cfg = engine.model.config
+    cases = find_cases(data, patient_regex)
+    results = []
+    for i, case in enumerate(cases):
+        image, label = load_case(case)
+        pred = engine.predict(image.data, exclude_patient=case.patient_id)
+        result = evaluate_case(pred.labels, label, cfg.num_classes, spacing=image.spacing,
+                               class_names=cfg.class_names)
+        results.append({"case_id": case.case_id, "patient_id": case.patient_id,
+                        "image": case.image_path.name, **result})
+        if progress is not None:
+            progress({"step": i + 1, "total": len(cases), "phase": "evaluate",
+                      "case": case.case_id})
+    return {
+        "model": {"path": str(model_dir), "config": cfg.to_dict()},
+        "bank": ({"path": str(engine.bank.path), "exemplars": len(engine.bank)}
+                 if engine.bank is not None else None),
+        "data": {"path": str(data), "cases": len(cases)},
+        "device": str(engine.device),
+        "summary": summarize(results),
+        "cases": results,
+    }
+
+
+def output_name(image_path: Path, ext: str = ".tif") -> str:
+    """``<stem>_label<ext>`` for an input ``<stem>_image.<ext>`` or ``<stem>.<ext>``."""
+    stem, _ = split_extension(image_path)
+    base = stem[:-6] if stem.endswith("_image") else stem
+    return f"{base}_label{ext}"
+
+
+def predict_files(model_dir: str | Path, inputs: str | Path, output: str | Path,
+                  bank: str | Path | None = None, device: str = "auto", ext: str = ".tif",
+                  progress: ProgressFn | None = None) -> list[Path]:
+    """Segment one image file or every image under a folder; writes ``<stem>_label<ext>`` files."""
+    engine = load_engine(model_dir, bank=bank, device=device)
+    files = find_images(inputs)
+    written = []
+    for i, path in enumerate(files):
+        image = read_volume(path)
+        pred = engine.predict(check_image(image.data, path.name))
+        written.append(write_volume(Path(output) / output_name(path, ext), pred.labels,
+                                    image.spacing))
+        if progress is not None:
+            progress({"step": i + 1, "total": len(files), "phase": "predict", "case": path.name})
+    return written
+
+
+def find_images(path: str | Path) -> list[Path]:
+    """Images to predict: one file, or a folder's ``*_image.*`` files (else every image file)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"Input not found: {path}")
+    if path.is_file():
+        if not is_supported(path):
+            raise DataError(f"Unsupported file type: {path.name}")
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and is_supported(p))
+    images = [p for p in files if split_extension(p)[0].endswith("_image")]
+    images = images or [p for p in files if not split_extension(p)[0].endswith("_label")]
+    if not images:
+        raise DataError(f"No image files (.tif, .png, .nii.gz, ...) found under {path}")
+    return images

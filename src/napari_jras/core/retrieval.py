@@ -1,0 +1,165 @@
+"""Retriever network: an image encoder plus a projection head giving L2-normalised embeddings.
+
+The default encoder is a small CNN trained from scratch. A pretrained encoder can be loaded
+through ``transformers`` from a local folder or a hub id; then only its last block(s) and the
+head are trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ModelError
+
+ENCODERS = ("cnn", "hf")
+
+
+class SmallCNNEncoder(nn.Module):
+    """Four strided conv blocks with GroupNorm and global average pooling (batch-size independent)."""
+
+    def __init__(self, in_channels: int = 1, width: int = 32, depth: int = 4):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for i in range(depth):
+            out = width * 2 ** min(i, 3)
+            layers += [
+                nn.Conv2d(channels, out, 3, stride=2, padding=1, bias=False),
+                nn.GroupNorm(min(8, out), out),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(out, out, 3, padding=1, bias=False),
+                nn.GroupNorm(min(8, out), out),
+                nn.ReLU(inplace=True),
+            ]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.out_dim = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) -> (B, out_dim) pooled features."""
+        return self.features(x).mean(dim=(2, 3))
+
+
+class HFEncoder(nn.Module):
+    """A pretrained ``transformers`` vision encoder (ViT, DINOv2, ...) with its last blocks trainable."""
+
+    def __init__(self, pretrained: str, trainable_blocks: int = 1):
+        super().__init__()
+        try:
+            from transformers import AutoModel
+        except ImportError as exc:  # pragma: no cover - transformers is a dependency
+            raise ModelError("The 'transformers' package is needed for pretrained encoders") from exc
+        try:
+            self.model = AutoModel.from_pretrained(pretrained)
+        except OSError as exc:
+            raise ModelError(
+                f"Could not load the pretrained encoder '{pretrained}': {exc}. "
+                "Give a local folder made with `save_pretrained`, or a hub id on a machine with "
+                "internet access (download once with `huggingface-cli download ID --local-dir DIR`)."
+            ) from exc
+        config = self.model.config
+        self.image_size = int(getattr(config, "image_size", 224))
+        self.num_channels = int(getattr(config, "num_channels", 3))
+        self.out_dim = int(getattr(config, "hidden_size", 0) or config.hidden_sizes[-1])
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for block in _last_blocks(self.model, trainable_blocks):
+            for p in block.parameters():
+                p.requires_grad_(True)
+        mean = torch.tensor([0.485, 0.456, 0.406][: self.num_channels]).view(1, -1, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225][: self.num_channels]).view(1, -1, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) in [0, 1] -> (B, hidden) pooled features."""
+        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                          align_corners=False)
+        x = (x.expand(-1, self.num_channels, -1, -1) - self.mean) / self.std
+        out = self.model(pixel_values=x)
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is not None and pooled.dim() == 2:
+            return pooled
+        hidden = out.last_hidden_state
+        return hidden.mean(dim=1) if hidden.dim() == 3 else hidden.mean(dim=(2, 3))
+
+
+def _last_blocks(model: nn.Module, n: int) -> list[nn.Module]:
+    """The last ``n`` blocks of the longest ModuleList in ``model`` (the transformer layers)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists or n <= 0:
+        return []
+    blocks = max(lists, key=len)
+    return list(blocks)[-n:]
+
+
+class Retriever(nn.Module):
+    """Encoder + Linear-ReLU-Linear projection head; ``forward`` returns unit-norm embeddings."""
+
+    def __init__(self, encoder: str = "cnn", embed_dim: int = 128, width: int = 32,
+                 pretrained: str | None = None, trainable_blocks: int = 1,
+                 input_size: int = 128):
+        super().__init__()
+        if encoder not in ENCODERS:
+            raise ModelError(f"Unknown retriever encoder '{encoder}'; choose one of {ENCODERS}")
+        if encoder == "hf" and not pretrained:
+            raise ModelError("The 'hf' retriever encoder needs --pretrained (a folder or hub id)")
+        self._config = {"encoder": encoder, "embed_dim": embed_dim, "width": width,
+                        "pretrained": pretrained, "trainable_blocks": trainable_blocks,
+                        "input_size": input_size}
+        self.input_size = input_size
+        self.encoder = SmallCNNEncoder(1, width) if encoder == "cnn" else HFEncoder(
+            pretrained, trainable_blocks)
+        hidden = max(embed_dim, self.encoder.out_dim)
+        self.head = nn.Sequential(nn.Linear(self.encoder.out_dim, hidden), nn.ReLU(inplace=True),
+                                  nn.Linear(hidden, embed_dim))
+        self.embed_dim = embed_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) images in [0, 1] -> (B, embed_dim) L2-normalised embeddings."""
+        if images.dim() != 4 or images.shape[1] != 1:
+            raise ModelError(f"Retriever expects (B, 1, H, W) images, got {tuple(images.shape)}")
+        if images.shape[-2:] != (self.input_size, self.input_size):
+            images = F.interpolate(images, size=(self.input_size, self.input_size),
+                                   mode="bilinear", align_corners=False)
+        return F.normalize(self.head(self.encoder(images)).float(), dim=1)
+
+    def config(self) -> dict[str, Any]:
+        """Options that rebuild this retriever with :func:`build_retriever`."""
+        return dict(self._config)
+
+
+def build_retriever(config: dict[str, Any]) -> Retriever:
+    """Rebuild a retriever from :meth:`Retriever.config` output."""
+    try:
+        return Retriever(**config)
+    except TypeError as exc:
+        raise ModelError(f"Invalid retriever configuration {config}: {exc}") from exc
+
+
+def retriever_version(retriever: nn.Module) -> str:
+    """A short fingerprint of the retriever's weights: bank embeddings are tagged with it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(retriever.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def embed_images(retriever: Retriever, images: torch.Tensor, batch_size: int = 64,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """Embed (N, H, W) or (N, 1, H, W) images in batches without gradients; returns (N, D) on CPU."""
+    if images.dim() == 3:
+        images = images[:, None]
+    was_training = retriever.training
+    retriever.eval()
+    out = [retriever(images[i:i + batch_size].to(device, torch.float32)).cpu()
+           for i in range(0, images.shape[0], batch_size)]
+    retriever.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, retriever.embed_dim)

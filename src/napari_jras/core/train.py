@@ -1,0 +1,457 @@
+"""Joint trainer: alternating supervised (Dice + CE) and segmentation-aware contrastive steps.
+
+* Supervised step: the query is embedded, its top-K exemplars (never its own patient) are fused
+  into a guide, the segmenter predicts; the loss updates the segmenter and, through the fusion
+  weights, the retriever.
+* Contrastive step (retriever only): InfoNCE where, for each query, the candidate exemplars whose
+  masks overlap most with the query's ground truth are the positives.
+* Optional warm-up: NT-Xent on two augmented views of each slice.
+* Bank embeddings are refreshed with the current retriever on a schedule, not per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .augment import augment
+from .checkpoint import (atomic_write_json, load_tensors, save_model, save_tensors)
+from .data import SliceSample
+from .device import autocast, select_device
+from .errors import DataError, JRASError
+from .fusion import Guide, soft_topk_guide
+from .metrics import dice_per_class
+from .model import JRASModel
+from .retrieval import embed_images
+
+ProgressFn = Callable[[dict[str, Any]], None]
+CancelFn = Callable[[], bool]
+RELEVANCE_SIZE = 32
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of a training or fine-tuning run (saved as ``train_config.json``)."""
+
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.05
+    contrastive_every: int = 1
+    contrastive_candidates: int = 64
+    contrastive_positives: int = 2
+    contrastive_tau: float = 0.1
+    retriever_warmup_steps: int = 0
+    refresh_every: int = 0
+    freeze_retriever: bool = False
+    augment: bool = True
+    amp: bool = True
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 200
+    val_every: int = 0
+    device: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise JRASError("steps and batch_size must be at least 1")
+        if self.contrastive_every < 0:
+            raise JRASError("contrastive_every must be >= 0 (0 disables the contrastive step)")
+
+
+class SliceSet:
+    """Slices stacked as tensors at the model size, with patient ids for leakage control."""
+
+    def __init__(self, samples: Sequence[SliceSample], num_classes: int):
+        if not samples:
+            raise DataError("No slices to train on")
+        shapes = {s.image.shape for s in samples}
+        if len(shapes) != 1:
+            raise DataError(f"Slices must share one size (resize them first), got {sorted(shapes)[:3]}")
+        if any(s.label is None for s in samples):
+            raise DataError("Every training slice needs a label")
+        self.samples = list(samples)
+        self.images = torch.from_numpy(np.stack([s.image for s in samples]).astype(np.float32))
+        labels = np.stack([s.label for s in samples])
+        if labels.max() >= num_classes:
+            raise DataError(f"Labels contain class {int(labels.max())} but the model has "
+                            f"{num_classes} classes (0..{num_classes - 1})")
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+        names = sorted({s.patient_id for s in samples})
+        lookup = {p: i for i, p in enumerate(names)}
+        self.patients = torch.tensor([lookup[s.patient_id] for s in samples])
+        self.patient_names = names
+        self.num_classes = num_classes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch; deterministic algorithms where cheap."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy plus soft Dice over the foreground classes."""
+    logits = logits.float()
+    ce = F.cross_entropy(logits, target)
+    probs = logits.softmax(1)[:, 1:]
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()[:, 1:]
+    inter = (probs * onehot).sum((0, 2, 3))
+    denom = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    dice = (2 * inter + 1e-5) / (denom + 1e-5)
+    return ce + (1 - dice.mean())
+
+
+def mask_relevance(query_masks: torch.Tensor, cand_masks: torch.Tensor) -> torch.Tensor:
+    """Mean foreground Dice between (B,C,h,w) and (M,C,h,w) one-hot masks -> (B, M).
+
+    A class absent from both masks counts as a perfect match, so empty slices find empty slices.
+    """
+    q = query_masks.flatten(2)  # B,C,P
+    c = cand_masks.flatten(2)  # M,C,P
+    inter = torch.einsum("bcp,mcp->bmc", q, c)
+    sums = q.sum(-1)[:, None, :] + c.sum(-1)[None, :, :]
+    dice = torch.where(sums > 0, 2 * inter / sums.clamp_min(1e-6), torch.ones_like(sums))
+    return dice[..., 1:].mean(-1)
+
+
+def info_nce(q: torch.Tensor, c: torch.Tensor, positives: torch.Tensor, valid: torch.Tensor,
+             tau: float) -> torch.Tensor:
+    """Multi-positive InfoNCE: -log(sum_pos exp(s/tau) / sum_valid exp(s/tau)), mean over rows."""
+    logits = (q @ c.t()) / tau
+    logits = logits.masked_fill(~valid, -torch.inf)
+    pos = logits.masked_fill(~(positives & valid), -torch.inf)
+    rows = (positives & valid).any(1)
+    if not rows.any():
+        return logits.new_zeros(())
+    loss = torch.logsumexp(logits[rows], 1) - torch.logsumexp(pos[rows], 1)
+    return loss.mean()
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
+    """SimCLR's NT-Xent on two batches of unit embeddings (positives: same row)."""
+    z = torch.cat([z1, z2])
+    sim = (z @ z.t()) / tau
+    n = z1.shape[0]
+    sim.fill_diagonal_(-torch.inf)
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
+class JointTrainer:
+    """Trains a :class:`JRASModel` on a :class:`SliceSet` that also serves as the retrieval bank.
+
+    ``sample_weights`` (one per slice) oversample some slices, e.g. fresh corrections during
+    fine-tuning. ``progress`` receives a dict per logged step; ``cancel()`` returning True stops
+    the run cleanly after the current step (a checkpoint is written when ``run_dir`` is set).
+    """
+
+    def __init__(self, model: JRASModel, train: SliceSet, config: TrainConfig,
+                 run_dir: str | Path | None = None, val: SliceSet | None = None,
+                 sample_weights: Sequence[float] | None = None,
+                 progress: ProgressFn | None = None, cancel: CancelFn | None = None):
+        self.config = config
+        self.device = select_device(config.device)
+        self.model = model.to(self.device)
+        self.train_set = train
+        self.val_set = val
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.progress = progress
+        self.cancel = cancel or (lambda: False)
+        self.use_retrieval = model.config.use_retrieval
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.weights = None
+        if sample_weights is not None:
+            if len(sample_weights) != len(train):
+                raise DataError("sample_weights needs one weight per training slice")
+            self.weights = torch.tensor(sample_weights, dtype=torch.float64)
+        if self.use_retrieval and config.freeze_retriever:
+            for p in model.retriever.parameters():
+                p.requires_grad_(False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        warm = max(1, int(config.steps * config.warmup_fraction))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(
+                math.pi * min(1.0, s / config.steps))))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self._fp16())
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.bank_images = train.images.to(self.device)
+        self.bank_labels = train.labels.to(self.device)
+        self.bank_patients = train.patients.to(self.device)
+        self.bank_emb: torch.Tensor | None = None
+        small = F.interpolate(F.one_hot(train.labels, train.num_classes).permute(0, 3, 1, 2).float(),
+                              size=(RELEVANCE_SIZE, RELEVANCE_SIZE), mode="area")
+        self.relevance_masks = small.to(self.device)
+        steps_per_epoch = max(1, len(train) // config.batch_size)
+        self.refresh_every = config.refresh_every or steps_per_epoch
+        self._started = 0.0
+
+    def _fp16(self) -> bool:
+        return (self.config.amp and self.device.type == "cuda"
+                and not torch.cuda.is_bf16_supported())
+
+    # -- sampling -------------------------------------------------------------------------
+    def _sample(self, n: int) -> torch.Tensor:
+        if self.weights is not None:
+            return torch.multinomial(self.weights, n, replacement=True, generator=self.generator)
+        return torch.randint(len(self.train_set), (n,), generator=self.generator)
+
+    def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.train_set.images[idx].to(self.device)
+        y = self.train_set.labels[idx].to(self.device)
+        if self.config.augment:
+            x, y = augment(x, y, self.generator)
+        return x, y
+
+    # -- retrieval ------------------------------------------------------------------------
+    def refresh_embeddings(self) -> None:
+        """Re-embed the whole training bank with the current retriever."""
+        if self.use_retrieval:
+            self.bank_emb = embed_images(self.model.retriever, self.bank_images,
+                                         device=self.device).to(self.device)
+
+    def guide_for(self, x: torch.Tensor, patients: torch.Tensor) -> Guide:
+        """Guide for queries ``x`` (B,H,W) that may not retrieve exemplars of ``patients``."""
+        cfg = self.model.config
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_retriever):
+            q = self.model.embed(x[:, None])
+        exclude = patients[:, None].to(self.device) == self.bank_patients[None, :]
+        return soft_topk_guide(q, self.bank_emb, self.bank_images, self.bank_labels,
+                               cfg.num_classes, cfg.k, cfg.tau, exclude)
+
+    # -- steps ----------------------------------------------------------------------------
+    def supervised_step(self) -> float:
+        """One Dice + CE step on the segmenter (and the retriever through the fusion weights)."""
+        idx = self._sample(self.config.batch_size)
+        x, y = self._batch(idx)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.config.amp):
+            guide = self.guide_for(x, self.train_set.patients[idx]) if self.use_retrieval else None
+            logits = self.model(x[:, None], guide)
+            loss = segmentation_loss(logits, y)
+        self._backward(loss)
+        return float(loss.detach())
+
+    def contrastive_step(self) -> float:
+        """One segmentation-aware InfoNCE step on the retriever alone."""
+        cfg = self.config
+        idx = self._sample(cfg.batch_size)
+        cand = torch.randperm(len(self.train_set), generator=self.generator)[:cfg.contrastive_candidates]
+        x, _ = self._batch(idx)
+        relevance = mask_relevance(self.relevance_masks[idx.to(self.device)],
+                                   self.relevance_masks[cand.to(self.device)])
+        valid = (self.train_set.patients[idx][:, None] != self.train_set.patients[cand][None, :]).to(self.device)
+        relevance = relevance.masked_fill(~valid, -1.0)
+        top = relevance.topk(min(cfg.contrastive_positives, relevance.shape[1]), dim=1).indices
+        positives = torch.zeros_like(valid).scatter_(1, top, True)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, cfg.amp):
+            q = self.model.embed(x[:, None])
+            c = self.model.embed(self.bank_images[cand.to(self.device)][:, None])
+            loss = info_nce(q.float(), c.float(), positives, valid, cfg.contrastive_tau)
+        self._backward(loss)
+        return float(loss.detach())
+
+    def warmup_step(self) -> float:
+        """One self-supervised NT-Xent step (two augmented views per slice)."""
+        idx = self._sample(max(2, self.config.batch_size))
+        x1, _ = self._batch(idx)
+        x2, _ = self._batch(idx)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.config.amp):
+            loss = nt_xent(self.model.embed(x1[:, None]).float(),
+                           self.model.embed(x2[:, None]).float(), self.config.contrastive_tau)
+        self._backward(loss)
+        return float(loss.detach())
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise JRASError(f"Training diverged (loss {float(loss)}) at step {self.step}; "
+                            "lower the learning rate")
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    # -- loop -----------------------------------------------------------------------------
+    def fit(self) -> list[dict[str, Any]]:
+        """Run (or resume) training to ``config.steps``; returns the logged history."""
+        cfg = self.config
+        self._started = time.perf_counter()
+        start_step = self.step
+        if self.use_retrieval and not cfg.freeze_retriever and self.step == 0:
+            for i in range(cfg.retriever_warmup_steps):
+                loss = self.warmup_step()
+                if (i + 1) % cfg.log_every == 0:
+                    self._log({"phase": "warmup", "warmup_step": i + 1, "loss_warmup": loss})
+                if self.cancel():
+                    break
+        if self.bank_emb is None:
+            self.refresh_embeddings()
+        sup_acc, con_acc, n_acc = 0.0, 0.0, 0
+        while self.step < cfg.steps:
+            if self.cancel():
+                self._log({"phase": "cancelled"})
+                break
+            sup_acc += self.supervised_step()
+            if (self.use_retrieval and cfg.contrastive_every and not cfg.freeze_retriever
+                    and self.step % cfg.contrastive_every == 0):
+                con_acc += self.contrastive_step()
+            n_acc += 1
+            self.scheduler.step()
+            self.step += 1
+            if self.use_retrieval and self.step % self.refresh_every == 0:
+                self.refresh_embeddings()
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                record = {"phase": "train", "loss": sup_acc / n_acc,
+                          "lr": self.scheduler.get_last_lr()[0]}
+                if self.use_retrieval and cfg.contrastive_every and not cfg.freeze_retriever:
+                    record["loss_contrastive"] = con_acc / n_acc
+                done = self.step - start_step
+                elapsed = time.perf_counter() - self._started
+                record["eta_s"] = elapsed / max(done, 1) * (cfg.steps - self.step)
+                if self.val_set is not None and cfg.val_every and self.step % cfg.val_every == 0:
+                    record["val_dice"] = self.validate()
+                self._log(record)
+                sup_acc, con_acc, n_acc = 0.0, 0.0, 0
+            if self.run_dir is not None and self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+        if self.step >= cfg.steps:
+            self.refresh_embeddings()
+        if self.run_dir is not None:
+            self.save_checkpoint()
+        return self.history
+
+    def _log(self, record: dict[str, Any]) -> None:
+        record = {"step": self.step, "total": self.config.steps,
+                  "time_s": round(time.perf_counter() - self._started, 3), **record}
+        self.history.append(record)
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / "log.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        if self.progress is not None:
+            self.progress(record)
+
+    @torch.no_grad()
+    def predict_set(self, data: SliceSet, batch_size: int = 16) -> torch.Tensor:
+        """Label maps for every slice of ``data`` (retrieving from the training bank)."""
+        self.model.eval()
+        if self.use_retrieval and self.bank_emb is None:
+            self.refresh_embeddings()
+        out = []
+        for i in range(0, len(data), batch_size):
+            x = data.images[i:i + batch_size].to(self.device)
+            patients = torch.tensor([self._bank_patient(data, j)
+                                     for j in range(i, min(i + batch_size, len(data)))])
+            with autocast(self.device, self.config.amp):
+                guide = self.guide_for(x, patients) if self.use_retrieval else None
+                out.append(self.model(x[:, None], guide).argmax(1).cpu())
+        return torch.cat(out)
+
+    def _bank_patient(self, data: SliceSet, j: int) -> int:
+        name = data.samples[j].patient_id
+        names = self.train_set.patient_names
+        return names.index(name) if name in names else -1
+
+    def validate(self) -> float:
+        """Mean foreground Dice over validation cases (slices regrouped into volumes)."""
+        pred = self.predict_set(self.val_set).numpy()
+        gt = self.val_set.labels.numpy()
+        cases: dict[str, list[int]] = {}
+        for j, s in enumerate(self.val_set.samples):
+            cases.setdefault(s.case_id, []).append(j)
+        scores = [float(np.mean(dice_per_class(pred[ix], gt[ix], self.model.num_classes)))
+                  for ix in cases.values()]
+        return float(np.mean(scores))
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self, keep: int = 2) -> Path:
+        """Write model + optimizer + RNG state for resuming; the newest ``keep`` are kept."""
+        assert self.run_dir is not None
+        ckpt_root = self.run_dir / "checkpoints"
+        final = ckpt_root / f"step_{self.step:08d}"
+        tmp = ckpt_root / f".step_{self.step:08d}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_model(tmp, self.model)
+        tensors, groups = _optimizer_tensors(self.optimizer)
+        tensors["rng.generator"] = self.generator.get_state()
+        tensors["rng.torch"] = torch.get_rng_state()
+        if self.bank_emb is not None:
+            tensors["bank_embeddings"] = self.bank_emb
+        save_tensors(tmp / "trainer.safetensors", tensors)
+        atomic_write_json(tmp / "trainer.json", {
+            "step": self.step, "param_groups": groups,
+            "scheduler": self.scheduler.state_dict()["last_epoch"],
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "train_config": asdict(self.config)})
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in sorted(ckpt_root.glob("step_*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint of ``run_dir``; False when there is none."""
+        if self.run_dir is None:
+            return False
+        done = sorted(p for p in (self.run_dir / "checkpoints").glob("step_*")
+                      if (p / "trainer.json").exists())
+        if not done:
+            return False
+        ckpt = done[-1]
+        state = json.loads((ckpt / "trainer.json").read_text())
+        weights = load_tensors(ckpt / "model.safetensors")
+        self.model.load_state_dict(weights)
+        tensors = load_tensors(ckpt / "trainer.safetensors")
+        _load_optimizer(self.optimizer, tensors, state["param_groups"])
+        self.generator.set_state(tensors["rng.generator"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if "bank_embeddings" in tensors:
+            self.bank_emb = tensors["bank_embeddings"].to(self.device)
+        self.scheduler.last_epoch = state["scheduler"]
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        return True
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    sd = optimizer.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for name, value in st.items():
+            tensors[f"opt.{pid}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, sd["param_groups"]
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                    groups: list) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -1,0 +1,187 @@
+"""Retriever, fusion, joint trainer and checkpoints on tiny configs (CPU, seconds)."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_jras.core.checkpoint import load_model, save_model
+from napari_jras.core.data import SliceSample
+from napari_jras.core.errors import ModelError
+from napari_jras.core.fusion import soft_topk_guide
+from napari_jras.core.model import JRASModel, ModelConfig
+from napari_jras.core.retrieval import Retriever, retriever_version
+from napari_jras.core.train import JointTrainer, SliceSet, TrainConfig, seed_everything
+
+TINY_UNET = {"base_channels": 4, "depth": 2}
+TINY_RETRIEVER = {"encoder": "cnn", "embed_dim": 16, "width": 4}
+
+
+def synthetic_samples(n_patients=4, per_patient=3, size=32, seed=0):
+    """Discs of varying radius/position: patient p's slices share a position."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    samples = []
+    for p in range(n_patients):
+        cy, cx = rng.integers(10, size - 10, 2)
+        for z in range(per_patient):
+            r = 4 + z
+            disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+            ring = ((yy - cy) ** 2 + (xx - cx) ** 2 < (r + 3) ** 2) & ~disc
+            label = (disc * 2 + ring * 1).astype(np.uint8)
+            image = (0.2 + 0.6 * disc + 0.3 * ring + rng.normal(0, 0.05, (size, size))).clip(0, 1)
+            samples.append(SliceSample(image.astype(np.float32), label, f"patient{p}_frame01",
+                                       f"patient{p}", z, "synthetic"))
+    return samples
+
+
+def tiny_model(use_retrieval=True, k=2):
+    return JRASModel(ModelConfig(num_classes=3, size=32, k=k, use_retrieval=use_retrieval,
+                                 backbone="unet", backbone_options=TINY_UNET,
+                                 retriever=dict(TINY_RETRIEVER)))
+
+
+def test_retriever_embeddings_are_unit_norm():
+    r = Retriever(**TINY_RETRIEVER, input_size=32)
+    z = r(torch.rand(5, 1, 40, 48))
+    assert z.shape == (5, 16)
+    assert torch.allclose(z.norm(dim=1), torch.ones(5), atol=1e-5)
+
+
+def test_fusion_weights_softmax_and_guide_onehot():
+    q = torch.nn.functional.normalize(torch.randn(2, 8), dim=1)
+    bank = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+    images = torch.rand(6, 16, 16)
+    masks = torch.randint(0, 3, (6, 16, 16))
+    g = soft_topk_guide(q, bank, images, masks, num_classes=3, k=3, tau=0.1)
+    sims = q @ bank.t()
+    top = sims.topk(3, dim=1)
+    assert torch.equal(g.indices, top.indices)
+    assert torch.allclose(g.weights, torch.softmax(top.values / 0.1, 1), atol=1e-6)
+    assert torch.allclose(g.mask.sum(1), torch.ones(2, 16, 16), atol=1e-5)
+    expected = (g.weights[0, :, None, None] * images[g.indices[0]]).sum(0)
+    assert torch.allclose(g.image[0, 0], expected, atol=1e-6)
+
+
+def test_fusion_rejects_bad_k_and_empty_bank():
+    q = torch.randn(1, 4)
+    with pytest.raises(ModelError, match="K must be between"):
+        soft_topk_guide(q, torch.randn(3, 4), torch.rand(3, 8, 8), torch.zeros(3, 8, 8, dtype=torch.long), 2, k=9)
+    with pytest.raises(ModelError, match="empty"):
+        soft_topk_guide(q, torch.zeros(0, 4), torch.rand(0, 8, 8), torch.zeros(0, 8, 8, dtype=torch.long), 2, k=2)
+
+
+def test_exclusion_never_retrieves_excluded_even_if_identical():
+    bank = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
+    exclude = torch.zeros(1, 5, dtype=torch.bool)
+    exclude[0, 2] = True
+    g = soft_topk_guide(bank[2:3], bank, torch.rand(5, 8, 8), torch.zeros(5, 8, 8, dtype=torch.long), 2, k=4, exclude=exclude)
+    assert 2 not in g.indices[0, torch.isfinite(g.scores[0])].tolist()
+
+
+def test_supervised_step_gives_retriever_gradients():
+    seed_everything(0)
+    model = tiny_model()
+    trainer = JointTrainer(model, SliceSet(synthetic_samples(), 3),
+                           TrainConfig(steps=1, batch_size=4, contrastive_every=0, augment=False))
+    trainer.refresh_embeddings()
+    trainer.supervised_step()
+    grads = [p.grad for p in model.retriever.parameters()]
+    assert all(g is not None for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_training_never_retrieves_own_patient(monkeypatch):
+    seed_everything(0)
+    model = tiny_model(k=4)
+    data = SliceSet(synthetic_samples(), 3)
+    trainer = JointTrainer(model, data, TrainConfig(steps=6, batch_size=4, log_every=2))
+    seen = []
+    original = trainer.guide_for
+
+    def spy(x, patients):
+        guide = original(x, patients)
+        for row, p in enumerate(patients.tolist()):
+            valid = torch.isfinite(guide.scores[row])
+            seen.append((p, data.patients[guide.indices[row][valid].cpu()].tolist()))
+        return guide
+
+    monkeypatch.setattr(trainer, "guide_for", spy)
+    trainer.fit()
+    assert seen
+    for patient, retrieved in seen:
+        assert patient not in retrieved
+
+
+def test_training_is_deterministic_and_resumes(tmp_path):
+    def run(run_dir, stop_after=None, resume=False):
+        seed_everything(3)
+        model = tiny_model()
+        trainer = JointTrainer(model, SliceSet(synthetic_samples(), 3),
+                               TrainConfig(steps=4, batch_size=4, checkpoint_every=10, log_every=1, seed=3),
+                               run_dir=run_dir,
+                               cancel=(lambda: trainer.step >= stop_after) if stop_after else None)
+        if resume:
+            assert trainer.resume()
+        trainer.fit()
+        return model, trainer
+
+    full, _ = run(tmp_path / "a")
+    again, _ = run(tmp_path / "b")
+    for (k, v), (_, w) in zip(full.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(v, w), k
+    # cancelled after 2 steps (a checkpoint is written), then resumed: same weights as straight
+    _, stopped = run(tmp_path / "c", stop_after=2)
+    assert stopped.step == 2
+    resumed, trainer = run(tmp_path / "c", resume=True)
+    assert trainer.step == 4
+    for (k, v), (_, w) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(v, w, atol=1e-6), k
+
+
+def test_training_reduces_loss_and_cancel_stops():
+    seed_everything(0)
+    model = tiny_model()
+    trainer = JointTrainer(model, SliceSet(synthetic_samples(), 3),
+                           TrainConfig(steps=40, batch_size=6, lr=3e-3, log_every=5, augment=False))
+    history = trainer.fit()
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert losses[-1] < losses[0]
+    calls = []
+    trainer2 = JointTrainer(tiny_model(), SliceSet(synthetic_samples(), 3),
+                            TrainConfig(steps=100, batch_size=2),
+                            cancel=lambda: calls.append(1) or len(calls) > 3)
+    trainer2.fit()
+    assert trainer2.step < 100
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path):
+    model = tiny_model()
+    save_model(tmp_path, model)
+    loaded = load_model(tmp_path)
+    assert retriever_version(loaded.retriever) == retriever_version(model.retriever)
+    cfg = (tmp_path / "config.json").read_text().replace('"base_channels": 4', '"base_channels": 8')
+    (tmp_path / "config.json").write_text(cfg)
+    with pytest.raises(ModelError, match="do not match"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="damaged"):
+        load_model(tmp_path)
+    with pytest.raises(ModelError, match="not a napari-jras model"):
+        load_model(tmp_path / "..")
+
+
+def test_corrupted_weights_and_pickle_are_refused(tmp_path):
+    model = tiny_model()
+    save_model(tmp_path, model)
+    torch.save(model.state_dict(), tmp_path / "model.safetensors")  # a pickle in disguise
+    with pytest.raises(ModelError, match="damaged or not a safetensors"):
+        load_model(tmp_path)
+
+
+def test_baseline_model_has_no_retriever_and_ignores_guides():
+    model = tiny_model(use_retrieval=False)
+    assert model.retriever is None
+    out = model(torch.rand(2, 1, 32, 32))
+    assert out.shape == (2, 3, 32, 32)
+    with pytest.raises(ModelError):
+        model.embed(torch.rand(1, 1, 32, 32))
