@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
+from .core.errors import JRASError
 
 
 def _progress_printer(quiet: bool) -> Callable[[dict[str, Any]], None] | None:
@@ -33,6 +34,19 @@ def _progress_printer(quiet: bool) -> Callable[[dict[str, Any]], None] | None:
     return show
 
 
+def _json_option(text: str | None, flag: str) -> dict[str, Any]:
+    """Parse a JSON-object command-line option, with a one-line error for bad JSON."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise JRASError(f"{flag} must be a JSON object, e.g. '{{\"width\": 16}}': {exc}") from exc
+    if not isinstance(value, dict):
+        raise JRASError(f"{flag} must be a JSON object, got {text!r}")
+    return value
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a J-RAS or baseline model."""
     from .core.pipeline import train_run
@@ -41,16 +55,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_config: dict[str, Any] = {
         "backbone": args.backbone, "use_retrieval": not args.no_retrieval, "k": args.k,
         "tau": args.tau, "size": args.size, "modality": args.modality,
-        "backbone_options": json.loads(args.backbone_options) if args.backbone_options else {},
-        "retriever": {"encoder": "cnn", "embed_dim": args.embed_dim},
+        "backbone_options": _json_option(args.backbone_options, "--backbone-options"),
+        "retriever": {"encoder": "cnn", "embed_dim": args.embed_dim,
+                      **_json_option(args.retriever_options, "--retriever-options")},
     }
     if args.num_classes:
         model_config["num_classes"] = args.num_classes
     if args.class_names:
         model_config["class_names"] = [n.strip() for n in args.class_names.split(",")]
     if args.pretrained:
-        model_config["retriever"] = {"encoder": "hf", "pretrained": args.pretrained,
-                                     "embed_dim": args.embed_dim}
+        model_config["retriever"].update(encoder="hf", pretrained=args.pretrained)
     train_config = TrainConfig(
         steps=args.steps or 2000, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         device=args.device, amp=not args.no_amp, contrastive_every=args.contrastive_every,
@@ -172,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pretrained", help="hub id or local folder of a transformers vision encoder "
                                         "for the retriever")
     t.add_argument("--embed-dim", type=int, default=128, help="retriever embedding size")
+    t.add_argument("--retriever-options", help='JSON, e.g. \'{"width": 16, "input_size": 64}\'')
     t.add_argument("--contrastive-every", type=int, default=1,
                    help="a contrastive retriever step every N supervised steps (0: off)")
     t.add_argument("--warmup-steps", type=int, default=0, help="NT-Xent retriever warm-up steps")
@@ -238,8 +253,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``napari-jras`` console script."""
-    from .core.errors import JRASError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
