@@ -8,6 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
+import torch
+
+# tiny models: one thread avoids oversubscribing small CI machines (and is faster for tiny ops)
+torch.set_num_threads(1)
 
 DATA_DIR = Path(__file__).parent / "data"
 

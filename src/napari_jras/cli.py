@@ -1,13 +1,15 @@
 """The ``napari-jras`` command: train, evaluate, predict, bank, demo, info.
 
 Errors napari-jras raises on purpose print one line and exit with status 2; ``--debug`` shows the
-traceback. Works under ``torchrun`` as ``python -m napari_jras.cli``.
+traceback. ``python -m napari_jras.cli`` is the same command. Training uses one device; multi-GPU
+training under ``torchrun`` is not supported yet.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -47,6 +49,16 @@ def _json_option(text: str | None, flag: str) -> dict[str, Any]:
     return value
 
 
+def _check_regex(pattern: str | None) -> None:
+    """Refuse a ``--patient-regex`` that does not compile, with a one-line error."""
+    if pattern:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise JRASError(f"--patient-regex {pattern!r} is not a valid regular expression: "
+                            f"{exc}") from exc
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a J-RAS or baseline model."""
     from .core.pipeline import train_run
@@ -66,7 +78,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.pretrained:
         model_config["retriever"].update(encoder="hf", pretrained=args.pretrained)
     train_config = TrainConfig(
-        steps=args.steps or 2000, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        steps=2000 if args.steps is None else args.steps, batch_size=args.batch_size,
+        lr=args.lr, seed=args.seed,
         device=args.device, amp=not args.no_amp, contrastive_every=args.contrastive_every,
         retriever_warmup_steps=args.warmup_steps, freeze_retriever=args.freeze_retriever,
         checkpoint_every=args.checkpoint_every, val_every=args.val_every,
@@ -256,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_regex(getattr(args, "patient_regex", None))
         return int(args.func(args) or 0)
     except (JRASError, FileNotFoundError, PermissionError) as exc:
         if args.debug:

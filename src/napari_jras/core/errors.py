@@ -15,3 +15,7 @@ class ModelError(JRASError):
 
 class BankError(JRASError):
     """An exemplar bank is missing, damaged, empty or incompatible."""
+
+
+class CancelledError(JRASError):
+    """A long operation (e.g. fine-tuning) was cancelled; nothing it would have made is kept."""

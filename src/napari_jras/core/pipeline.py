@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from .bank import ExemplarBank
-from .checkpoint import atomic_write_json, save_model
+from .checkpoint import atomic_write_json, read_config, save_model
 from .data import SliceSample, load_slices, num_classes_of
 from .engine import BANK_DIR, load_engine
-from .errors import DataError
+from .errors import DataError, JRASError, ModelError
 from .io import (Case, check_image, find_cases, is_supported, load_case, read_volume,
                  split_extension, write_volume)
 from .metrics import evaluate_case, summarize
@@ -65,6 +65,18 @@ def _data_summary(path: str | Path, cases: Sequence[Case], samples: Sequence[Sli
             "patients": len({c.patient_id for c in cases}), "slices": len(samples)}
 
 
+def _check_resumable(out: Path, model: JRASModel) -> None:
+    """Refuse to resume checkpoints in ``out`` that were made with another model config."""
+    done = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / "trainer.json").exists())
+    if not done:
+        return
+    saved, wanted = read_config(done[-1]).to_dict(), model.config.to_dict()
+    changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
+    if changed:
+        raise ModelError(f"{out} holds checkpoints of a model with other settings "
+                         f"({', '.join(changed)}): use --no-resume to start over, or a new --out")
+
+
 def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
               train_config: TrainConfig, val: str | Path | None = None,
               patient_regex: str | None = None, resume: bool = True, epochs: int | None = None,
@@ -90,6 +102,8 @@ def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
                             f"{sorted(overlap)[:3]}")
         val_samples = load_slices(val_cases, size=size, modality=modality)
     if epochs is not None:
+        if epochs < 1:
+            raise JRASError(f"epochs must be at least 1, got {epochs}")
         steps = max(1, -(-epochs * len(samples) // train_config.batch_size))
         train_config = replace(train_config, steps=steps)
     config = dict(model_config)
@@ -101,6 +115,7 @@ def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
     trainer = JointTrainer(model, train_set, train_config, run_dir=out, val=val_set,
                            progress=progress, cancel=cancel)
     if resume:
+        _check_resumable(out, model)
         trainer.resume()
     started = time.time()
     trainer.fit()
@@ -158,15 +173,18 @@ def output_name(image_path: Path, ext: str = ".tif") -> str:
 def predict_files(model_dir: str | Path, inputs: str | Path, output: str | Path,
                   bank: str | Path | None = None, device: str = "auto", ext: str = ".tif",
                   progress: ProgressFn | None = None) -> list[Path]:
-    """Segment one image file or every image under a folder; writes ``<stem>_label<ext>`` files."""
+    """Segment one image file or every image under a folder; writes ``<stem>_label<ext>`` files.
+
+    Images in subfolders of a folder input are written to the same subfolders of ``output``.
+    """
     engine = load_engine(model_dir, bank=bank, device=device)
     files = find_images(inputs)
     written = []
     for i, path in enumerate(files):
         image = read_volume(path)
         pred = engine.predict(check_image(image.data, path.name))
-        written.append(write_volume(Path(output) / output_name(path, ext), pred.labels,
-                                    image.spacing))
+        folder = Path(output) / (path.parent.relative_to(inputs) if Path(inputs).is_dir() else "")
+        written.append(write_volume(folder / output_name(path, ext), pred.labels, image.spacing))
         if progress is not None:
             progress({"step": i + 1, "total": len(files), "phase": "predict", "case": path.name})
     return written

@@ -8,6 +8,7 @@ head are trained.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,14 +55,17 @@ class HFEncoder(nn.Module):
             from transformers import AutoModel
         except ImportError as exc:  # pragma: no cover - transformers is a dependency
             raise ModelError("The 'transformers' package is needed for pretrained encoders") from exc
+        how = ("Give a local folder made with `save_pretrained`, or a hub id on a machine "
+               "with internet access (download once with `hf download ID --local-dir DIR`, "
+               "then give DIR).")
+        path = Path(pretrained).expanduser()
+        if pretrained.startswith(("/", ".", "~")) and not path.is_dir():
+            raise ModelError(f"The pretrained encoder folder '{pretrained}' was not found. {how}")
         try:
-            self.model = AutoModel.from_pretrained(pretrained)
-        except OSError as exc:
+            self.model = AutoModel.from_pretrained(str(path) if path.is_dir() else pretrained)
+        except (OSError, ValueError) as exc:  # ValueError: a folder that is no transformers model
             raise ModelError(
-                f"Could not load the pretrained encoder '{pretrained}': {exc}. "
-                "Give a local folder made with `save_pretrained`, or a hub id on a machine with "
-                "internet access (download once with `huggingface-cli download ID --local-dir DIR`)."
-            ) from exc
+                f"Could not load the pretrained encoder '{pretrained}': {exc}. {how}") from exc
         config = self.model.config
         self.image_size = int(getattr(config, "image_size", 224))
         self.num_channels = int(getattr(config, "num_channels", 3))

@@ -1,0 +1,538 @@
+"""Workspaces: a user-writable copy of a model that learns from accepted corrections.
+
+``Workspace.open(source)`` copies a run folder (or the bundled cardiac MRI model) once into
+``<home>/workspaces/<slug>/`` and reopens that copy afterwards::
+
+    workspace.json       source, creation time, active version, version history (atomic writes)
+    versions/vNNN/       config.json + model.safetensors (+ train_config.json | finetune.json)
+    bank/                the working exemplar bank (J-RAS): training exemplars + corrections
+    corrections/         baseline models only: a bank without embeddings that keeps the accepted
+                         corrections for fine-tuning (a baseline model retrieves nothing)
+    embeddings/<v>.npz   bank embeddings of earlier retriever versions (exact, instant roll-back)
+    drafts/<key>.npz     autosaved, unfinished label edits
+    finetune/            checkpoints of an unfinished fine-tune (resumed or discarded)
+
+Never imports Qt. Thread-safe: prediction, accepting, activation and the end of a fine-tune share
+one lock; a fine-tune trains a private copy of the model outside it (see :mod:`.finetune`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import threading
+import uuid
+import zipfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+from urllib.parse import quote, unquote
+
+import numpy as np
+import torch
+
+from .bank import DB_FILE, ExemplarBank
+from .checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_write_bytes, atomic_write_json,
+                         load_model, read_config)
+from .data import as_slices, resize_images, resize_labels
+from .engine import BANK_DIR, InferenceEngine, Prediction
+from .errors import BankError, DataError, JRASError, ModelError
+from .io import check_image, check_label, patient_of, split_extension
+from .model import JRASModel, ModelConfig
+from .normalize import normalize
+from .retrieval import embed_images, retriever_version
+
+BUILTIN = "builtin"
+BUILTIN_SLUG = "builtin-cardiac-mri"
+HOME_ENV = "NAPARI_JRAS_HOME"
+FORMAT = "napari-jras-workspace"
+FORMAT_VERSION = 1
+WORKSPACE_FILE = "workspace.json"
+TRAIN_CONFIG_FILE = "train_config.json"
+VERSIONS_DIR = "versions"
+CORRECTIONS_DIR = "corrections"
+EMBEDDINGS_DIR = "embeddings"
+DRAFTS_DIR = "drafts"
+FINETUNE_DIR = "finetune"
+CORRECTION = "correction"
+MAX_KEY_LENGTH = 120
+EMBED_CHUNK = 256
+
+ProgressFn = Callable[[dict[str, Any]], None]
+CancelFn = Callable[[], bool]
+
+
+def home_dir() -> Path:
+    """``$NAPARI_JRAS_HOME`` when set, else ``~/.napari-jras``."""
+    value = os.environ.get(HOME_ENV)
+    return Path(value).expanduser() if value else Path.home() / ".napari-jras"
+
+
+def builtin_model_dir() -> Path:
+    """Run folder of the bundled cardiac MRI model (:class:`ModelError` when not installed)."""
+    import napari_jras
+
+    path = Path(napari_jras.__file__).parent / "_builtin" / "cardiac_mri"
+    if not (path / CONFIG_FILE).is_file():
+        raise ModelError(f"The bundled cardiac MRI model is not installed (expected it in {path}): "
+                         "reinstall napari-jras, or open a model folder of your own")
+    return path
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class ModelVersion:
+    """One set of weights; ``seen_until`` is the last exemplar id it was trained on."""
+
+    name: str
+    path: Path
+    created: str
+    parent: str | None = None
+    note: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seen_until: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """Entry of ``workspace.json`` (the path is implied by the name)."""
+        data = asdict(self)
+        del data["path"]
+        return data
+
+
+def _slug(run: Path) -> str:
+    name = re.sub(r"[^a-z0-9]+", "-", run.name.lower()).strip("-")[:40] or "model"
+    return f"{name}-{hashlib.sha256(str(run).encode()).hexdigest()[:8]}"
+
+
+def as_stored(images: np.ndarray, size: int) -> np.ndarray:
+    """Normalised (N,H,W) images exactly as a bank of side ``size`` returns them (8-bit steps)."""
+    resized = np.clip(resize_images(images, (size, size)), 0.0, 1.0)
+    return np.round(resized * 255).astype(np.float32) / 255
+
+
+def embed_exemplars(retriever: torch.nn.Module, bank: ExemplarBank, ids: Sequence[int],
+                    size: int, progress: ProgressFn | None = None) -> np.ndarray:
+    """Embed bank exemplars as :meth:`InferenceEngine.ensure_bank_embeddings` does, in chunks."""
+    device = next(retriever.parameters()).device
+    out = [np.zeros((0, retriever.embed_dim), np.float32)]
+    for start in range(0, len(ids), EMBED_CHUNK):
+        part = list(ids[start:start + EMBED_CHUNK])
+        images = torch.from_numpy(resize_images(bank.images(part), (size, size)))
+        out.append(embed_images(retriever, images, device=device).numpy())
+        if progress is not None:
+            progress({"phase": "embed", "step": start + len(part), "total": len(ids)})
+    return np.concatenate(out)
+
+
+class Workspace:
+    """A user-writable copy of a model: weight versions, working exemplar bank, autosaved drafts."""
+
+    def __init__(self, path: Path) -> None:
+        """Load an existing workspace folder (use :meth:`open`)."""
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._finetune_lock = threading.Lock()
+        self._draft_lock = threading.Lock()
+        meta = _read_meta(self.path)
+        self.source: str = meta["source"]
+        self.created: str = meta["created"]
+        self._versions = [ModelVersion(path=self.path / VERSIONS_DIR / v["name"], **v)
+                          for v in meta["versions"]]
+        self._active = meta["active"]
+        self._config = read_config(self.active.path)
+        self._engine: InferenceEngine | None = None
+        self._engine_device = "auto"
+        self._bank = ExemplarBank.open(self.path / BANK_DIR) if self._config.use_retrieval else None
+        self._store = self._bank or ExemplarBank.open(self.path / CORRECTIONS_DIR)
+
+    # --- creating and opening -------------------------------------------------------------
+    @classmethod
+    def open(cls, source: str | Path = BUILTIN, home: Path | None = None) -> Workspace:
+        """The workspace of ``source`` (a run folder or :data:`BUILTIN`), created on first use.
+
+        A workspace folder given as ``source`` is opened as it is.
+        """
+        if str(source) != BUILTIN and (Path(source) / WORKSPACE_FILE).is_file():
+            return cls(Path(source))
+        run = None if str(source) == BUILTIN else Path(source).expanduser().resolve()
+        slug = BUILTIN_SLUG if run is None else _slug(run)
+        path = Path(home if home is not None else home_dir()).expanduser() / "workspaces" / slug
+        if not (path / WORKSPACE_FILE).is_file():
+            if path.exists():
+                raise ModelError(f"{path} exists but is not a napari-jras workspace: move it away")
+            _create(path, BUILTIN if run is None else str(run),
+                    builtin_model_dir() if run is None else run)
+        return cls(path)
+
+    def close(self) -> None:
+        """Release the bank(s); the workspace object cannot be used afterwards."""
+        with self._lock:
+            self._store.close()
+            self._engine = None
+
+    def __enter__(self) -> Workspace:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- model and versions ---------------------------------------------------------------
+    @property
+    def model_config(self) -> ModelConfig:
+        """Configuration of the active version."""
+        return self._config
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names, background first."""
+        return list(self._config.class_names)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (background included)."""
+        return self._config.num_classes
+
+    @property
+    def bank(self) -> ExemplarBank | None:
+        """The working exemplar bank (None for a baseline model)."""
+        return self._bank
+
+    def versions(self) -> list[ModelVersion]:
+        """Every weight version, oldest first."""
+        return list(self._versions)
+
+    @property
+    def active(self) -> ModelVersion:
+        """The version used for prediction."""
+        return self._version(self._active)
+
+    def _version(self, name: str) -> ModelVersion:
+        for version in self._versions:
+            if version.name == name:
+                return version
+        raise ModelError(f"This workspace has no version '{name}' "
+                         f"(it has {', '.join(v.name for v in self._versions)})")
+
+    def engine(self, device: str = "auto") -> InferenceEngine:
+        """The inference engine of the active version (cached; rebuilt for another device)."""
+        with self._lock:
+            if self._engine is None or device != self._engine_device:
+                model = load_model(self.active.path)
+                self._engine = InferenceEngine(model, self._bank, device=device)
+                self._engine_device = device
+            return self._engine
+
+    def predict(self, image: np.ndarray, modality: str | None = None,
+                slices: Sequence[int] | None = None,
+                progress: Callable[[int, int], None] | None = None,
+                cancel: CancelFn | None = None,
+                return_probabilities: bool = False) -> Prediction:
+        """Segment ``image`` (2-D or 3-D Z-first) with the active version and the working bank."""
+        with self._lock:
+            return self.engine(self._engine_device).predict(
+                image, modality=modality, slices=slices, progress=progress, cancel=cancel,
+                return_probabilities=return_probabilities)
+
+    def activate(self, name: str, progress: ProgressFn | None = None) -> None:
+        """Make version ``name`` the active one (roll back or forward); the bank follows it."""
+        version = self._version(name)
+        with self._lock:
+            model = load_model(version.path)
+            if self._engine is not None:
+                self._engine.set_model(model)
+            if self._bank is not None:
+                self._embed_bank(model, progress=progress)
+            self._active, self._config = name, model.config
+            self._save_meta()
+
+    # --- corrections ----------------------------------------------------------------------
+    def accept(self, image: np.ndarray, labels: np.ndarray, slices: Sequence[int] | None = None,
+               modality: str | None = None, source: str = "", case_id: str = "",
+               author: str = "", patient_id: str | None = None) -> list[int]:
+        """Store a corrected mask; returns the new exemplar ids (searchable by the next predict).
+
+        ``image`` and ``labels`` are the full 2-D or 3-D (Z-first) arrays; ``slices`` picks the Z
+        slices to store (default: every slice with foreground; the one slice of a 2-D image).
+        ``case_id`` defaults to the source's file stem (without ``_image``); ``patient_id`` to
+        the case id's patient part (``patient045_frame01`` -> ``patient045``), whose exemplars
+        fine-tuning keeps out of this correction's retrievals. Accepting a (case, slice) again
+        replaces it. Baseline workspaces keep corrections in ``corrections/`` for fine-tuning.
+        """
+        data = check_image(image)
+        labels = np.asarray(labels)
+        labels = labels.astype(np.uint8) if labels.dtype == bool else labels
+        mask = as_slices(check_label(labels, data.shape, self.num_classes))
+        vol = as_slices(normalize(data, modality or self._config.modality))
+        zs = _slices_to_store(mask, slices, data.ndim)
+        case = case_id or _case_of(source)
+        created = _now()
+        provenance = [{"case_id": case, "patient_id": patient_id or patient_of(case),
+                       "slice_index": z, "source": source, "origin": CORRECTION,
+                       "author": author or None, "created": created,
+                       "model_version": self._active} for z in zs]
+        side = self._store.size
+        stored, masks = as_stored(vol[zs], side), resize_labels(mask[zs], (side, side))
+        with self._lock:
+            replaced = [r["id"] for r in self.corrections()
+                        if r["case_id"] == case and r["slice_index"] in zs]
+            embeddings, version = self._embeddings_for(stored)
+            ids = self._store.add(stored, masks, provenance, embeddings=embeddings,
+                                  retriever_version=version)
+            if replaced:
+                self._store.remove(replaced)
+        return ids
+
+    def _embeddings_for(self, stored: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+        """Embeddings for new exemplars, or (None, None) when the bank awaits re-embedding."""
+        if self._bank is None:
+            return None, None
+        engine = self.engine(self._engine_device)
+        if self._bank.needs_embedding(engine.version):
+            return None, None
+        return engine.embed_for_bank(stored), engine.version
+
+    def corrections(self) -> list[dict[str, Any]]:
+        """Records (id + provenance) of every accepted correction, oldest first."""
+        return [r for r in self._store.records() if r["origin"] == CORRECTION]
+
+    @property
+    def corrections_since_finetune(self) -> int:
+        """Corrections the active version was not trained on."""
+        seen = self.active.seen_until
+        return sum(1 for r in self.corrections() if r["id"] > seen)
+
+    # --- drafts ---------------------------------------------------------------------------
+    def save_draft(self, key: str, labels: np.ndarray, meta: dict[str, Any] | None = None) -> None:
+        """Autosave unfinished labels (and JSON-able ``meta``) under ``key``, atomically."""
+        file = self._draft_file(key)
+        labels = np.asarray(labels)
+        if labels.dtype.kind not in "biu":
+            raise DataError(f"Draft labels must be whole numbers, got data type {labels.dtype}")
+        try:
+            meta_json = json.dumps(meta or {})
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"Draft metadata must be plain values (text, numbers, lists): {exc}") \
+                from exc
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, labels=labels, meta=np.array(meta_json))
+        with self._draft_lock:
+            atomic_write_bytes(file, buffer.getvalue())
+
+    def load_draft(self, key: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """The draft saved under ``key`` as (labels, meta), or None when there is none."""
+        file = self._draft_file(key)
+        if not file.is_file():
+            return None
+        try:
+            with np.load(file) as data:
+                return data["labels"], json.loads(str(data["meta"]))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise DataError(f"The draft '{key}' is damaged ({file}): discard it") from exc
+
+    def drafts(self) -> list[str]:
+        """Keys of the saved drafts, sorted."""
+        folder = self.path / DRAFTS_DIR
+        if not folder.is_dir():
+            return []
+        return sorted(unquote(f.name[:-4]) for f in folder.glob("*.npz")
+                      if not f.name.startswith("."))
+
+    def discard_draft(self, key: str) -> None:
+        """Delete the draft ``key`` (no error when there is none)."""
+        with self._draft_lock:
+            self._draft_file(key).unlink(missing_ok=True)
+
+    def _draft_file(self, key: str) -> Path:
+        if (not isinstance(key, str) or not key.strip() or len(key) > MAX_KEY_LENGTH
+                or key.startswith(".") or any(c in key for c in "/\\\0")):
+            raise DataError(f"Invalid draft key {key!r}: use a name of at most {MAX_KEY_LENGTH} "
+                            "characters without '/', '\\' or a leading '.'")
+        return self.path / DRAFTS_DIR / f"{quote(key, safe='')}.npz"
+
+    # --- fine-tuning ----------------------------------------------------------------------
+    def finetune(self, steps: int = 100, oversample: float = 4.0, batch_size: int = 8,
+                 device: str = "auto", progress: ProgressFn | None = None,
+                 cancel: CancelFn | None = None, lr: float | None = None, resume: bool = True,
+                 note: str = "") -> ModelVersion:
+        """Fine-tune the active version on the bank (corrections oversampled) into a new version.
+
+        See :func:`napari_jras.core.finetune.finetune_workspace`; safe to run in a worker thread
+        while other threads predict and accept.
+        """
+        from .finetune import finetune_workspace
+
+        return finetune_workspace(self, steps=steps, oversample=oversample, batch_size=batch_size,
+                                  device=device, progress=progress, cancel=cancel, lr=lr,
+                                  resume=resume, note=note)
+
+    def pending_finetune(self) -> dict[str, Any] | None:
+        """The interrupted fine-tune the next one resumes: parent, steps, step reached (or None)."""
+        from .finetune import pending_job
+
+        return pending_job(self.path / FINETUNE_DIR)
+
+    def discard_finetune(self) -> None:
+        """Delete the checkpoints of an interrupted fine-tune (the next one starts afresh)."""
+        if not self._finetune_lock.acquire(blocking=False):
+            raise JRASError("A fine-tune of this workspace is running: cancel it first")
+        try:
+            shutil.rmtree(self.path / FINETUNE_DIR, ignore_errors=True)
+        finally:
+            self._finetune_lock.release()
+
+    def _next_version_name(self) -> str:
+        taken = {v.name for v in self._versions}
+        taken |= {p.name for p in (self.path / VERSIONS_DIR).iterdir()}
+        numbers = [int(n[1:]) for n in taken if re.fullmatch(r"v\d+", n)]
+        return f"v{max(numbers, default=-1) + 1:03d}"
+
+    def _install_version(self, model: JRASModel, folder: Path, parent: str, note: str,
+                         metrics: dict[str, Any], seen_until: int,
+                         known: dict[int, np.ndarray] | None = None,
+                         progress: ProgressFn | None = None) -> ModelVersion:
+        """Adopt a finished version folder (under ``versions/``): embed the bank, activate it."""
+        with self._lock:
+            if self._engine is not None:
+                self._engine.set_model(model)
+            if self._bank is not None:
+                self._embed_bank(model, known, progress)
+            version = ModelVersion(folder.name, folder, _now(), parent, note, metrics, seen_until)
+            self._versions.append(version)
+            self._active, self._config = version.name, model.config
+            self._save_meta()
+        return version
+
+    # --- internals ------------------------------------------------------------------------
+    def _embed_bank(self, model: JRASModel, known: dict[int, np.ndarray] | None = None,
+                    progress: ProgressFn | None = None) -> None:
+        """Embed the bank with ``model``'s retriever (call under the lock).
+
+        The replaced embeddings are kept in ``embeddings/`` so that activating their version again
+        restores them exactly; ``known`` gives vectors already computed (by id).
+        """
+        version = retriever_version(model.retriever)
+        if not self._bank.needs_embedding(version):
+            return
+        vectors = {**self._stashed(version), **(known or {})}
+        self._stash_embeddings()
+        ids = [r["id"] for r in self._bank.records()]
+        missing = [i for i in ids if i not in vectors]
+        if progress is not None:
+            progress({"phase": "embed", "step": 0, "total": len(missing)})
+        vectors.update(zip(missing, embed_exemplars(model.retriever, self._bank, missing,
+                                                    model.config.size, progress)))
+        stack = (np.stack([vectors[i] for i in ids]) if ids
+                 else np.zeros((0, self._bank.embed_dim), np.float32))
+        self._bank.set_embeddings(ids, stack, version)
+
+    def _stash_embeddings(self) -> None:
+        ids, vectors = self._bank.embeddings()
+        version = self._bank.retriever_version
+        if version is not None and len(ids):
+            buffer = io.BytesIO()
+            np.savez(buffer, ids=ids, vectors=vectors)
+            atomic_write_bytes(self.path / EMBEDDINGS_DIR / f"{version}.npz", buffer.getvalue())
+
+    def _stashed(self, version: str) -> dict[int, np.ndarray]:
+        file = self.path / EMBEDDINGS_DIR / f"{version}.npz"
+        try:
+            with np.load(file) as data:
+                return dict(zip(data["ids"].tolist(), data["vectors"]))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return {}  # missing or damaged: the vectors are simply recomputed
+
+    def _save_meta(self) -> None:
+        atomic_write_json(self.path / WORKSPACE_FILE, {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "source": self.source,
+            "created": self.created, "active": self._active,
+            "versions": [v.to_json() for v in self._versions]})
+
+
+def _case_of(source: str) -> str:
+    """Case id of an image file name: ``p1_frame01_image.nii.gz`` -> ``p1_frame01``."""
+    stem = split_extension(Path(source).name)[0] if source else ""
+    return stem.removesuffix("_image") or "unnamed"
+
+
+def _slices_to_store(mask: np.ndarray, slices: Sequence[int] | None, ndim: int) -> list[int]:
+    if slices is None:
+        zs = [0] if ndim == 2 else [z for z in range(mask.shape[0]) if mask[z].any()]
+        if not zs:
+            raise DataError("The corrected mask is empty: paint the structures first, or name "
+                            "the slices to store")
+        return zs
+    zs = sorted({int(z) for z in slices})
+    if not zs:
+        raise DataError("No slices were given to store")
+    bad = [z for z in zs if not 0 <= z < mask.shape[0]]
+    if bad:
+        raise DataError(f"Slice {bad[0]} is out of range (the image has {mask.shape[0]} slices)")
+    return zs
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    file = path / WORKSPACE_FILE
+    try:
+        meta = json.loads(file.read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError("not a workspace file")
+        if int(meta["format_version"]) > FORMAT_VERSION:
+            raise ModelError(f"The workspace {path} was made by a newer napari-jras: upgrade it")
+        if meta["active"] not in {v["name"] for v in meta["versions"]}:
+            raise ValueError(f"the active version {meta['active']!r} is not listed")
+        return meta
+    except FileNotFoundError as exc:
+        raise ModelError(f"{path} is not a napari-jras workspace (no {WORKSPACE_FILE})") from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"The workspace file {file} is damaged ({exc})") from exc
+
+
+def _create(path: Path, source: str, run: Path) -> None:
+    """Copy the run folder ``run`` into a new workspace at ``path`` (all or nothing)."""
+    model = load_model(run)  # validates config and weights; clear ModelError otherwise
+    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        first = tmp / VERSIONS_DIR / "v000"
+        first.mkdir(parents=True)
+        for name in (CONFIG_FILE, WEIGHTS_FILE, TRAIN_CONFIG_FILE):
+            if (run / name).is_file():
+                shutil.copy2(run / name, first / name)
+        cfg = model.config
+        if cfg.use_retrieval:
+            _copy_bank(run / BANK_DIR, tmp / BANK_DIR, model)
+        else:
+            ExemplarBank.create(tmp / CORRECTIONS_DIR, size=cfg.size, num_classes=cfg.num_classes,
+                                embed_dim=1, class_names=cfg.class_names).close()
+        version = ModelVersion("v000", first, _now(), note=f"copy of {source}")
+        atomic_write_json(tmp / WORKSPACE_FILE, {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "source": source,
+            "created": version.created, "active": "v000", "versions": [version.to_json()]})
+        try:
+            tmp.rename(path)
+        except OSError:
+            if not (path / WORKSPACE_FILE).is_file():  # else another process made it first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _copy_bank(src: Path, dst: Path, model: JRASModel) -> None:
+    if not (src / DB_FILE).is_file():
+        raise BankError(f"{src.parent} is a J-RAS model but has no exemplar bank ({src}): "
+                        "copy the run folder together with its bank")
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*-shm", ".*.partial"))
+    try:
+        with ExemplarBank.open(dst) as bank:
+            InferenceEngine(model, bank, device="cpu")  # same classes and embedding size
+            if len(bank) == 0:
+                raise BankError("it is empty")
+    except BankError as exc:
+        raise BankError(f"The exemplar bank of {src.parent} cannot be used: {exc}") from exc
