@@ -4,11 +4,17 @@ Run from the repository root, under a virtual X server on a headless machine::
 
     xvfb-run -a -s "-screen 0 1400x900x24" python docs/make_screenshots.py            # all
     xvfb-run -a -s "-screen 0 1400x900x24" python docs/make_screenshots.py sample     # one
+    xvfb-run -a -s "-screen 0 1400x900x24" python docs/make_screenshots.py --model RUN_DIR
 
-Each screenshot is one function ``shot_<name>(viewer) -> None`` that sets the viewer up; it is
+Each screenshot is one function ``shot_<name>(viewer)`` that sets the viewer up; it is
 registered in :data:`SHOTS` and saved as ``docs/images/<name>.png``. A fresh viewer is made for
-every shot so they do not influence each other. To add one (e.g. a widget), write a function
-and add it to ``SHOTS``.
+every shot so they do not influence each other. A shot may return a function that is called
+after the screenshot (e.g. to cancel a background job). To add one, write a function and add it
+to ``SHOTS``.
+
+The widget shots use the built-in model, or the run folder given by ``--model`` (or the
+``NAPARI_JRAS_MODEL`` environment variable). They work in a throw-away napari-jras home, so
+the user's own workspaces and banks are never touched.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +31,11 @@ os.environ.setdefault("QT_API", "pyqt6")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 IMAGES = Path(__file__).resolve().parent / "images"
+REPO = Path(__file__).resolve().parents[1]
 WINDOW_SIZE = (1280, 800)  # width, height of the napari window
+MODEL = os.environ.get("NAPARI_JRAS_MODEL", "builtin")  # set by --model
+ACDC = REPO.parent / "shared" / "data" / "acdc"  # train/ and val/ paired folders; set by --acdc
+CORRECTED_SLICE = 5  # the mid-ventricle slice the "accept" shots correct
 
 
 # --------------------------------------------------------------------------- helpers
@@ -68,6 +80,48 @@ def settle(viewer, rounds: int = 10) -> None:
     QApplication.processEvents()
 
 
+def wait_for(condition: Callable[[], bool], timeout: float = 600.0) -> None:
+    """Process Qt events until ``condition()`` holds (background jobs report through events)."""
+    from qtpy.QtWidgets import QApplication
+
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise TimeoutError("a background job did not finish in time")
+        QApplication.processEvents()
+        time.sleep(0.02)
+
+
+def dock_assistant(viewer, image):
+    """Dock the J-RAS assistant with :data:`MODEL` loaded and ``image`` chosen."""
+    _, widget = viewer.window.add_plugin_dock_widget("napari-jras", "J-RAS assistant")
+    widget.set_model_source(MODEL)
+    wait_for(lambda: widget.workspace is not None and not widget.task.running)
+    widget.image_combo.setCurrentText(image.name)
+    return widget
+
+
+def segment_sample(viewer):
+    """Open the sample, hide its expert labels, segment the whole volume; (widget, expert labels)."""
+    image, expert = open_sample(viewer)
+    expert.visible = False
+    widget = dock_assistant(viewer, image)
+    widget.scope_combo.setCurrentText("whole volume")
+    widget.segment()
+    wait_for(lambda: not widget.task.running)
+    show_slice(viewer, CORRECTED_SLICE)
+    return widget, expert
+
+
+def accept_correction(viewer, widget, expert) -> None:
+    """Correct slice :data:`CORRECTED_SLICE` (with the expert mask, as an annotator would) and accept."""
+    labels = widget.labels_layer(widget.image_combo.currentText())
+    labels.data[CORRECTED_SLICE] = expert.data[CORRECTED_SLICE]
+    labels.refresh()
+    widget.accept()
+    wait_for(lambda: not widget.task.running)
+
+
 # --------------------------------------------------------------------------- shots
 def shot_sample(viewer) -> None:
     """Bundled cardiac MRI with its expert labels (RV, myocardium, LV) over a mid slice."""
@@ -78,8 +132,78 @@ def shot_sample(viewer) -> None:
     show_slice(viewer, best_slice(labels))
 
 
+def shot_assistant(viewer) -> None:
+    """Prediction of the sample with the exemplars retrieved for the slice on screen."""
+    widget, _ = segment_sample(viewer)
+    viewer.layers.selection.active = widget.labels_layer(widget.image_combo.currentText())
+
+
+def shot_accept(viewer) -> None:
+    """A corrected slice accepted into the bank: the next prediction retrieves it at once."""
+    widget, expert = segment_sample(viewer)
+    accept_correction(viewer, widget, expert)
+    widget.scope_combo.setCurrentText("current slice")
+    widget.segment()
+    wait_for(lambda: not widget.task.running)
+    widget.scroll.ensureWidgetVisible(widget.accept_button)
+
+
+def shot_finetune(viewer):
+    """Background fine-tuning after a correction: progress, ETA and the live loss curve."""
+    widget, expert = segment_sample(viewer)
+    accept_correction(viewer, widget, expert)
+    widget.steps_spin.setValue(2000)
+    widget.finetune()
+    wait_for(lambda: len(widget.loss_plot.points()) >= 4, timeout=1800)
+    widget.scroll.ensureWidgetVisible(widget.version_combo)
+
+    def stop() -> None:
+        widget.cancel_finetune()
+        wait_for(lambda: not widget.finetune_task.running)
+
+    return stop
+
+
+def small_split(n_train: int = 4, n_val: int = 2) -> tuple[Path, Path]:
+    """Copies of the first patients of ``ACDC/train`` and ``ACDC/val`` (a quick training run)."""
+    import shutil
+
+    out = Path(tempfile.mkdtemp(prefix="jras-shot-data-"))
+    for part, n in (("train", n_train), ("val", n_val)):
+        files = sorted((ACDC / part).glob("patient*_*"))
+        patients = sorted({f.name.split("_")[0] for f in files})[:n]
+        if not patients:
+            raise SystemExit(f"No ACDC cases in {ACDC / part}: pass --acdc DIR (with train/, val/)")
+        (out / part).mkdir()
+        for f in files:
+            if f.name.split("_")[0] in patients:
+                shutil.copy(f, out / part / f.name)
+    return out / "train", out / "val"
+
+
+def shot_training(viewer) -> None:
+    """Training panel after a short run on a few ACDC patients, evaluated on two others."""
+    train, val = small_split()
+    open_sample(viewer)
+    _, panel = viewer.window.add_plugin_dock_widget("napari-jras", "J-RAS training")
+    panel.data.setText(str(train))
+    panel.val.setText(str(val))
+    panel.out.setText(tempfile.mkdtemp(prefix="jras-shot-run-"))
+    panel.steps.setValue(150)
+    panel.size.setValue(64)
+    panel.channels.setValue(8)
+    panel.class_names.setText("background, RV, myocardium, LV")
+    panel.train()
+    wait_for(lambda: not panel.task.running, timeout=3600)
+    show_slice(viewer, CORRECTED_SLICE)
+
+
 SHOTS: dict[str, Callable] = {
     "sample": shot_sample,
+    "assistant": shot_assistant,
+    "accept": shot_accept,
+    "finetune": shot_finetune,
+    "training": shot_training,
 }
 
 
@@ -91,23 +215,32 @@ def take(name: str, out_dir: Path = IMAGES, canvas_only: bool = False) -> Path:
     viewer = napari.Viewer(show=True, title=f"napari-jras: {name}")
     try:
         viewer.window._qt_window.resize(*WINDOW_SIZE)
-        SHOTS[name](viewer)
+        after = SHOTS[name](viewer)
         settle(viewer)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{name}.png"
         viewer.screenshot(str(path), canvas_only=canvas_only, flash=False)
+        if callable(after):
+            after()
         return path
     finally:
         viewer.close()
 
 
 def main(argv: list[str] | None = None) -> int:
+    global MODEL, ACDC
     parser = argparse.ArgumentParser(description="Make the documentation screenshots.")
     parser.add_argument("names", nargs="*",
                         help=f"screenshots to make (default: all of {', '.join(SHOTS)})")
     parser.add_argument("--out", type=Path, default=IMAGES, help="output folder")
     parser.add_argument("--canvas-only", action="store_true", help="only the image canvas")
+    parser.add_argument("--model", default=MODEL,
+                        help="run folder for the widget shots (default: the built-in model)")
+    parser.add_argument("--acdc", type=Path, default=ACDC,
+                        help="ACDC folder with train/ and val/ pairs (training shot)")
     args = parser.parse_args(argv)
+    MODEL, ACDC = str(args.model), args.acdc
+    os.environ["NAPARI_JRAS_HOME"] = tempfile.mkdtemp(prefix="jras-shot-home-")
     unknown = sorted(set(args.names) - set(SHOTS))
     if unknown:
         parser.error(f"unknown screenshot(s) {', '.join(unknown)}; choose from {', '.join(SHOTS)}")

@@ -1,0 +1,9 @@
+"""Qt widgets (thin: every computation lives in :mod:`napari_jras.core`).
+
+* :class:`~napari_jras._widgets.assistant.AssistantWidget`: segment, exemplar gallery, accept
+  corrections, autosave drafts, fine-tune, roll back (dock "J-RAS assistant").
+* :class:`~napari_jras._widgets.training.TrainingPanel`: train and evaluate a model on a labelled
+  folder (dock "J-RAS training").
+* :class:`~napari_jras._widgets.gallery.ExemplarGallery` and
+  :class:`~napari_jras._widgets.plot.LossPlot`: building blocks of both.
+"""

@@ -1,0 +1,421 @@
+"""Widgets in a real napari viewer (Xvfb): assistant, exemplar gallery, fine-tuning, training panel."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_jras.core.io import read_volume
+
+SAMPLE = "patient002_frame01"
+WAIT = 60_000  # ms; generous: the CI machine may be busy
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture
+def notes(monkeypatch) -> list[tuple[str, str]]:
+    """Notifications shown by the widgets, as (level, message)."""
+    from napari.utils import notifications
+
+    seen: list[tuple[str, str]] = []
+    for level in ("error", "warning", "info"):
+        monkeypatch.setattr(notifications, f"show_{level}",
+                            lambda msg, level=level: seen.append((level, str(msg))))
+    return seen
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path, monkeypatch) -> Path:
+    """A private copy of the tiny J-RAS run; the napari-jras home is a temporary folder."""
+    monkeypatch.setenv("NAPARI_JRAS_HOME", str(tmp_path / "home"))
+    return Path(shutil.copytree(tiny_run, tmp_path / "run"))
+
+
+def idle(widget) -> bool:
+    return widget.task is None or not widget.task.running
+
+
+@pytest.fixture
+def assistant(make_napari_viewer_proxy, qtbot, run_copy, notes):
+    """(viewer, AssistantWidget) with the tiny run loaded and the bundled sample open."""
+    from napari_jras._widgets.assistant import AssistantWidget
+
+    viewer = make_napari_viewer_proxy()
+    widget = AssistantWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="J-RAS assistant")
+    viewer.open_sample("napari-jras", "cardiac_mri")
+    widget.set_model_source(run_copy)
+    qtbot.waitUntil(lambda: widget.workspace is not None and idle(widget), timeout=WAIT)
+    yield viewer, widget
+    qtbot.waitUntil(lambda: idle(widget) and not _finetuning(widget), timeout=WAIT)
+
+
+def _finetuning(widget) -> bool:
+    return widget.finetune_task is not None and widget.finetune_task.running
+
+
+def segment(qtbot, widget, scope: str = "whole volume") -> None:
+    widget.scope_combo.setCurrentText(scope)
+    widget.segment()
+    qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
+
+
+def set_slice(viewer, z: int) -> None:
+    step = list(viewer.dims.current_step)
+    step[0] = z
+    viewer.dims.current_step = tuple(step)
+
+
+# --------------------------------------------------------------------------- assistant
+def test_segment_sample_makes_labels_layer(assistant, qtbot, notes):
+    viewer, widget = assistant
+    image = viewer.layers[SAMPLE]
+    image.scale = (10.0, 1.5, 1.5)  # spacing must carry over to the prediction
+    segment(qtbot, widget)
+    labels = viewer.layers[f"{SAMPLE} J-RAS"]
+    assert labels.data.shape == image.data.shape == (10, 160, 160)
+    np.testing.assert_allclose(labels.scale, image.scale)
+    np.testing.assert_allclose(labels.translate, image.translate)
+    names = ["background", "RV", "myocardium", "LV"]
+    assert labels.metadata["class_names"] == names
+    assert list(labels.features["class"]) == names
+    assert labels.data.max() <= 3
+    assert widget.states[SAMPLE].predicted == set(range(10))
+    assert "10 slice(s)" in widget.status.text() and " s on cpu" in widget.status.text()
+    assert "myocardium" in widget.legend.text()
+    assert not [n for n in notes if n[0] == "error"]
+
+
+def test_gallery_follows_z_slider_and_opens_exemplars(assistant, qtbot):
+    viewer, widget = assistant
+    segment(qtbot, widget)
+    gallery = widget.gallery
+    k = widget.workspace.model_config.k
+    set_slice(viewer, 2)
+    assert gallery.current_slice() == 2
+    assert len(gallery.tiles) == k and gallery.header.text().startswith("Slice 2")
+    shown = [t.text() for t in gallery.tiles]
+    set_slice(viewer, 7)
+    assert len(gallery.tiles) == k and gallery.header.text().startswith("Slice 7")
+    expected = [f"#{e.id}" for e in gallery.exemplars_for(SAMPLE, 7)]
+    assert [t.text().split()[0] for t in gallery.tiles] == expected
+    assert all("training" in t.text() and "sim" in t.text() for t in gallery.tiles)
+    assert shown  # slice 2 had its own tiles
+    n = len(viewer.layers)
+    gallery.tiles[0].click()
+    assert len(viewer.layers) == n + 2
+    assert viewer.layers[-1].data.shape == viewer.layers[-2].data.shape
+    assert "exemplar" in viewer.layers[-2].name
+    assert SAMPLE == widget.image_combo.currentText()  # exemplar images are not offered
+
+
+def test_current_slice_scope_and_next_slice_shortcut(assistant, qtbot):
+    from napari.utils.key_bindings import coerce_keybinding
+
+    viewer, widget = assistant
+    set_slice(viewer, 4)
+    segment(qtbot, widget, "current slice")
+    state = widget.states[SAMPLE]
+    assert state.predicted == {4}
+    labels = viewer.layers[f"{SAMPLE} J-RAS"].data
+    assert not labels[5].any() and not labels[3].any()
+    viewer.keymap[coerce_keybinding("Shift-N")](viewer)  # the documented shortcut
+    qtbot.waitUntil(lambda: idle(widget) and 5 in state.predicted, timeout=WAIT)
+    assert widget.gallery.current_slice() == 5
+    assert state.predicted == {4, 5}
+    for key in ("Shift-S", "Shift-D", "Shift-N"):
+        assert getattr(viewer.keymap[coerce_keybinding(key)], "_jras", False)
+
+
+def test_accept_correction_is_retrieved_next_time(assistant, qtbot, notes):
+    viewer, widget = assistant
+    segment(qtbot, widget)
+    ws = widget.workspace
+    before = len(ws.bank)
+    set_slice(viewer, 5)
+    labels = viewer.layers[f"{SAMPLE} J-RAS"]
+    labels.data[5, 60:100, 60:100] = 3  # the user's correction
+    labels.refresh()
+    assert widget.edited_slices(SAMPLE) == [5]
+    widget.accept()
+    qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
+    assert len(ws.bank) == before + 1
+    assert any(level == "info" and "Added 1 exemplar(s) from slice(s) 5" in msg
+               and f"holds {before + 1}" in msg for level, msg in notes)
+    assert widget.edited_slices(SAMPLE) == []  # accepted edits are the new reference
+    assert f"{before + 1} exemplars" in widget.info.text()
+    (record,) = ws.corrections()
+    assert record["slice_index"] == 5 and record["case_id"] == SAMPLE
+    segment(qtbot, widget, "current slice")
+    tiles = widget.gallery.tiles
+    assert tiles[0].property("origin") == "correction"  # its own corrected slice ranks first
+    assert "correction" in tiles[0].text()
+
+
+def test_accept_without_edits_stores_current_slice(assistant, qtbot, notes):
+    viewer, widget = assistant
+    set_slice(viewer, 3)
+    segment(qtbot, widget, "current slice")
+    widget.accept()
+    qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
+    assert [r["slice_index"] for r in widget.workspace.corrections()] == [3]
+    assert any("from slice(s) 3 of" in msg for _, msg in notes)
+
+
+def test_segment_again_keeps_unaccepted_edits(assistant, qtbot, notes):
+    viewer, widget = assistant
+    segment(qtbot, widget)
+    labels = viewer.layers[f"{SAMPLE} J-RAS"]
+    labels.data[2] = 1
+    segment(qtbot, widget)
+    assert (labels.data[2] == 1).all()
+    assert any(level == "warning" and "Kept your unaccepted edits on slice(s) 2 " in msg
+               for level, msg in notes)
+
+
+def test_baseline_model(make_napari_viewer_proxy, qtbot, tiny_baseline_run, tmp_path,
+                        monkeypatch, notes):
+    from napari_jras._widgets.assistant import AssistantWidget
+
+    monkeypatch.setenv("NAPARI_JRAS_HOME", str(tmp_path / "home"))
+    viewer = make_napari_viewer_proxy()
+    widget = AssistantWidget(viewer)
+    viewer.add_image(np.random.default_rng(0).random((48, 48), np.float32), name="slice2d")
+    widget.set_model_source(tiny_baseline_run)
+    qtbot.waitUntil(lambda: widget.workspace is not None and idle(widget), timeout=WAIT)
+    segment(qtbot, widget, "current slice")
+    assert viewer.layers["slice2d J-RAS"].data.shape == (48, 48)
+    assert "baseline" in widget.gallery.header.text() and not widget.gallery.tiles
+    assert not widget.add_folder_button.isEnabled()
+    viewer.layers["slice2d J-RAS"].data[10:20, 10:20] = 1
+    widget.accept()
+    qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
+    assert any("1 corrections kept for fine-tuning" in msg for _, msg in notes), notes
+
+
+def test_autosave_draft_restored_on_next_segment(assistant, qtbot, notes):
+    viewer, widget = assistant
+    widget._autosave.setInterval(50)
+    segment(qtbot, widget)
+    labels = viewer.layers[f"{SAMPLE} J-RAS"]
+    labels.paint((6, 80, 80), 2)  # a brush stroke (emits the paint event)
+    ws = widget.workspace
+    qtbot.waitUntil(lambda: len(ws.drafts()) == 1, timeout=WAIT)
+    edited = labels.data[6].copy()
+    viewer.layers.remove(labels)  # e.g. napari closed before accepting
+    assert SAMPLE not in widget.states
+    segment(qtbot, widget)
+    restored = viewer.layers[f"{SAMPLE} J-RAS"]
+    np.testing.assert_array_equal(restored.data[6], edited)
+    assert any(level == "info" and "Restored your autosaved corrections" in msg
+               for level, msg in notes)
+    assert widget.edited_slices(SAMPLE) == [6]
+
+
+def test_errors_become_notifications(make_napari_viewer_proxy, qtbot, run_copy, notes):
+    from napari_jras._widgets.assistant import AssistantWidget
+
+    viewer = make_napari_viewer_proxy()
+    widget = AssistantWidget(viewer)
+    widget.segment()
+    assert notes[-1][0] == "error" and "No image layer" in notes[-1][1]
+    viewer.add_image(np.zeros((32, 32, 3), np.uint8), rgb=True, name="photo")
+    widget.segment()
+    assert notes[-1][0] == "error" and "RGB" in notes[-1][1]
+    viewer.add_image(np.zeros((2, 3, 16, 16), np.float32), name="movie")
+    widget.image_combo.setCurrentText("movie")
+    widget.segment()
+    assert notes[-1][0] == "error" and "4 dimensions" in notes[-1][1]
+    widget.accept()
+    assert notes[-1][0] == "error" and "Segment 'movie' first" in notes[-1][1]
+    widget.set_model_source(run_copy.parent / "missing-run")
+    qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
+    assert notes[-1][0] == "error" and "Loading the model failed" in notes[-1][1]
+    assert widget.workspace is None
+
+
+def test_export_labels(assistant, qtbot, tmp_path):
+    viewer, widget = assistant
+    segment(qtbot, widget)
+    out = widget.export_labels(str(tmp_path / "pred.nii.gz"))
+    back = read_volume(out)
+    np.testing.assert_array_equal(back.data, viewer.layers[f"{SAMPLE} J-RAS"].data)
+
+
+def test_add_labelled_folder_to_bank(assistant, qtbot, acdc_slices_dir, notes):
+    _, widget = assistant
+    before = len(widget.workspace.bank)
+    widget.add_folder(str(acdc_slices_dir))
+    qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
+    assert len(widget.workspace.bank) == before + 8
+    assert "8 import" in widget.info.text()
+
+
+# --------------------------------------------------------------------------- fine-tuning
+def test_finetune_in_background_keeps_gui_responsive(assistant, qtbot, notes):
+    from qtpy.QtCore import QTimer
+
+    viewer, widget = assistant
+    segment(qtbot, widget)
+    viewer.layers[f"{SAMPLE} J-RAS"].data[5, 60:100, 60:100] = 3
+    widget.accept()
+    qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(10)
+    widget.steps_spin.setValue(12)
+    widget.finetune()
+    qtbot.waitUntil(lambda: not _finetuning(widget), timeout=WAIT)
+    timer.stop()
+    gaps = np.diff(ticks)
+    print(f"fine-tune: {len(ticks)} ticks, longest gap {gaps.max() * 1000:.0f} ms")
+    assert gaps.max() < 2.0
+    assert widget.workspace.active.name != "v000"
+    assert widget.workspace.active.name in widget.version_combo.itemText(0)
+    assert widget.loss_plot.points()
+    assert any("Fine-tuning finished" in msg for _, msg in notes)
+    widget.activate_version("v000")  # roll back
+    qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
+    assert widget.workspace.active.name == "v000"
+
+
+def test_finetune_cancel(assistant, qtbot, notes):
+    viewer, widget = assistant
+    segment(qtbot, widget)
+    viewer.layers[f"{SAMPLE} J-RAS"].data[4, 50:90, 50:90] = 2
+    widget.accept()
+    qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
+    widget.steps_spin.setValue(100_000)
+    widget.finetune()
+    qtbot.waitUntil(lambda: widget.finetune_progress.value() > 0, timeout=WAIT)
+    widget.cancel_finetune()
+    qtbot.waitUntil(lambda: not _finetuning(widget), timeout=WAIT)
+    assert widget.workspace.active.name == "v000"
+    assert "Cancelled" in widget.finetune_status.text()
+    assert not [n for n in notes if n[0] == "error"]
+
+
+def test_auto_finetune_after_n_corrections(assistant, qtbot):
+    viewer, widget = assistant
+    widget.auto_spin.setValue(1)
+    widget.steps_spin.setValue(2)
+    segment(qtbot, widget)
+    viewer.layers[f"{SAMPLE} J-RAS"].data[3, 50:90, 50:90] = 1
+    widget.accept()
+    qtbot.waitUntil(lambda: idle(widget) and widget.finetune_task is not None, timeout=WAIT)
+    qtbot.waitUntil(lambda: not _finetuning(widget), timeout=WAIT)
+    assert widget.workspace.active.name == "v001"
+
+
+# --------------------------------------------------------------------------- training panel
+@pytest.fixture
+def split_dirs(acdc_slices_dir, tmp_path) -> tuple[Path, Path]:
+    """Pseudo-patients p0-p2 to train on, p3 to validate on."""
+    train, val = tmp_path / "train", tmp_path / "val"
+    for folder, patients in ((train, "012"), (val, "3")):
+        folder.mkdir()
+        for f in acdc_slices_dir.iterdir():
+            if f.name[1] in patients:
+                shutil.copy(f, folder / f.name)
+    return train, val
+
+
+def test_training_panel_trains_evaluates_and_hands_over(make_napari_viewer_proxy, qtbot,
+                                                        split_dirs, tmp_path, monkeypatch, notes):
+    from napari_jras._widgets.assistant import assistant_for
+    from napari_jras._widgets.training import TrainingPanel
+
+    monkeypatch.setenv("NAPARI_JRAS_HOME", str(tmp_path / "home"))
+    viewer = make_napari_viewer_proxy()
+    panel = TrainingPanel(viewer)
+    viewer.window.add_dock_widget(panel)
+    train, val = split_dirs
+    panel.data.setText(str(train))
+    panel.val.setText(str(val))
+    panel.out.setText(str(tmp_path / "run"))
+    panel.steps.setValue(3)
+    panel.batch.setValue(2)
+    panel.size.setValue(32)
+    panel.channels.setValue(4)
+    panel.class_names.setText("background, RV, myocardium, LV")
+    panel.train()
+    assert not panel.train_button.isEnabled()
+    qtbot.waitUntil(lambda: panel.task is not None and not panel.task.running, timeout=WAIT)
+    assert not [n for n in notes if n[0] == "error"], notes
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    assert panel.progress.value() >= 1 and panel.plot.points("segmentation")
+    rows = [panel.table.verticalHeaderItem(r).text() for r in range(panel.table.rowCount())]
+    assert rows == ["RV", "myocardium", "LV", "mean (foreground)"]
+    assert "\u00b1" in panel.table.item(0, 0).text()
+    assert panel.use_button.isEnabled()
+    panel.use_in_assistant()  # docks the assistant and loads the new model
+    widget = assistant_for(viewer)
+    qtbot.waitUntil(lambda: widget.workspace is not None and idle(widget), timeout=WAIT)
+    assert Path(widget.workspace.source) == (tmp_path / "run").resolve()
+
+
+def test_training_panel_form_errors(make_napari_viewer_proxy, notes, tmp_path):
+    from napari_jras._widgets.training import TrainingPanel
+
+    panel = TrainingPanel(make_napari_viewer_proxy())
+    panel.train()
+    assert notes[-1][0] == "error" and "Choose the folder" in notes[-1][1]
+    panel.data.setText(str(tmp_path / "nope"))
+    panel.train()
+    assert notes[-1][0] == "error" and "not found" in notes[-1][1]
+    panel.mode.setCurrentIndex(1)
+    assert not panel.k.isEnabled() and panel.model_config()["use_retrieval"] is False
+
+
+# --------------------------------------------------------------------------- pieces
+def test_manifest_docks_assistant(make_napari_viewer_proxy, monkeypatch, tmp_path):
+    from napari_jras._widgets.assistant import AssistantWidget
+
+    monkeypatch.setenv("NAPARI_JRAS_HOME", str(tmp_path))
+    viewer = make_napari_viewer_proxy()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-jras", "J-RAS assistant")
+    assert isinstance(widget, AssistantWidget)
+    _, panel = viewer.window.add_plugin_dock_widget("napari-jras", "J-RAS training")
+    assert type(panel).__name__ == "TrainingPanel"
+
+
+def test_loss_plot_draws(qtbot):
+    from napari_jras._widgets.plot import LossPlot
+
+    plot = LossPlot("loss")
+    qtbot.addWidget(plot)
+    plot.resize(300, 120)
+    plot.grab()  # empty plot
+    for step, value in enumerate([1.0, 0.7, float("nan"), 0.5]):
+        plot.add_point(step, value)
+    plot.add_point(0, 2.0, "contrastive")
+    assert plot.points() == [(0.0, 1.0), (1.0, 0.7), (3.0, 0.5)]
+    image = plot.grab().toImage()
+    assert image.width() == 300
+    plot.clear()
+    assert plot.points() == []
+
+
+def test_overlay_thumbnail_colours():
+    from napari_jras._widgets._common import CLASS_COLORS
+    from napari_jras._widgets.gallery import overlay_rgb
+
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:4] = 1
+    rgb = overlay_rgb(np.full((8, 8), 0.5, np.float32), mask, alpha=1.0)
+    assert tuple(rgb[0, 0]) == tuple(int(CLASS_COLORS[0][i:i + 2], 16) for i in (1, 3, 5))
+    assert tuple(rgb[7, 7]) == (127, 127, 127)
+
+
+def test_format_eta():
+    from napari_jras._widgets._common import format_eta
+
+    assert format_eta(None) == "" and format_eta(float("nan")) == ""
+    assert format_eta(42.4) == "42 s left"
+    assert format_eta(125) == "2 min 05 s left"
+    assert format_eta(16775) == "4 h 39 min left"
