@@ -12,7 +12,7 @@ Outputs
 ``src/napari_jras/_sample/``
     ACDC patient002 (a validation patient: the built-in model, trained on ``acdc/train``, never
     saw it), end-diastole (``frame01``) and end-systole (``frame02``) frames, all slices,
-    cropped to 160 x 160 px around the heart. Intensities are kept exactly as distributed
+    full field of view (256 x 232 px). Intensities are kept exactly as distributed
     (uint16, min-max scaled per volume by the public preprocessing); zlib-compressed TIFF.
 ``tests/data/``
     ``acdc/``      ACDC patient045 frame01 (validation patient), cropped to 112 x 112 px, TIFF;
@@ -65,13 +65,12 @@ def make_sample(data: Path) -> None:
     frames = {}
     for case in ("patient002_frame01", "patient002_frame02"):
         frames[case] = acdc_pair(data, case)
-    # one window for both frames (union of the two hearts), so ED and ES stay aligned
-    union = np.maximum(*(lab > 0 for _, lab in frames.values()))
-    ys, xs = heart_crop(union, 160)
+    # the full field of view: the built-in model was trained on whole ACDC slices, and a crop
+    # around the heart changes the apparent heart size enough to cost it Dice
     for case, (image, label) in frames.items():
-        write_tiff(SAMPLE_DIR / f"{case}_image.tif", np.ascontiguousarray(image[:, ys, xs]))
-        write_tiff(SAMPLE_DIR / f"{case}_label.tif", np.ascontiguousarray(label[:, ys, xs]))
-        print(case, image[:, ys, xs].shape, f"crop y={ys.start}:{ys.stop} x={xs.start}:{xs.stop}")
+        write_tiff(SAMPLE_DIR / f"{case}_image.tif", image)
+        write_tiff(SAMPLE_DIR / f"{case}_label.tif", label)
+        print(case, image.shape)
 
 
 def make_tests(data: Path) -> None:

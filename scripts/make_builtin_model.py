@@ -3,13 +3,14 @@
 Usage (from the repository root)::
 
     python scripts/make_builtin_model.py --run runs/jras_u16 --baseline-report runs/base_u16_val.json \
-        --report runs/jras_u16_val.json --keep-every 2
+        --report runs/jras_u16_val.json --keep-every 4
 
-Copies the weights and config, and rebuilds a reduced exemplar bank from the run's training bank:
-every ``--keep-every``-th slice of each case (slices without any foreground are dropped, they
-guide nothing), with the embeddings the run stored (same retriever version, so no re-embedding at
-start-up). Absolute paths are removed from the copied training record: only the data folder's
-name, case counts and the settings stay. Writes ``MODEL_CARD.md`` with the validation numbers.
+Copies the config and the weights (stored in float16; they load back into float32) and rebuilds
+a reduced exemplar bank from the run's training bank: every ``--keep-every``-th slice of each case
+(slices without any foreground are dropped, they guide nothing), embedded with the packaged
+retriever so nothing is re-embedded at start-up. Absolute paths are removed from the copied
+training record: only the data folder's name, case counts and the settings stay. Writes
+``MODEL_CARD.md`` with the validation numbers.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from napari_jras.core.bank import ExemplarBank
-from napari_jras.core.checkpoint import atomic_write_json
+from napari_jras.core.checkpoint import atomic_write_json, load_model, load_tensors, save_tensors
+from napari_jras.core.engine import InferenceEngine
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "napari_jras" / "_builtin" / "cardiac_mri"
 
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="trained J-RAS run folder")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--keep-every", type=int, default=2)
+    parser.add_argument("--keep-every", type=int, default=4)
     parser.add_argument("--report", type=Path, help="evaluate report of the run (for the card)")
     parser.add_argument("--baseline-report", type=Path, help="evaluate report of the baseline")
     args = parser.parse_args(argv)
@@ -98,14 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.out.with_name(f".{args.out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy2(args.run / name, tmp / name)
+    shutil.copy2(args.run / "config.json", tmp / "config.json")
+    # half-precision storage halves the download; weights load back into float32 parameters
+    weights = load_tensors(args.run / "model.safetensors")
+    save_tensors(tmp / "model.safetensors",
+                 {k: v.half() if v.is_floating_point() else v for k, v in weights.items()})
     train = json.loads((args.run / "train_config.json").read_text())
     train["data"]["path"] = Path(train["data"]["path"]).name
     if train.get("val"):
         train["val"] = Path(train["val"]).name
     atomic_write_json(tmp / "train_config.json", train)
     size = reduced_bank(args.run / "bank", tmp / "bank", args.keep_every)
+    with ExemplarBank.open(tmp / "bank") as bank:  # embed with the float16-rounded retriever
+        InferenceEngine(load_model(tmp, "cpu"), bank, device="cpu").ensure_bank_embeddings()
     reports = [json.loads(p.read_text()) if p else None for p in (args.report, args.baseline_report)]
     (tmp / "MODEL_CARD.md").write_text(model_card(args.run, reports[0], reports[1], size, train))
     shutil.rmtree(args.out, ignore_errors=True)

@@ -160,7 +160,7 @@ def test_writer_errors(tmp_path):
 @pytest.mark.parametrize("frame", ["ED", "ES"])
 def test_load_sample_without_napari(frame):
     image, label, meta = load_sample(frame)
-    assert image.shape == label.shape and image.ndim == 3 and image.shape[1:] == (160, 160)
+    assert image.shape == label.shape and image.ndim == 3 and image.shape[1:] == (256, 232)
     assert set(np.unique(label)) == {0, 1, 2, 3}
     assert meta["class_names"] == ACDC_NAMES
     assert meta["patient_id"] == "patient002" and meta["frame"] == frame
@@ -196,7 +196,7 @@ def test_sample_in_viewer(make_napari_viewer_proxy):
     assert len(viewer.layers) == 2
     image, labels = viewer.layers["patient002_frame01"], viewer.layers["patient002_frame01 labels"]
     assert isinstance(image, Image) and isinstance(labels, Labels)
-    assert image.data.shape == labels.data.shape == (10, 160, 160)
+    assert image.data.shape == labels.data.shape == (10, 256, 232)
     assert labels.metadata["class_names"] == ACDC_NAMES
     assert list(labels.features["class"]) == ACDC_NAMES
     assert labels.data.max() == 3

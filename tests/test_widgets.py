@@ -77,7 +77,7 @@ def test_segment_sample_makes_labels_layer(assistant, qtbot, notes):
     image.scale = (10.0, 1.5, 1.5)  # spacing must carry over to the prediction
     segment(qtbot, widget)
     labels = viewer.layers[f"{SAMPLE} J-RAS"]
-    assert labels.data.shape == image.data.shape == (10, 160, 160)
+    assert labels.data.shape == image.data.shape == (10, 256, 232)
     np.testing.assert_allclose(labels.scale, image.scale)
     np.testing.assert_allclose(labels.translate, image.translate)
     names = ["background", "RV", "myocardium", "LV"]

@@ -2,7 +2,7 @@
 
 Two frames of one patient ship in ``napari_jras/_sample`` (see ``CITATION.md`` there): end-diastole
 (ED, ``patient002_frame01``) and end-systole (ES, ``patient002_frame02``), 10 slices of
-160 x 160 px each, labels 0 background, 1 right ventricle, 2 myocardium, 3 left ventricle.
+256 x 232 px each, labels 0 background, 1 right ventricle, 2 myocardium, 3 left ventricle.
 Patient002 is an ACDC validation patient: the built-in model never saw it in training.
 
 :func:`load_sample` is Qt-free (CLI, tests, notebooks); :func:`cardiac_mri` and
