@@ -4,18 +4,22 @@ import numpy as np
 import pytest
 
 from napari_jras._sample_data import sample_paths
-from napari_jras.core.engine import load_engine
 from napari_jras.core.io import read_volume
 from napari_jras.core.metrics import evaluate_case
-from napari_jras.core.workspace import builtin_model_dir
+from napari_jras.core.workspace import BUILTIN, Workspace, builtin_model_dir
 
 
 @pytest.fixture(scope="module")
-def builtin_prediction():
-    engine = load_engine(builtin_model_dir(), device="cpu")
+def builtin_prediction(tmp_path_factory):
+    packaged = {p: p.stat().st_mtime_ns for p in builtin_model_dir().rglob("*")}
+    workspace = Workspace.open(BUILTIN, home=tmp_path_factory.mktemp("home"))
+    engine = workspace.engine("cpu")
     image_path, label_path = sample_paths("ED")
     image, label = read_volume(image_path).data, read_volume(label_path).data
-    return engine, (image, label), engine.predict(image, modality="mri")
+    yield engine, (image, label), workspace.predict(image, modality="mri")
+    workspace.close()
+    # the packaged model is only read (it may live in a read-only site-packages)
+    assert {p: p.stat().st_mtime_ns for p in builtin_model_dir().rglob("*")} == packaged
 
 
 def test_builtin_bank_matches_its_retriever(builtin_prediction):
