@@ -160,9 +160,10 @@ def test_invalid_inputs_raise_bank_error():
 def test_gpu_bookkeeping_with_a_stand_in_gpu(monkeypatch):
     """The GPU copy (positions mapped to ids, kept in step on add/remove) with a CPU stand-in."""
     monkeypatch.setattr(index_module, "faiss_gpu_available", lambda: True)
-    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", faiss.clone_index, raising=False)
+    monkeypatch.setattr(index_module, "copy_to_gpu", faiss.clone_index)
     x, ids = unit(3_000, 8), np.arange(3_000) + 5
     index = EmbeddingIndex(np.empty(0, np.int64), np.empty((0, 8), np.float32))
+    assert index.approx_threshold == index_module.GPU_APPROX_THRESHOLD
     assert not index.on_gpu
     index.add(ids[:2_000], x[:2_000])
     index.add(ids[2_000:], x[2_000:])

@@ -3,15 +3,21 @@
 ``InferenceEngine.predict`` takes a raw 2-D image or 3-D volume (Z first) and returns the label
 map at the input size, optional per-class probabilities, and for every predicted slice the
 retrieved exemplars (ids, images, masks, similarity, fusion weight, provenance) for display.
+
+On CUDA the engine runs under AMP (bf16 where the GPU supports it, else fp16) with the model in
+channels-last memory format, optionally through ``torch.compile``. A GPU out-of-memory error
+halves the slice batch and retries, and below one slice moves the engine to the CPU.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,13 +25,13 @@ import torch.nn.functional as F
 
 from .bank import ExemplarBank
 from .checkpoint import load_model
-from .data import as_slices, resize_images, resize_labels
+from .data import resize_images, resize_labels
 from .device import autocast, select_device
 from .errors import BankError, JRASError, ModelError
 from .fusion import Guide, combine, fusion_weights
 from .io import check_image
 from .model import JRASModel
-from .normalize import normalize
+from .normalize import NormalizedSlices, intensity_map
 from .retrieval import embed_images, retriever_version
 
 log = logging.getLogger(__name__)
@@ -55,15 +61,33 @@ class Prediction:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+class EngineWarning(UserWarning):
+    """Something the user should know about a prediction (e.g. a fallback to the CPU)."""
+
+
 class InferenceEngine:
-    """Runs a J-RAS (or baseline) model with an exemplar bank on the best available device."""
+    """Runs a J-RAS (or baseline) model with an exemplar bank on the best available device.
+
+    ``batch_size`` slices of a volume go through the network together. ``amp`` enables mixed
+    precision on CUDA; ``channels_last`` (default: on CUDA) stores the network in NHWC order;
+    ``compile_model`` runs it through ``torch.compile`` (with a warning and the plain model if
+    compilation fails). ``on_warning`` receives user-facing warnings (the GPU fallback) as text;
+    without it they are issued as :class:`EngineWarning` with :func:`warnings.warn`.
+    """
 
     def __init__(self, model: JRASModel, bank: ExemplarBank | None = None,
-                 device: str | torch.device = "auto", amp: bool = True, batch_size: int = 16):
+                 device: str | torch.device = "auto", amp: bool = True, batch_size: int = 16,
+                 channels_last: bool | None = None, compile_model: bool = False,
+                 on_warning: Callable[[str], None] | None = None):
         self.device = select_device(device)
-        self.model = model.to(self.device).eval()
+        self.model = model
         self.amp = amp
         self.batch_size = max(1, int(batch_size))
+        self.channels_last = channels_last
+        self.compile_model = compile_model
+        self.on_warning = on_warning
+        self._compiled: dict[str, Callable[..., torch.Tensor]] = {}
+        self._place_model()
         self.bank = bank
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.version = retriever_version(model.retriever) if model.retriever is not None else None
@@ -74,17 +98,73 @@ class InferenceEngine:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, bank: str | Path | ExemplarBank | None = None,
-                 device: str = "auto", **kwargs: Any) -> "InferenceEngine":
-        """Load a run folder's model and its bank (``run_dir/bank`` unless ``bank`` is given)."""
+                 device: str = "auto", faiss_gpu: bool | None = None,
+                 **kwargs: Any) -> InferenceEngine:
+        """Load a run folder's model and its bank (``run_dir/bank`` unless ``bank`` is given).
+
+        ``faiss_gpu=False`` keeps the bank's search index on the CPU (``None``: GPU if possible).
+        """
         run_dir = Path(run_dir)
         model = load_model(run_dir, "cpu")
         if isinstance(bank, (str, Path)):
-            bank = ExemplarBank.open(bank)
+            bank = ExemplarBank.open(bank, use_gpu=faiss_gpu)
         elif bank is None and model.config.use_retrieval:
             if not (run_dir / BANK_DIR).exists():
                 raise BankError(f"{run_dir} has no bank folder; give one with --bank")
-            bank = ExemplarBank.open(run_dir / BANK_DIR)
+            bank = ExemplarBank.open(run_dir / BANK_DIR, use_gpu=faiss_gpu)
         return cls(model, bank, device=device, **kwargs)
+
+    # --- device placement, compilation, warnings -------------------------------------------
+    def _place_model(self) -> None:
+        """Move the model to ``self.device`` in the right memory format; (re)compile it."""
+        nhwc = self.device.type == "cuda" if self.channels_last is None else self.channels_last
+        fmt = torch.channels_last if nhwc else torch.contiguous_format
+        self.model = self.model.to(self.device, memory_format=fmt).eval()
+        self._compiled = {}
+        if self.compile_model:
+            self._compiled["model"] = torch.compile(self.model)
+            if self.model.retriever is not None:
+                self._compiled["retriever"] = torch.compile(self.model.retriever)
+
+    def _warn(self, message: str) -> None:
+        log.warning(message)
+        if self.on_warning is not None:
+            self.on_warning(message)
+        else:
+            warnings.warn(message, EngineWarning, stacklevel=3)
+
+    def _run(self, name: str, *args: Any) -> torch.Tensor:
+        """Call the compiled ``model`` or ``retriever`` when there is one, else the plain one."""
+        eager = self.model if name == "model" else self.model.retriever
+        compiled = self._compiled.get(name)
+        if compiled is not None:
+            try:
+                return compiled(*args)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - compiler failures come in many types
+                self._compiled = {}
+                self._warn(f"torch.compile failed ({type(exc).__name__}: {exc}); "
+                           "running the model uncompiled")
+        return eager(*args)
+
+    def _recover_from_oom(self, failed: int) -> None:
+        """After a GPU out-of-memory error on ``failed`` slices: halve the batch, or at one slice
+        move to the CPU."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if failed > 1:
+            self.batch_size = max(1, min(self.batch_size, failed) // 2)
+            log.warning("GPU out of memory: retrying with batch size %d", self.batch_size)
+            return
+        if self.device.type == "cpu":
+            raise JRASError("Out of memory on the CPU even for one slice: free some memory "
+                            "or use a smaller model size")
+        self._warn(f"The GPU ({self.device}) ran out of memory even for one slice: "
+                   "continuing on the CPU, which is slower")
+        self.device = torch.device("cpu")
+        self.compile_model = False  # compiling for the CPU would take longer than it saves
+        self._place_model()
 
     def _check_bank(self, bank: ExemplarBank) -> None:
         cfg = self.model.config
@@ -103,7 +183,8 @@ class InferenceEngine:
 
     def set_model(self, model: JRASModel) -> None:
         """Swap in new weights (e.g. after fine-tuning); the bank is re-embedded on next use."""
-        self.model = model.to(self.device).eval()
+        self.model = model
+        self._place_model()
         self.version = retriever_version(model.retriever) if model.retriever is not None else None
         self._cache.clear()
 
@@ -149,7 +230,7 @@ class InferenceEngine:
                   ) -> tuple[Guide, list[list[Any]], dict[str, float]]:
         cfg = self.model.config
         t0 = time.perf_counter()
-        q = self.model.embed(x[:, None]).float().cpu().numpy()
+        q = self._run("retriever", x[:, None]).float().cpu().numpy()
         t1 = time.perf_counter()
         hits = self.bank.search(q, cfg.k, self.version,
                                 exclude_patients=[exclude_patient] * len(q))
@@ -181,10 +262,13 @@ class InferenceEngine:
 
         ``exclude_patient`` keeps exemplars of that patient out of retrieval (evaluation without
         leakage). Raises :class:`JRASError` subclasses with clear messages for bad input.
+        A GPU out-of-memory error halves ``batch_size`` (kept for later calls) and retries; at
+        one slice the engine moves to the CPU with a warning (see ``on_warning``).
         """
         data = check_image(image)
         cfg = self.model.config
-        vol = as_slices(normalize(data, modality or cfg.modality))
+        # normalised batch by batch: no float32 copy of the whole volume (bounded memory)
+        vol = NormalizedSlices(data, intensity_map(data, modality or cfg.modality))
         z_all = list(range(vol.shape[0])) if slices is None else [int(z) for z in slices]
         bad = [z for z in z_all if not 0 <= z < vol.shape[0]]
         if bad:
@@ -203,13 +287,11 @@ class InferenceEngine:
             batch = z_all[start:start + self.batch_size]
             try:
                 self._predict_batch(vol, batch, exclude_patient, result, timings)
+                out_of_memory = False
             except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                if self.batch_size == 1:
-                    raise JRASError("The GPU ran out of memory even for one slice; "
-                                    "use --device cpu") from None
-                self.batch_size = max(1, self.batch_size // 2)
-                log.warning("GPU out of memory: retrying with batch size %d", self.batch_size)
+                out_of_memory = True  # recover outside the handler, once its tensors are freed
+            if out_of_memory:
+                self._recover_from_oom(len(batch))
                 continue
             start += len(batch)
             if progress is not None:
@@ -232,7 +314,7 @@ class InferenceEngine:
                 for key, value in t.items():
                     timings[key] += value
             t0 = time.perf_counter()
-            logits = self.model(x[:, None], guide).float()
+            logits = self._run("model", x[:, None], guide).float()
             logits = F.interpolate(logits, size=vol.shape[-2:], mode="bilinear", align_corners=False)
             p = logits.softmax(1)
             result.labels[batch] = p.argmax(1).to(torch.uint8).cpu().numpy()

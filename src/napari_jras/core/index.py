@@ -1,12 +1,20 @@
 """FAISS nearest-neighbour search over L2-normalised embeddings (inner product = cosine).
 
-Small sets use an exact flat index (moved to the GPU when FAISS has GPU support); past
-``approx_threshold`` vectors an HNSW graph is used. Ids are arbitrary non-negative int64 values;
-search results are padded with id ``-1`` and score ``-inf`` when fewer valid neighbours exist.
+Small sets use an exact flat index; past ``approx_threshold`` vectors an HNSW graph is used.
+When FAISS has GPU support (``faiss-gpu``) and sees a GPU, a flat index gets a GPU copy
+(``GpuIndexFlatIP``, on the GPU torch uses) that answers searches; the exact GPU search stays
+fast far beyond the CPU threshold, so the default threshold is then ``GPU_APPROX_THRESHOLD``.
+HNSW graphs have no FAISS GPU implementation and stay on the CPU. ``use_gpu=False`` (or the
+environment variable ``NAPARI_JRAS_FAISS_GPU=0``) keeps every index on the CPU.
+
+Ids are arbitrary non-negative int64 values; search results are padded with id ``-1`` and
+score ``-inf`` when fewer valid neighbours exist.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -16,11 +24,18 @@ import numpy as np
 
 from .errors import BankError
 
+log = logging.getLogger(__name__)
 DEFAULT_APPROX_THRESHOLD = 50_000
+GPU_APPROX_THRESHOLD = 2_000_000  # exact GPU search of 2M x 128-d is ~1 GB and milliseconds
 DEFAULT_EF_SEARCH = 128
 HNSW_M = 32
 GPU_MAX_K = 2048  # FAISS GPU indexes cannot return more neighbours per query
+GPU_TEMP_MEMORY = 256 * 1024**2  # FAISS scratch memory per GPU (its default takes ~18 % of it)
+# below this many query-vector products one thread is faster: waking FAISS's OpenMP threads
+# costs milliseconds when the other cores are busy (napari, torch), the search microseconds
+SINGLE_THREAD_WORK = 2_000_000
 COMPACT_FRACTION = 0.25  # rebuild an HNSW graph once this fraction of its vectors is removed
+GPU_ENV = "NAPARI_JRAS_FAISS_GPU"
 
 
 def faiss_gpu_available() -> bool:
@@ -29,20 +44,46 @@ def faiss_gpu_available() -> bool:
         return False
     try:
         return faiss.get_num_gpus() > 0
-    except Exception:  # a GPU build without a usable driver
+    except Exception:  # noqa: BLE001 - a GPU build without a usable driver raises anything
         return False
+
+
+def gpu_by_default() -> bool:
+    """Whether ``use_gpu=None`` means the GPU: available, and not switched off by the env var."""
+    return os.environ.get(GPU_ENV, "1") != "0" and faiss_gpu_available()
+
+
+@functools.cache
+def _gpu_resources(device: int) -> faiss.StandardGpuResources:
+    """One FAISS GPU resource object per device and process, with a modest scratch buffer."""
+    res = faiss.StandardGpuResources()
+    res.setTempMemory(GPU_TEMP_MEMORY)
+    return res
+
+
+def copy_to_gpu(index: faiss.Index) -> faiss.Index:
+    """A GPU copy of a CPU flat index (``GpuIndexFlatIP``) on the GPU torch uses.
+
+    ``index_cpu_to_gpu`` converts IVF indexes the same way; HNSW has no GPU version.
+    """
+    import torch
+
+    device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return faiss.index_cpu_to_gpu(_gpu_resources(device), device, index)
 
 
 class EmbeddingIndex:
     """Searchable set of (id, embedding) pairs; embeddings are (N, D) float32, L2-normalised.
 
     The exact ``IndexFlatIP`` is used while the set has fewer than ``approx_threshold`` vectors,
-    an HNSW graph (M=32, ``ef_search``) from then on. ``use_gpu=None`` moves a flat index to the
-    GPU(s) when available; ``True`` requires it.
+    an HNSW graph (M=32, ``ef_search``) from then on; the default threshold is
+    ``DEFAULT_APPROX_THRESHOLD`` on the CPU and ``GPU_APPROX_THRESHOLD`` with a GPU.
+    ``use_gpu=None`` searches a flat index on the GPU when available (see
+    :func:`gpu_by_default`), ``False`` never, ``True`` requires it.
     """
 
     def __init__(self, ids: Sequence[int] | np.ndarray, embeddings: np.ndarray, *,
-                 approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
+                 approx_threshold: int | None = None,
                  ef_search: int = DEFAULT_EF_SEARCH, use_gpu: bool | None = None) -> None:
         embeddings = np.asarray(embeddings)
         if embeddings.ndim != 2 or embeddings.shape[1] < 1:
@@ -51,17 +92,19 @@ class EmbeddingIndex:
         vecs = self._check_vectors(embeddings, "embeddings")
         self._attach(self._build(self._check_ids(ids, len(vecs)), vecs))
 
-    def _configure(self, dim: int, approx_threshold: int, ef_search: int,
+    def _configure(self, dim: int, approx_threshold: int | None, ef_search: int,
                    use_gpu: bool | None) -> None:
-        if approx_threshold < 1 or ef_search < 1:
-            raise BankError("approx_threshold and ef_search must be at least 1")
         if use_gpu and not faiss_gpu_available():
             raise BankError("FAISS GPU search was requested but is not available: install "
                             "faiss-gpu and check that a GPU is visible, or use the CPU")
+        self._want_gpu = gpu_by_default() if use_gpu is None else bool(use_gpu)
+        if approx_threshold is None:
+            approx_threshold = GPU_APPROX_THRESHOLD if self._want_gpu else DEFAULT_APPROX_THRESHOLD
+        if approx_threshold < 1 or ef_search < 1:
+            raise BankError("approx_threshold and ef_search must be at least 1")
         self.dim = int(dim)
         self.approx_threshold = int(approx_threshold)
         self.ef_search = int(ef_search)
-        self._want_gpu = faiss_gpu_available() if use_gpu is None else bool(use_gpu)
         self._removed: set[int] = set()  # HNSW cannot delete: removed ids are filtered out
 
     # --- properties -----------------------------------------------------------------------
@@ -158,7 +201,10 @@ class EmbeddingIndex:
 
     def _raw_search(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
         index = self._gpu if self._gpu is not None and fetch <= GPU_MAX_K else self._inner
-        scores, rows = index.search(queries, fetch)
+        if index is self._gpu or len(queries) * self._cpu.ntotal > SINGLE_THREAD_WORK:
+            scores, rows = index.search(queries, fetch)
+        else:
+            scores, rows = _single_threaded(index, queries, fetch)
         ids = np.where(rows >= 0, self._row_ids[np.maximum(rows, 0)], -1)
         return scores, ids
 
@@ -178,7 +224,7 @@ class EmbeddingIndex:
 
     @classmethod
     def load(cls, path: str | Path, expected_dim: int, *,
-             approx_threshold: int = DEFAULT_APPROX_THRESHOLD,
+             approx_threshold: int | None = None,
              ef_search: int = DEFAULT_EF_SEARCH, use_gpu: bool | None = None) -> EmbeddingIndex:
         """Read an index written by :meth:`save`; a missing, damaged or foreign file raises."""
         path = Path(path)
@@ -218,8 +264,11 @@ class EmbeddingIndex:
         self._gpu = None
         if isinstance(self._inner, faiss.IndexHNSW):
             self._inner.hnsw.efSearch = self.ef_search
+            if self._want_gpu:
+                log.info("HNSW index of %d vectors searched on the CPU (FAISS has no GPU HNSW)",
+                         index.ntotal)
         elif self._want_gpu and index.ntotal:
-            self._gpu = faiss.index_cpu_to_all_gpus(self._inner)
+            self._gpu = copy_to_gpu(self._inner)
 
     def _alive(self) -> tuple[np.ndarray, np.ndarray]:
         vecs = self._inner.reconstruct_n(0, self._cpu.ntotal) if self._cpu.ntotal \
@@ -254,3 +303,14 @@ class EmbeddingIndex:
         if np.unique(ids).size != n:
             raise BankError("Ids must be unique")
         return ids
+
+
+def _single_threaded(index: faiss.Index, queries: np.ndarray, k: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search`` with one OpenMP thread (restored afterwards)."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return index.search(queries, k)
+    finally:
+        faiss.omp_set_num_threads(threads)

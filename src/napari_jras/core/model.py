@@ -68,7 +68,8 @@ class ModelConfig:
         try:
             return cls(**data)
         except TypeError as exc:
-            raise ModelError(f"config.json is incomplete: {exc}") from exc
+            raise ModelError(f"config.json is incomplete or holds a value of the wrong type: "
+                             f"{exc}") from exc
 
 
 class JRASModel(nn.Module):
@@ -86,6 +87,11 @@ class JRASModel(nn.Module):
         self.segmenter = build_backbone(config.backbone, num_classes=config.num_classes,
                                         use_retrieval=config.use_retrieval,
                                         **config.backbone_options)
+        # the backbone's resolved options (defaults, the architecture of pretrained weights)
+        # let a saved run rebuild offline, without the pretrained checkpoint
+        self.config.backbone_options = {
+            k: v for k, v in self.segmenter.config().items()
+            if k not in ("name", "num_classes", "use_retrieval")}
 
     @property
     def num_classes(self) -> int:

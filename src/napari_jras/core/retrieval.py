@@ -8,6 +8,7 @@ head are trained.
 from __future__ import annotations
 
 import hashlib
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,8 @@ class HFEncoder(nn.Module):
             raise ModelError(f"The pretrained encoder folder '{pretrained}' was not found. {how}")
         try:
             self.model = AutoModel.from_pretrained(str(path) if path.is_dir() else pretrained)
-        except (OSError, ValueError) as exc:  # ValueError: a folder that is no transformers model
+        except (OSError, ValueError, pickle.UnpicklingError) as exc:  # ValueError: a folder
+            # that is no transformers model; UnpicklingError: a .bin that is more than weights
             raise ModelError(
                 f"Could not load the pretrained encoder '{pretrained}': {exc}. {how}") from exc
         config = self.model.config

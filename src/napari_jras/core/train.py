@@ -7,6 +7,11 @@
   masks overlap most with the query's ground truth are the positives.
 * Optional warm-up: NT-Xent on two augmented views of each slice.
 * Bank embeddings are refreshed with the current retriever on a schedule, not per step.
+
+Under torchrun (see ``docs/multi_gpu.md``) the trainer runs DistributedDataParallel: every rank
+draws the same global batch from the shared seeded generator and trains on its own contiguous
+part of it, gradients are averaged, bank embeddings are computed shard-wise and all-gathered,
+and only rank 0 writes logs, checkpoints and progress. With one process nothing changes.
 """
 
 from __future__ import annotations
@@ -16,23 +21,28 @@ import math
 import random
 import shutil
 import time
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from . import distributed as ddp
 from .augment import augment
-from .checkpoint import (atomic_write_json, load_tensors, save_model, save_tensors)
+from .checkpoint import atomic_write_json, load_tensors, save_model, save_tensors
 from .data import SliceSample
-from .device import autocast, select_device
+from .device import autocast
 from .errors import DataError, JRASError
 from .fusion import Guide, soft_topk_guide
 from .metrics import dice_per_class
 from .model import JRASModel
-from .retrieval import embed_images
+from .retrieval import embed_images, retriever_version
 
 ProgressFn = Callable[[dict[str, Any]], None]
 CancelFn = Callable[[], bool]
@@ -41,7 +51,11 @@ RELEVANCE_SIZE = 32
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings of a training or fine-tuning run (saved as ``train_config.json``)."""
+    """Optimisation settings of a training or fine-tuning run (saved as ``train_config.json``).
+
+    ``batch_size`` is the global batch: under torchrun it is split across the processes, so
+    steps, epochs and the learning-rate schedule mean the same at every world size.
+    """
 
     steps: int = 2000
     batch_size: int = 8
@@ -154,12 +168,32 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
     return F.cross_entropy(sim, target)
 
 
+class _StepRunner(nn.Module):
+    """Holds the model so that a whole training step is one ``forward`` call.
+
+    DistributedDataParallel synchronises gradients of what runs inside its wrapped module's
+    forward; the J-RAS steps use the retriever and the segmenter in different combinations
+    (supervised: both, through the fusion weights; contrastive and warm-up: the retriever only),
+    so the step function itself is passed in and run inside the forward.
+    """
+
+    def __init__(self, model: JRASModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, step: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        """Run ``step(*args)`` (a loss function using ``self.model``)."""
+        return step(*args)
+
+
 class JointTrainer:
     """Trains a :class:`JRASModel` on a :class:`SliceSet` that also serves as the retrieval bank.
 
     ``sample_weights`` (one per slice) oversample some slices, e.g. fresh corrections during
     fine-tuning. ``progress`` receives a dict per logged step; ``cancel()`` returning True stops
     the run cleanly after the current step (a checkpoint is written when ``run_dir`` is set).
+    Inside a torchrun process group the model is trained with DistributedDataParallel; the
+    cancel flag of any rank stops every rank at the same step.
     """
 
     def __init__(self, model: JRASModel, train: SliceSet, config: TrainConfig,
@@ -167,8 +201,12 @@ class JointTrainer:
                  sample_weights: Sequence[float] | None = None,
                  progress: ProgressFn | None = None, cancel: CancelFn | None = None):
         self.config = config
-        self.device = select_device(config.device)
+        self.device = ddp.training_device(config.device)
         self.model = model.to(self.device)
+        self.world_size = ddp.world_size()
+        if config.batch_size < self.world_size:
+            raise JRASError(f"batch_size {config.batch_size} is the global batch, split across "
+                            f"{self.world_size} processes: it must be at least {self.world_size}")
         self.train_set = train
         self.val_set = val
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -184,6 +222,12 @@ class JointTrainer:
         if self.use_retrieval and config.freeze_retriever:
             for p in model.retriever.parameters():
                 p.requires_grad_(False)
+        self._runner: nn.Module = _StepRunner(model)
+        if self.world_size > 1:
+            # contrastive and warm-up steps leave the segmenter unused
+            self._runner = DistributedDataParallel(
+                self._runner, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         warm = max(1, int(config.steps * config.warmup_fraction))
@@ -223,10 +267,15 @@ class JointTrainer:
 
     # -- retrieval ------------------------------------------------------------------------
     def refresh_embeddings(self) -> None:
-        """Re-embed the whole training bank with the current retriever."""
+        """Re-embed the whole training bank with the current retriever.
+
+        Distributed: each rank embeds its share of the bank and the shares are all-gathered, so
+        every rank retrieves from bit-identical embeddings. Called by all ranks together.
+        """
         if self.use_retrieval:
-            self.bank_emb = embed_images(self.model.retriever, self.bank_images,
-                                         device=self.device).to(self.device)
+            part = embed_images(self.model.retriever, ddp.shard(self.bank_images),
+                                device=self.device).to(self.device)
+            self.bank_emb = ddp.all_gather_rows(part, len(self.bank_images))
 
     def guide_for(self, x: torch.Tensor, patients: torch.Tensor) -> Guide:
         """Guide for queries ``x`` (B,H,W) that may not retrieve exemplars of ``patients``."""
@@ -242,14 +291,19 @@ class JointTrainer:
         """One Dice + CE step on the segmenter (and the retriever through the fusion weights)."""
         idx = self._sample(self.config.batch_size)
         x, y = self._batch(idx)
+        idx, x, y = ddp.shard(idx), ddp.shard(x), ddp.shard(y)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device, self.config.amp):
-            guide = self.guide_for(x, self.train_set.patients[idx]) if self.use_retrieval else None
-            logits = self.model(x[:, None], guide)
-            loss = segmentation_loss(logits, y)
+        loss = self._runner(self._supervised_loss, x, y, self.train_set.patients[idx])
         self._backward(loss)
         return float(loss.detach())
+
+    def _supervised_loss(self, x: torch.Tensor, y: torch.Tensor,
+                         patients: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.config.amp):
+            guide = self.guide_for(x, patients) if self.use_retrieval else None
+            logits = self.model(x[:, None], guide)
+            return segmentation_loss(logits, y)
 
     def contrastive_step(self) -> float:
         """One segmentation-aware InfoNCE step on the retriever alone."""
@@ -257,6 +311,7 @@ class JointTrainer:
         idx = self._sample(cfg.batch_size)
         cand = torch.randperm(len(self.train_set), generator=self.generator)[:cfg.contrastive_candidates]
         x, _ = self._batch(idx)
+        idx, x = ddp.shard(idx), ddp.shard(x)
         relevance = mask_relevance(self.relevance_masks[idx.to(self.device)],
                                    self.relevance_masks[cand.to(self.device)])
         valid = (self.train_set.patients[idx][:, None] != self.train_set.patients[cand][None, :]).to(self.device)
@@ -265,28 +320,36 @@ class JointTrainer:
         positives = torch.zeros_like(valid).scatter_(1, top, True)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device, cfg.amp):
-            q = self.model.embed(x[:, None])
-            c = self.model.embed(self.bank_images[cand.to(self.device)][:, None])
-            loss = info_nce(q.float(), c.float(), positives, valid, cfg.contrastive_tau)
+        loss = self._runner(self._contrastive_loss, x, cand, positives, valid)
         self._backward(loss)
         return float(loss.detach())
+
+    def _contrastive_loss(self, x: torch.Tensor, cand: torch.Tensor, positives: torch.Tensor,
+                          valid: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.config.amp):
+            q = self.model.embed(x[:, None])
+            c = self.model.embed(self.bank_images[cand.to(self.device)][:, None])
+            return info_nce(q.float(), c.float(), positives, valid, self.config.contrastive_tau)
 
     def warmup_step(self) -> float:
         """One self-supervised NT-Xent step (two augmented views per slice)."""
         idx = self._sample(max(2, self.config.batch_size))
         x1, _ = self._batch(idx)
         x2, _ = self._batch(idx)
+        x1, x2 = ddp.shard(x1), ddp.shard(x2)  # negatives: the other slices of this rank's part
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device, self.config.amp):
-            loss = nt_xent(self.model.embed(x1[:, None]).float(),
-                           self.model.embed(x2[:, None]).float(), self.config.contrastive_tau)
+        loss = self._runner(self._warmup_loss, x1, x2)
         self._backward(loss)
         return float(loss.detach())
 
+    def _warmup_loss(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.config.amp):
+            return nt_xent(self.model.embed(x1[:, None]).float(),
+                           self.model.embed(x2[:, None]).float(), self.config.contrastive_tau)
+
     def _backward(self, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss):
+        if ddp.any_rank(not torch.isfinite(loss)):
             raise JRASError(f"Training diverged (loss {float(loss)}) at step {self.step}; "
                             "lower the learning rate")
         self.scaler.scale(loss).backward()
@@ -303,14 +366,15 @@ class JointTrainer:
             for i in range(cfg.retriever_warmup_steps):
                 loss = self.warmup_step()
                 if (i + 1) % cfg.log_every == 0:
+                    [loss] = ddp.mean_over_ranks([loss])
                     self._log({"phase": "warmup", "warmup_step": i + 1, "loss_warmup": loss})
-                if self.cancel():
+                if ddp.any_rank(self.cancel()):
                     break
         if self.bank_emb is None:
             self.refresh_embeddings()
         sup_acc, con_acc, n_acc = 0.0, 0.0, 0
         while self.step < cfg.steps:
-            if self.cancel():
+            if ddp.any_rank(self.cancel()):
                 self._log({"phase": "cancelled"})
                 break
             sup_acc += self.supervised_step()
@@ -323,29 +387,53 @@ class JointTrainer:
             if self.use_retrieval and self.step % self.refresh_every == 0:
                 self.refresh_embeddings()
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                record = {"phase": "train", "loss": sup_acc / n_acc,
-                          "lr": self.scheduler.get_last_lr()[0]}
+                sup, con = ddp.mean_over_ranks([sup_acc / n_acc, con_acc / n_acc])
+                record = {"phase": "train", "loss": sup, "lr": self.scheduler.get_last_lr()[0]}
                 if self.use_retrieval and cfg.contrastive_every and not cfg.freeze_retriever:
-                    record["loss_contrastive"] = con_acc / n_acc
+                    record["loss_contrastive"] = con
                 done = self.step - start_step
                 elapsed = time.perf_counter() - self._started
                 record["eta_s"] = elapsed / max(done, 1) * (cfg.steps - self.step)
-                if self.val_set is not None and cfg.val_every and self.step % cfg.val_every == 0:
+                if self.world_size > 1:
+                    record["world_size"] = self.world_size
+                if (self.val_set is not None and cfg.val_every and self.step % cfg.val_every == 0
+                        and ddp.is_main()):
                     record["val_dice"] = self.validate()
                 self._log(record)
                 sup_acc, con_acc, n_acc = 0.0, 0.0, 0
             if self.run_dir is not None and self.step % cfg.checkpoint_every == 0:
-                self.save_checkpoint()
+                self._checkpoint()
         if self.step >= cfg.steps:
             self.refresh_embeddings()
+        if self.world_size > 1:
+            self._check_ranks_in_sync()
         if self.run_dir is not None:
-            self.save_checkpoint()
+            self._checkpoint()
         return self.history
+
+    def _checkpoint(self) -> None:
+        """Rank 0 writes a checkpoint; the other ranks wait for it."""
+        if ddp.is_main():
+            self.save_checkpoint()
+        ddp.barrier()
+
+    def _check_ranks_in_sync(self) -> None:
+        """Log a fingerprint of every rank's weights; warn if the replicas differ."""
+        checksums = ddp.gather_strings(retriever_version(self.model))
+        in_sync = len(set(checksums)) == 1
+        self._log({"phase": "sync_check", "world_size": self.world_size,
+                   "checksums": checksums, "in_sync": in_sync})
+        if not in_sync:
+            warnings.warn(f"The {self.world_size} training processes ended with different "
+                          f"weights ({checksums}); rank 0's are saved", RuntimeWarning,
+                          stacklevel=2)
 
     def _log(self, record: dict[str, Any]) -> None:
         record = {"step": self.step, "total": self.config.steps,
                   "time_s": round(time.perf_counter() - self._started, 3), **record}
         self.history.append(record)
+        if not ddp.is_main():
+            return
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(self.run_dir / "log.jsonl", "a") as fh:
@@ -406,18 +494,26 @@ class JointTrainer:
             "scheduler": self.scheduler.state_dict()["last_epoch"],
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "train_config": asdict(self.config)})
-        shutil.rmtree(final, ignore_errors=True)
+        _retire(final)
         tmp.rename(final)
         for old in sorted(ckpt_root.glob("step_*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _retire(old)
         return final
 
     def resume(self) -> bool:
-        """Load the newest complete checkpoint of ``run_dir``; False when there is none."""
+        """Load the newest complete checkpoint of ``run_dir``; False when there is none.
+
+        Distributed: every rank loads the same checkpoint (``run_dir`` must be on a file system
+        all nodes see); ranks that found different ones raise :class:`JRASError` together.
+        """
         if self.run_dir is None:
             return False
         done = sorted(p for p in (self.run_dir / "checkpoints").glob("step_*")
                       if (p / "trainer.json").exists())
+        found = ddp.gather_strings(done[-1].name if done else "")
+        if len(set(found)) > 1:
+            raise JRASError(f"The training processes see different checkpoints in {self.run_dir} "
+                            f"({found}): put --out on a file system every node shares")
         if not done:
             return False
         ckpt = done[-1]
@@ -436,6 +532,15 @@ class JointTrainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         return True
+
+
+def _retire(folder: Path) -> None:
+    """Delete a checkpoint folder, renamed first: a crash never leaves half of it under its name."""
+    if folder.exists():
+        trash = folder.with_name(f".{folder.name}.deleting")
+        shutil.rmtree(trash, ignore_errors=True)
+        folder.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:

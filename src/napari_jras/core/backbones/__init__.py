@@ -47,8 +47,17 @@ def build_backbone(name: str, num_classes: int, use_retrieval: bool, **options: 
     return cls(num_classes, use_retrieval, **options)
 
 
+def accepts_pretrained(name: str) -> bool:
+    """Whether the backbone registered as ``name`` takes a ``pretrained`` option (weights)."""
+    cls = BACKBONES.get(str(name).lower())
+    return cls is not None and "pretrained" in inspect.signature(cls.__init__).parameters
+
+
 # Built-in backbones register themselves on import (they need the names defined above).
+from .sam import SAM  # noqa: E402
+from .segformer import SegFormer  # noqa: E402
 from .transunet import TransUNet  # noqa: E402
 from .unet import UNet  # noqa: E402
 
-__all__ = ["BACKBONES", "Backbone", "TransUNet", "UNet", "build_backbone", "register_backbone"]
+__all__ = ["BACKBONES", "SAM", "Backbone", "SegFormer", "TransUNet", "UNet", "accepts_pretrained",
+           "build_backbone", "register_backbone"]
