@@ -54,7 +54,7 @@ def one_error_line(capsys, command: str) -> str:
 # --- help and info --------------------------------------------------------------------------
 @pytest.mark.parametrize("argv", [
     ["train"], ["evaluate"], ["predict"], ["bank"], ["bank", "list"], ["bank", "add"],
-    ["bank", "rebuild"], ["bank", "remove"], ["demo"], ["info"]])
+    ["bank", "rebuild"], ["bank", "remove"], ["bank", "anonymise"], ["demo"], ["info"]])
 def test_help_of_every_subcommand(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--help"])

@@ -1,8 +1,9 @@
 """The ``napari-jras`` command: train, evaluate, predict, bank, demo, info.
 
 Errors napari-jras raises on purpose print one line and exit with status 2; ``--debug`` shows the
-traceback. ``python -m napari_jras.cli`` is the same command. Training uses one device; multi-GPU
-training under ``torchrun`` is not supported yet.
+traceback. ``python -m napari_jras.cli`` is the same command. ``torchrun --nproc_per_node N -m
+napari_jras.cli train ...`` trains on N GPUs (or N CPU processes) with DistributedDataParallel;
+see docs/multi_gpu.md.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from . import __version__
 from .core.errors import JRASError
@@ -61,6 +63,7 @@ def _check_regex(pattern: str | None) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a J-RAS or baseline model."""
+    from .core.distributed import distributed_session, is_main
     from .core.pipeline import train_run
     from .core.train import TrainConfig
 
@@ -76,7 +79,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.class_names:
         model_config["class_names"] = [n.strip() for n in args.class_names.split(",")]
     if args.pretrained:
-        model_config["retriever"].update(encoder="hf", pretrained=args.pretrained)
+        from .core.backbones import accepts_pretrained
+
+        if accepts_pretrained(args.backbone):  # segformer, sam: the segmenter's weights
+            model_config["backbone_options"]["pretrained"] = args.pretrained
+        else:  # unet, transunet: a pretrained retriever encoder
+            model_config["retriever"].update(encoder="hf", pretrained=args.pretrained)
     train_config = TrainConfig(
         steps=2000 if args.steps is None else args.steps, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed,
@@ -84,11 +92,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         retriever_warmup_steps=args.warmup_steps, freeze_retriever=args.freeze_retriever,
         checkpoint_every=args.checkpoint_every, val_every=args.val_every,
         log_every=args.log_every, augment=not args.no_augment)
-    out = train_run(args.data, args.out, model_config, train_config, val=args.val,
-                    patient_regex=args.patient_regex, resume=not args.no_resume,
-                    epochs=args.epochs, progress=_progress_printer(args.quiet))
-    print(f"Model written to {out}")
+    with distributed_session(args.device):  # a no-op outside torchrun
+        out = train_run(args.data, args.out, model_config, train_config, val=args.val,
+                        patient_regex=args.patient_regex, resume=not args.no_resume,
+                        epochs=args.epochs, progress=_progress_printer(args.quiet))
+        if is_main():
+            print(f"Model written to {out}")
     return 0
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """InferenceEngine options of the predict/evaluate flags."""
+    options: dict[str, Any] = {"compile_model": args.compile}
+    if args.batch_size is not None:
+        options["batch_size"] = args.batch_size
+    if args.faiss_cpu:
+        options["faiss_gpu"] = False
+    return options
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -98,7 +118,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     report = evaluate_run(args.model, args.data, bank=args.bank, device=args.device,
                           patient_regex=args.patient_regex,
-                          progress=_progress_printer(args.quiet))
+                          progress=_progress_printer(args.quiet), **_engine_options(args))
     atomic_write_json(Path(args.report), report)
     overall = report["summary"]["mean"]
     print(f"{report['data']['cases']} cases  Dice {overall['dice']['mean']:.4f} +- "
@@ -113,7 +133,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     written = predict_files(args.model, args.input, args.output, bank=args.bank,
                             device=args.device, ext=args.format,
-                            progress=_progress_printer(args.quiet))
+                            progress=_progress_printer(args.quiet), **_engine_options(args))
     print(f"Wrote {len(written)} label file(s) to {args.output}")
     return 0
 
@@ -162,6 +182,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_inference(p: argparse.ArgumentParser) -> None:
+    """Flags of the inference engine (predict, evaluate)."""
+    p.add_argument("--batch-size", type=int, help="slices per network pass (default 16; "
+                                                  "halved automatically when the GPU runs out "
+                                                  "of memory)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the network through torch.compile (slow first call; falls back "
+                        "with a warning when compilation fails)")
+    p.add_argument("--faiss-cpu", action="store_true",
+                   help="search the bank on the CPU even when faiss-gpu and a GPU are present")
+
+
 def _add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
     if device:
         p.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:N, mps")
@@ -181,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="folder of <name>_image.* + <name>_label.* pairs")
     t.add_argument("--val", help="validation folder (other patients) for val Dice in the log")
     t.add_argument("--out", required=True, help="run folder to write (resumed if it has checkpoints)")
-    t.add_argument("--backbone", default="unet", help="unet or transunet (more in later versions)")
+    t.add_argument("--backbone", default="unet",
+                   help="unet, transunet, segformer or sam (see docs/backbones.md)")
     t.add_argument("--backbone-options", help='JSON, e.g. \'{"base_channels": 16}\'')
     t.add_argument("--no-retrieval", action="store_true", help="baseline: the backbone alone")
     t.add_argument("--k", type=int, default=2, help="exemplars fused per query (1-8)")
@@ -190,14 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, help="passes over the training slices")
     g.add_argument("--steps", type=int, help="optimisation steps (default 2000)")
     t.add_argument("--size", type=int, default=128, help="working image size in pixels")
-    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--batch-size", type=int, default=8,
+                   help="global batch: under torchrun it is split across the processes")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--modality", default="auto", choices=["auto", "mri", "ct", "us"])
     t.add_argument("--num-classes", type=int, help="classes incl. background (default: from labels)")
     t.add_argument("--class-names", help="comma-separated names, background first")
-    t.add_argument("--pretrained", help="hub id or local folder of a transformers vision encoder "
-                                        "for the retriever")
+    t.add_argument("--pretrained",
+                   help="hub id or local folder of transformers weights: for segformer and sam "
+                        "the backbone's (e.g. nvidia/mit-b2, facebook/sam-vit-base), for unet "
+                        "and transunet a vision encoder for the retriever")
     t.add_argument("--embed-dim", type=int, default=128, help="retriever embedding size")
     t.add_argument("--retriever-options", help='JSON, e.g. \'{"width": 16, "input_size": 64}\'')
     t.add_argument("--contrastive-every", type=int, default=1,
@@ -220,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bank", help="exemplar bank (default: the run folder's bank)")
     e.add_argument("--report", required=True, help="JSON report to write")
     e.add_argument("--patient-regex")
+    _add_inference(e)
     _add_common(e)
     e.set_defaults(func=cmd_evaluate)
 
@@ -229,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for <name>_label files")
     p.add_argument("--bank", help="exemplar bank (default: the run folder's bank)")
     p.add_argument("--format", default=".tif", choices=[".tif", ".nii.gz"], help="output format")
+    _add_inference(p)
     _add_common(p)
     p.set_defaults(func=cmd_predict)
 
@@ -252,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     bd = bsub.add_parser("remove", help="remove exemplars by id")
     bd.add_argument("--bank", required=True)
     bd.add_argument("ids", type=int, nargs="+")
+    bn = bsub.add_parser("anonymise", help="replace patient/case ids by pseudonyms, clear "
+                                           "file names and authors (in place)")
+    bn.add_argument("--bank", required=True)
+    bn.add_argument("--prefix", default="patient", help="pseudonyms are PREFIX-0001, ...")
+    bn.add_argument("--key", help="CSV file for the patient_id,pseudonym key (keep it apart)")
     b.set_defaults(func=cmd_bank)
 
     d = sub.add_parser("demo", help="open napari with the bundled cardiac MRI sample and model")
@@ -264,21 +307,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    """``text`` with every run of white space (newlines included) as one space."""
+    return " ".join(str(text).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``napari-jras`` console script."""
+    """Entry point of the ``napari-jras`` console script.
+
+    Failures print one line ``napari-jras COMMAND: error: ...`` on stderr and return 2 (expected
+    problems: bad input, damaged files, disk full, out of memory) or 1 (anything unexpected);
+    ``--debug`` raises instead, showing the traceback.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    prefix = f"napari-jras {args.command}: error:"
     try:
         _check_regex(getattr(args, "patient_regex", None))
         return int(args.func(args) or 0)
-    except (JRASError, FileNotFoundError, PermissionError) as exc:
-        if args.debug:
-            raise
-        print(f"napari-jras {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the one place that turns any failure into a line
+        if args.debug:
+            raise
+        if isinstance(exc, (JRASError, OSError)):
+            print(f"{prefix} {_one_line(exc)}", file=sys.stderr)
+            return 2
+        if isinstance(exc, MemoryError):
+            print(f"{prefix} out of memory: use a smaller image, --size or --batch-size",
+                  file=sys.stderr)
+            return 2
+        print(f"{prefix} unexpected {type(exc).__name__}: {_one_line(exc)} (run again with "
+              "--debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

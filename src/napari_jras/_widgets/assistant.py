@@ -34,6 +34,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from .._writer import write_labels
 from ..core import bank_tools
 from ..core.engine import Prediction
 from ..core.errors import DataError, JRASError
@@ -808,13 +809,14 @@ class AssistantWidget(QWidget):
                 "NIfTI (*.nii.gz *.nii);;TIFF (*.tif *.tiff)")
             if not path:
                 return None
-        try:
-            written = labels.save(path, plugin="napari-jras")
+        try:  # our writer directly: napari's layer.save reports a failed write as success
+            [written] = write_labels(path, labels.data, {"name": labels.name,
+                                                         "scale": labels.scale})
         except Exception as exc:  # noqa: BLE001 (any writer failure becomes a notification)
             show_error(f"Could not save the labels: {error_message(exc)}")
             return None
-        show_info(f"Saved {labels.name} to {written[0] if written else path}")
-        return written[0] if written else path
+        show_info(f"Saved {labels.name} to {written}")
+        return written
 
 
 def restored_time(draft: tuple[np.ndarray, dict] | None) -> str:

@@ -104,11 +104,15 @@ class TrainingPanel(QWidget):
         self.val = FolderField("optional: other patients, for Dice / HD95")
         self.out = FolderField("default: ~/.napari-jras/runs/run-<date>")
         self.backbone = QComboBox()
-        self.backbone.addItems(["unet", "transunet"])
+        self.backbone.addItems(["unet", "transunet", "segformer", "sam"])
+        self.backbone.setToolTip("segformer and sam are built from transformers configs "
+                                 "(random init here; pretrained weights from the CLI)")
         self.mode = QComboBox()
         self.mode.addItem("J-RAS (retrieval-augmented)", True)
         self.mode.addItem("baseline (no retrieval)", False)
         self.mode.currentIndexChanged.connect(lambda _: self.k.setEnabled(self.mode.currentData()))
+        self.backbone.currentTextChanged.connect(
+            lambda name: self.channels.setEnabled(name in ("unet", "transunet")))
         self.k = _spin(1, 8, 2, "exemplars fused per query")
         self.steps = _spin(1, 1_000_000, 2000, "optimisation steps")
         self.batch = _spin(1, 256, 8, "slices per step")
@@ -165,11 +169,17 @@ class TrainingPanel(QWidget):
         config: dict[str, Any] = {
             "backbone": self.backbone.currentText(), "use_retrieval": bool(self.mode.currentData()),
             "k": self.k.value(), "size": self.size.value(),
-            "backbone_options": {"base_channels": self.channels.value()}}
+            "backbone_options": self._backbone_options()}
         names = [n.strip() for n in self.class_names.text().split(",") if n.strip()]
         if names:
             config.update(class_names=names, num_classes=len(names))
         return config
+
+    def _backbone_options(self) -> dict[str, Any]:
+        """The width applies to the CNN backbones; SegFormer and SAM use their default size."""
+        if self.backbone.currentText() in ("unet", "transunet"):
+            return {"base_channels": self.channels.value()}
+        return {}
 
     def train(self) -> None:
         """Validate the form and start training in the background."""

@@ -10,7 +10,13 @@ Layout (copy the whole folder to move or share a bank)::
 
 Crash safety: pixel files are written under temporary names, renamed into place, then the rows are
 committed in one transaction; files without a committed row are deleted when the bank is opened.
-Several processes may use one bank: each notices the others' embedding changes before searching.
+
+Several processes may use one bank. Every change (rows, pixel files, ``index.faiss`` and the
+metadata that says which embeddings it reflects) happens inside one SQLite write transaction
+(``BEGIN IMMEDIATE``): writers queue up behind each other (busy timeout ``BUSY_TIMEOUT_S``, then a
+:class:`BankError` "busy"), readers are never blocked by the WAL journal and each process notices
+the others' embedding changes before searching. Nothing stored in the bank is ever used as a
+path: pixel files are named after integer ids and retriever versions must be plain tokens.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import resize_images, resize_labels
-from .errors import BankError
+from .errors import BankError, StorageError
 from .index import EmbeddingIndex
 from .io import patient_of
 
@@ -49,6 +55,7 @@ ORIGINS = ("training", "correction", "import")
 PROVENANCE_KEYS = ("case_id", "patient_id", "slice_index", "source", "origin", "author", "created")
 RANGE_TOLERANCE = 0.01  # images may stray this far outside [0, 1] (rounding); they are clipped
 SQL_CHUNK = 500  # ids per "IN (...)" query, well under SQLite's parameter limit
+BUSY_TIMEOUT_S = 30.0  # how long a writer waits for another process's write to finish
 
 SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)",
@@ -69,6 +76,7 @@ SCHEMA = (
 )
 RECORD_COLUMNS = "id, case_id, patient_id, slice_index, source, origin, author, created, extra"
 PIXEL_NAME = re.compile(r"^(\d+)\.npz$|^\.(\d+)\.partial$")
+VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,9 @@ def _locked(method):
         with self._lock:
             if self._db is None:
                 raise BankError(f"The bank at {self._path} is closed")
+            if not (self._path / DB_FILE).is_file():
+                raise BankError(f"The bank folder {self._path} was deleted or moved while it was "
+                                "open: restore it (or open the bank at its new place)")
             return method(self, *args, **kwargs)
 
     return wrapper
@@ -115,6 +126,9 @@ class ExemplarBank:
             self._num_classes = int(meta["num_classes"])
             self._embed_dim = int(meta["embed_dim"])
             self._class_names = list(json.loads(meta["class_names"]))
+            if db.execute("SELECT COUNT(*) FROM exemplars WHERE typeof(id) != 'integer'"
+                          ).fetchone()[0]:
+                raise ValueError("some exemplar ids are not whole numbers")
         except (KeyError, ValueError, TypeError) as exc:
             raise BankError(f"The bank metadata in {path / DB_FILE} is damaged ({exc})") from exc
         if not (path / PIXELS_DIR).is_dir():
@@ -259,6 +273,7 @@ class ExemplarBank:
             blobs = [v.tobytes() for v in self._check_embeddings(embeddings, len(images))]
             if not isinstance(retriever_version, str) or not retriever_version:
                 raise BankError("Embeddings need the retriever_version that made them")
+            _check_version_name(retriever_version)
         elif retriever_version is not None:
             raise BankError("retriever_version was given without embeddings")
         if not rows:
@@ -351,6 +366,7 @@ class ExemplarBank:
         """Replace every exemplar's embedding at once (after re-embedding the whole bank)."""
         if not isinstance(retriever_version, str) or not retriever_version:
             raise BankError("set_embeddings needs the retriever_version that made the embeddings")
+        _check_version_name(retriever_version)
         ids = _id_list(ids)
         vecs = self._check_embeddings(embeddings, len(ids))
         if len(set(ids)) != len(ids):
@@ -377,6 +393,36 @@ class ExemplarBank:
             (retriever_version,)).fetchone()[0] > 0
 
     @_locked
+    def pseudonymise(self, prefix: str = "patient") -> dict[str, str]:
+        """Replace patient and case ids by pseudonyms; returns {old patient id: pseudonym}.
+
+        Patients become ``<prefix>-0001``, ... (in order of their first exemplar) and each case
+        ``<patient pseudonym>-case-001``, ...; ``source`` (the file name) and ``author`` are
+        cleared. Slice index, origin, creation time and extra fields stay. The old values are
+        wiped from the database file as well (secure delete, VACUUM, WAL truncated).
+        """
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,31}", prefix):
+            raise BankError(f"Invalid pseudonym prefix {prefix!r}: use letters, digits, '-', '_'")
+        patients: dict[str, str] = {}
+        cases: dict[str, str] = {}
+        per_patient: dict[str, int] = {}
+        rows = []
+        for exemplar_id, case, patient in self._db.execute(
+                "SELECT id, case_id, patient_id FROM exemplars ORDER BY id").fetchall():
+            alias = patients.setdefault(patient, f"{prefix}-{len(patients) + 1:04d}")
+            if case not in cases:
+                per_patient[alias] = per_patient.get(alias, 0) + 1
+                cases[case] = f"{alias}-case-{per_patient[alias]:03d}"
+            rows.append((cases[case], alias, exemplar_id))
+        self._db.execute("PRAGMA secure_delete = ON")
+        with self._transaction() as db:
+            db.executemany("UPDATE exemplars SET case_id = ?, patient_id = ?, source = '', "
+                           "author = NULL WHERE id = ?", rows)
+        self._db.execute("VACUUM")
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return patients
+
+    @_locked
     def rebuild_index(self) -> None:
         """Rebuild the search index from the stored embeddings and save it."""
         self._sync_index(rebuild=True)
@@ -396,6 +442,17 @@ class ExemplarBank:
         if queries.ndim != 2 or queries.shape[1] != self._embed_dim:
             raise BankError(f"Query embeddings must have shape (Q, {self._embed_dim}), got "
                             f"{queries.shape}: the retriever does not match this bank")
+        with self._snapshot():  # index, rows and counts from one state of the bank
+            rebuilt = self._refresh_index()
+            hits = self._search(queries, k, retriever_version, exclude_patients, exclude_ids)
+        if rebuilt:
+            self._try_save_index()
+        return hits
+
+    def _search(self, queries: np.ndarray, k: int, retriever_version: str,
+                exclude_patients: Sequence[str | None] | None,
+                exclude_ids: Sequence[Iterable[int]] | None) -> list[list[Hit]]:
+        """:meth:`search` inside a snapshot whose embeddings the cached index reflects."""
         total, embedded = self._db.execute(
             "SELECT COUNT(*), COUNT(embedding) FROM exemplars").fetchone()
         if total == 0:
@@ -423,7 +480,6 @@ class ExemplarBank:
                 for blocked, p in zip(exclude, exclude_patients):
                     if p == patient:
                         blocked.update(same)
-        self._sync_index()
         scores, ids = self._index.search(queries, k, exclude)
         found = {int(i) for i in ids.flat if i >= 0}
         rows = self._fetch(found, RECORD_COLUMNS)
@@ -487,14 +543,29 @@ class ExemplarBank:
         with _transaction(self._db, self._path):
             yield self._db
 
+    @contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: one consistent state of the bank, never waiting for writers (WAL)."""
+        self._db.execute("BEGIN")
+        try:
+            yield self._db
+        finally:
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
+
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
     def _versions(self) -> list[str]:
-        return [r[0] for r in self._db.execute(
+        versions = [r[0] for r in self._db.execute(
             "SELECT DISTINCT retriever_version FROM exemplars "
             "WHERE retriever_version IS NOT NULL ORDER BY 1")]
+        for version in versions:
+            if not isinstance(version, str) or not VERSION_PATTERN.match(version):
+                raise BankError(f"The bank at {self._path} is damaged: it names a retriever "
+                                f"version {version!r} that is not a plain token")
+        return versions
 
     def _fetch(self, ids: Iterable[int], columns: str) -> dict[int, tuple]:
         """Rows of ``ids`` keyed by id, in the given order; unknown ids raise."""
@@ -512,6 +583,9 @@ class ExemplarBank:
         return {i: rows[i] for i in ids}
 
     def _pixel_file(self, exemplar_id: int) -> Path:
+        if isinstance(exemplar_id, bool) or not isinstance(exemplar_id, (int, np.integer)):
+            raise BankError(f"The bank at {self._path} is damaged: exemplar id {exemplar_id!r} "
+                            "is not a whole number")
         return self._path / PIXELS_DIR / f"{int(exemplar_id)}.npz"
 
     def _read_pixels(self, exemplar_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -570,44 +644,57 @@ class ExemplarBank:
         self._index_dirty = was_current
 
     def _sync_index(self, rebuild: bool = False) -> None:
-        """Make the cached index match the stored embeddings: reuse, load or rebuild it."""
-        with self._transaction():  # a consistent snapshot of token and embeddings
-            token = self._meta("embeddings_token")
-            if token == self._index_token and not rebuild:
-                return
-            index = None if rebuild else self._load_index_file(token)
-            stored = self._stored_embeddings() if index is None else None
+        """Make the cached index match the stored embeddings; save it when it was rebuilt."""
+        with self._snapshot():
+            rebuilt = self._refresh_index(rebuild)
+        if rebuilt:
+            self._try_save_index()
+
+    def _refresh_index(self, rebuild: bool = False) -> bool:
+        """Inside a transaction: reuse, load or rebuild the cached index; True when rebuilt."""
+        token = self._meta("embeddings_token")
+        if token == self._index_token and not rebuild:
+            return False
+        index = None if rebuild else self._load_index_file(token)
+        stored = self._stored_embeddings() if index is None else None
         if stored is not None and stored[0].size:
             index = EmbeddingIndex(*stored, use_gpu=self._use_gpu)
         self._index, self._index_token, self._index_dirty = index, token, False
-        if stored is not None:
-            self._try_save_index()
+        return stored is not None
 
     def _load_index_file(self, token: str) -> EmbeddingIndex | None:
         """The saved index when it matches the stored embeddings, else None."""
         file = self._path / INDEX_FILE
-        if not file.is_file() or self._meta("index_token") != token \
-                or self._meta("index_sha256") != _sha256(file):
-            return None
         try:
+            before = _identity(file)
+            if self._meta("index_token") != token or self._meta("index_sha256") != _sha256(file):
+                return None
             index = EmbeddingIndex.load(file, self._embed_dim, use_gpu=self._use_gpu)
-        except BankError:
+            if _identity(file) != before:  # another process replaced it meanwhile
+                return None
+        except (BankError, OSError):
             return None
         count = self._db.execute("SELECT COUNT(embedding) FROM exemplars").fetchone()[0]
         return index if len(index) == count else None
 
     def _try_save_index(self) -> None:
-        """Write index.faiss; failure only costs a rebuild next time, so it is a warning."""
+        """Write index.faiss; failure only costs a rebuild next time, so it is a warning.
+
+        The file and the metadata naming the embeddings it reflects are written under the
+        write lock, so that concurrent processes never mix or mislabel index files; a cached index
+        that another process's change made stale is not saved.
+        """
         file = self._path / INDEX_FILE
         try:
-            if self._index is None:
-                file.unlink(missing_ok=True)
-            else:
-                self._index.save(file)
-                with self._transaction() as db:
-                    db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                                   [("index_token", self._index_token),
-                                    ("index_sha256", _sha256(file))])
+            with self._transaction() as db:
+                if self._meta("embeddings_token") == self._index_token:
+                    if self._index is None:
+                        file.unlink(missing_ok=True)
+                    else:
+                        self._index.save(file)
+                        db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                       [("index_token", self._index_token),
+                                        ("index_sha256", _sha256(file))])
             self._index_dirty = False
         except (BankError, OSError) as exc:
             warnings.warn(f"Could not save the search index of {self._path}: {exc}", stacklevel=3)
@@ -615,7 +702,8 @@ class ExemplarBank:
 
 # --- module helpers ------------------------------------------------------------------------
 def _connect(file: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(file, timeout=30, isolation_level=None, check_same_thread=False)
+    db = sqlite3.connect(file, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                         check_same_thread=False)
     db.execute("PRAGMA synchronous = FULL")  # a committed change survives a power cut
     return db
 
@@ -641,15 +729,32 @@ def _transaction(db: sqlite3.Connection, path: Path) -> Iterator[None]:
 
 
 def _write_pixels(file: Path, image: np.ndarray, mask: np.ndarray) -> None:
-    """Write one exemplar's pixels to a temporary file, flush it to disk, rename it into place."""
+    """Write one exemplar's pixels to a temporary file, flush it to disk, rename it into place.
+
+    Raises :class:`StorageError` (disk full, read-only folder) without leaving the temporary file.
+    """
     buffer = io.BytesIO()  # one write is much faster than savez's many small ones
     np.savez_compressed(buffer, image=image, mask=mask)
     tmp = file.with_name(f".{file.stem}.partial")
-    with open(tmp, "wb") as f:
-        f.write(buffer.getbuffer())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # the pixels folder itself is gone: nothing was left in it
+        raise StorageError.of(exc, "write the exemplar pixels", file) from exc
+
+
+def _check_version_name(version: str) -> None:
+    """Refuse retriever versions that are not plain tokens (they name files in workspaces)."""
+    if not VERSION_PATTERN.match(version):
+        raise BankError(f"Invalid retriever version {version!r}: use letters, digits, '.', '_' "
+                        "and '-' only (at most 64 characters)")
 
 
 def _check_provenance(provenance: Sequence[Mapping], n: int) -> list[tuple]:
@@ -692,7 +797,13 @@ def _check_provenance(provenance: Sequence[Mapping], n: int) -> list[tuple]:
 def _record(row: Sequence) -> dict:
     """Record dict of a row selected with RECORD_COLUMNS."""
     keys = ("id",) + PROVENANCE_KEYS
-    return {**dict(zip(keys, row[:len(keys)])), **json.loads(row[len(keys)])}
+    try:
+        extra = json.loads(row[len(keys)])
+        if not isinstance(extra, dict):
+            raise TypeError("not a JSON object")
+    except (TypeError, ValueError) as exc:
+        raise BankError(f"The provenance of exemplar {row[0]} is damaged ({exc})") from exc
+    return {**dict(zip(keys, row[:len(keys)])), **extra}
 
 
 def _id_list(ids: Iterable[int]) -> list[int]:
@@ -704,6 +815,12 @@ def _id_list(ids: Iterable[int]) -> list[int]:
 
 def _token() -> str:
     return uuid.uuid4().hex
+
+
+def _identity(file: Path) -> tuple[int, int, int]:
+    """(inode, size, mtime): changes when a file is replaced by a rename."""
+    st = file.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _sha256(file: Path) -> str:

@@ -1,4 +1,4 @@
-"""``napari-jras bank`` actions: list, add, rebuild, remove."""
+"""``napari-jras bank`` actions: list, add, rebuild, remove, anonymise."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .bank import ExemplarBank
-from .checkpoint import load_model
+from .checkpoint import atomic_write_bytes, load_model
 from .data import load_slices
 from .engine import InferenceEngine
 from .errors import BankError
@@ -55,6 +55,12 @@ def add_cases(bank_dir: str | Path, model_dir: str | Path, data: str | Path,
     return bank, ids
 
 
+def write_key(path: Path, patients: dict[str, str]) -> None:
+    """Write the pseudonym key (``patient_id,pseudonym`` lines) atomically."""
+    lines = ["patient_id,pseudonym"] + [f"{old},{new}" for old, new in patients.items()]
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
 def run(args: argparse.Namespace) -> int:
     """Dispatch a ``bank`` sub-action parsed by the CLI."""
     action = args.bank_command
@@ -87,5 +93,14 @@ def run(args: argparse.Namespace) -> int:
     if action == "remove":
         bank.remove(args.ids)
         print(f"Removed {len(args.ids)} exemplar(s); {len(bank)} left")
+        return 0
+    if action == "anonymise":
+        if args.key and Path(args.key).exists():
+            raise BankError(f"{args.key} exists: choose a new file for the pseudonym key")
+        patients = bank.pseudonymise(args.prefix)
+        if args.key:
+            write_key(Path(args.key), patients)
+        print(f"Pseudonymised {len(patients)} patient(s) in {len(bank)} exemplars"
+              + (f"; the key is in {args.key}: keep it apart from the bank" if args.key else ""))
         return 0
     raise BankError(f"Unknown bank action {action}")

@@ -1,31 +1,71 @@
-"""Run folders: ``config.json`` + ``model.safetensors`` (never pickle), written atomically."""
+"""Run folders: ``config.json`` + ``model.safetensors`` (never pickle), written atomically.
+
+Loading never executes code from a file: weights are read with ``safetensors`` only (a pickle
+``.pt``/``.pth``/``.bin`` file is refused with a clear message, never unpickled) and the
+configuration is plain JSON.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import ModelError
+from .errors import ModelError, StorageError
 from .model import JRASModel, ModelConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+_PICKLE_REFUSED = ("napari-jras never loads pickle files (.pt, .pth, .bin, .ckpt), which can run "
+                   "code when opened: use a run folder with config.json + model.safetensors")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename (crash-safe)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename (crash-safe).
+
+    The temporary name is unique per call, so concurrent writers never mix their bytes. A failed
+    write (disk full, no permission) raises :class:`StorageError`, removes the temporary file
+    and leaves the previous content of ``path`` untouched.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # the folder itself is gone or read-only: nothing was left in it
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):  # from mkdir / open
+            raise StorageError(f"Cannot write {path}: a part of its folder path is a file, "
+                               "not a folder") from exc
+        raise StorageError.of(exc, "write", path) from exc
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename) to disk where the OS allows it (POSIX)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # e.g. Windows cannot open folders: renames are durable there anyway
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def json_safe(obj: Any) -> Any:
@@ -55,11 +95,19 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors file with a clear error when it is missing or damaged."""
+    """Load a safetensors file with a clear error when it is missing, damaged or a pickle."""
     from safetensors.torch import load_file
 
-    if not path.exists():
+    path = Path(path)
+    if not path.is_file():
         raise ModelError(f"Missing weights file {path}")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError as exc:
+        raise ModelError(f"Cannot read the weights file {path}: {exc.strerror or exc}") from exc
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save zip archive / raw pickle stream
+        raise ModelError(f"{path} is a pickle (PyTorch) file, not safetensors: {_PICKLE_REFUSED}")
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for damaged headers
@@ -78,6 +126,11 @@ def save_model(run_dir: str | Path, model: JRASModel, weights_name: str = WEIGHT
 def read_config(run_dir: str | Path) -> ModelConfig:
     """Read and validate a run folder's ``config.json``."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        if run_dir.suffix.lower() in PICKLE_SUFFIXES:
+            raise ModelError(f"{run_dir} is a pickle checkpoint: {_PICKLE_REFUSED}")
+        raise ModelError(f"{run_dir} is a file: give the model folder (with {CONFIG_FILE} and "
+                         f"{WEIGHTS_FILE}) instead")
     if not run_dir.is_dir():
         raise ModelError(f"Model folder not found: {run_dir}")
     path = run_dir / CONFIG_FILE
@@ -87,7 +140,12 @@ def read_config(run_dir: str | Path) -> ModelConfig:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{path} is damaged: {exc}") from exc
-    return ModelConfig.from_dict(data)
+    except OSError as exc:
+        raise ModelError(f"Cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        return ModelConfig.from_dict(data)
+    except (TypeError, ValueError) as exc:  # e.g. a number given as text
+        raise ModelError(f"{path} holds an invalid setting: {exc}") from exc
 
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
@@ -95,7 +153,11 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
     """Rebuild a model from a run folder, checking that the weights fit the config exactly."""
     run_dir = Path(run_dir)
     config = read_config(run_dir)
-    model = JRASModel(config)
+    try:
+        model = JRASModel(config)
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelError(f"The {CONFIG_FILE} of {run_dir} describes a model that cannot be "
+                         f"built: {exc}") from exc
     state = load_tensors(run_dir / weights_name)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -112,5 +174,9 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
             parts.append(f"{len(wrong)} with wrong shape (e.g. {k}: file {tuple(state[k].shape)}, "
                          f"config {tuple(expected[k].shape)})")
         raise ModelError(f"The weights in {run_dir} do not match its config.json: " + "; ".join(parts))
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise ModelError(f"The weights in {run_dir} contain NaN or infinite values ({len(broken)} "
+                         f"tensors, e.g. {broken[0]}): the file is damaged or training diverged")
     model.load_state_dict(state)
     return model.to(device).eval()

@@ -19,3 +19,17 @@ class BankError(JRASError):
 
 class CancelledError(JRASError):
     """A long operation (e.g. fine-tuning) was cancelled; nothing it would have made is kept."""
+
+
+class StorageError(JRASError, OSError):
+    """A file could not be written or read (disk full, no permission, folder gone).
+
+    Also an :class:`OSError` (with ``errno`` when known); whatever the file held before is intact.
+    """
+
+    @classmethod
+    def of(cls, exc: OSError, action: str, path: object) -> "StorageError":
+        """``Cannot <action> <path>: <reason>`` for an :class:`OSError` ``exc`` (errno kept)."""
+        error = cls(f"Cannot {action} {path}: {exc.strerror or exc}")
+        error.errno = exc.errno
+        return error

@@ -9,6 +9,7 @@ Layouts understood by :func:`find_cases`:
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ from .errors import DataError
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".tiff", ".tif", ".png")
 DEFAULT_PATIENT_REGEX = r"^(.*?)(?:_frame\d+|_slice\d+)?$"
+MAX_VOXELS_ENV = "NAPARI_JRAS_MAX_VOXELS"
+DEFAULT_MAX_VOXELS = 1 << 30  # ~1.07e9 voxels, e.g. 1024^3: 4 GiB as float32
 
 
 def split_extension(path: str | Path) -> tuple[str, str]:
@@ -62,25 +65,61 @@ def read_volume(path: str | Path) -> Volume:
             f"supported: {', '.join(IMAGE_EXTENSIONS)}"
         )
     try:
+        if path.stat().st_size == 0:
+            raise DataError(f"Cannot read {path}: the file is empty (0 bytes)")
         if ext in (".tif", ".tiff"):
             return _read_tiff(path)
         if ext == ".png":
-            import imageio.v3 as iio
-
-            return Volume(np.asarray(iio.imread(path)))
+            return _read_png(path)
         return _read_nifti(path)
     except DataError:
         raise
     except PermissionError as exc:
         raise DataError(f"Cannot read {path}: permission denied") from exc
+    except MemoryError as exc:
+        raise DataError(f"Cannot read {path}: not enough memory for an image this large") from exc
     except Exception as exc:  # corrupted or truncated files raise many different types
         raise DataError(f"Cannot read {path}: the file is damaged or not a valid {ext} ({exc})") from exc
+
+
+def max_voxels() -> int:
+    """Largest image (in voxels) :func:`read_volume` loads: ``$NAPARI_JRAS_MAX_VOXELS`` or 2^30."""
+    try:
+        return max(1, int(os.environ.get(MAX_VOXELS_ENV, DEFAULT_MAX_VOXELS)))
+    except ValueError:
+        return DEFAULT_MAX_VOXELS
+
+
+def check_size(shape: tuple[int, ...], source: str | Path) -> None:
+    """Refuse to load an image whose header declares more than :func:`max_voxels` voxels."""
+    voxels = int(np.prod([int(n) for n in shape], dtype=np.float64))
+    limit = max_voxels()
+    if voxels > limit:
+        raise DataError(
+            f"{source} is too large to load: shape {tuple(int(n) for n in shape)} is "
+            f"{voxels / 1e6:.0f} million voxels ({voxels * 4 / 2**30:.1f} GiB as float32), more "
+            f"than the limit of {limit / 1e6:.0f} million: crop or downsample it first (or raise "
+            f"{MAX_VOXELS_ENV})")
+
+
+def _read_png(path: Path) -> Volume:
+    import imageio.v3 as iio
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:  # reads the header only
+            check_size((img.height, img.width), path)
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path} is too large to load ({exc})") from exc
+    return Volume(np.asarray(iio.imread(path)))
 
 
 def _read_tiff(path: Path) -> Volume:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
+        if tif.series:
+            check_size(tif.series[0].shape, path)
         data = tif.asarray()
         meta = tif.imagej_metadata or {}
         # a file cut inside its page chain reads as its first pages only: compare with the
@@ -94,6 +133,8 @@ def _read_tiff(path: Path) -> Volume:
         if expected is not None and expected != data.size:
             raise DataError(f"Cannot read {path}: the file is damaged or truncated "
                             f"(expected {expected} values, found {data.size})")
+        if data.ndim == 2 and "spacing" in meta and int(meta.get("images", 1)) == 1:
+            data = data[None]  # a one-slice volume: ImageJ keeps a Z spacing for stacks only
         spacing = None
         tags = tif.pages[0].tags
         xres, yres = tags.get("XResolution"), tags.get("YResolution")
@@ -113,6 +154,7 @@ def _read_nifti(path: Path) -> Volume:
     import nibabel as nib
 
     img = nib.load(str(path))
+    check_size(img.shape, path)
     data = np.asarray(img.dataobj)
     zooms = tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
     if data.ndim == 3:  # NIfTI is (X, Y, Z): napari-jras works Z first
@@ -146,15 +188,16 @@ def write_volume(path: str | Path, data: np.ndarray, spacing: tuple[float, ...] 
             kwargs = {"photometric": "minisblack"}  # never RGB, whatever the first axis size
             out = data
             if spacing is not None:
-                out = _imagej_compatible(data)
+                # ImageJ TIFFs (the only ones with a Z spacing) misread one-pixel-wide images
+                out = _imagej_compatible(data) if data.shape[-1] > 1 else None
                 if out is None:  # ImageJ cannot hold it: keep the data, drop the spacing
                     out = data
                 else:
                     kwargs.update(
                         imagej=True,
                         resolution=(1.0 / spacing[-1], 1.0 / spacing[-2]),
-                        metadata={"spacing": spacing[0], "unit": "mm"} if data.ndim == 3
-                        else {"unit": "mm"})
+                        metadata={"spacing": spacing[0], "unit": "mm", "axes": "ZYX"}
+                        if data.ndim == 3 else {"unit": "mm"})  # Z slices, not channels
             tifffile.imwrite(tmp, out, compression=None if "imagej" in kwargs else "zlib", **kwargs)
         else:
             import nibabel as nib
@@ -191,13 +234,20 @@ def _smallest_int(data: np.ndarray):
 
 
 def _imagej_compatible(data: np.ndarray) -> np.ndarray | None:
-    """``data`` as a type ImageJ TIFFs hold (uint8, uint16, int16->float32, float32), or None."""
+    """``data`` as a type ImageJ TIFFs hold (uint8, uint16, float32), or None.
+
+    uint8, uint16 and float32 stay as they are (a uint16 scan must not turn into 8-bit, which
+    normalisation would treat as ultrasound); other integers become uint16 when they fit, small
+    negative ones float32 (exact).
+    """
+    if data.dtype in (np.uint8, np.uint16, np.float32):
+        return data
     if data.dtype.kind == "b":
         return data.astype(np.uint8)
     if data.dtype.kind in "iu":
         small = _smallest_int(data)
         if small in (np.uint8, np.uint16):
-            return data.astype(small, copy=False)
+            return data.astype(np.uint16)
         if small is not None and np.dtype(small).itemsize <= 2:
             return data.astype(np.float32)  # small negative ints: exact in float32
         return None

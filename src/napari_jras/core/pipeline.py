@@ -5,20 +5,30 @@ from __future__ import annotations
 import platform
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from . import distributed as ddp
 from .bank import ExemplarBank
 from .checkpoint import atomic_write_json, read_config, save_model
 from .data import SliceSample, load_slices, num_classes_of
 from .engine import BANK_DIR, load_engine
 from .errors import DataError, JRASError, ModelError
-from .io import (Case, check_image, find_cases, is_supported, load_case, read_volume,
-                 split_extension, write_volume)
+from .io import (
+    Case,
+    check_image,
+    find_cases,
+    is_supported,
+    load_case,
+    read_volume,
+    split_extension,
+    write_volume,
+)
 from .metrics import evaluate_case, summarize
 from .model import JRASModel, ModelConfig
 from .retrieval import embed_images, retriever_version
@@ -61,7 +71,8 @@ def build_bank(bank_dir: str | Path, model: JRASModel, samples: Sequence[SliceSa
 
 
 def _data_summary(path: str | Path, cases: Sequence[Case], samples: Sequence[SliceSample]) -> dict:
-    return {"path": str(path), "cases": len(cases),
+    # the folder's name only: a shared run folder must not reveal where (whose) data lives
+    return {"path": Path(path).name, "cases": len(cases),
             "patients": len({c.patient_id for c in cases}), "slices": len(samples)}
 
 
@@ -87,6 +98,9 @@ def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
     when absent. The run folder receives ``config.json``, ``model.safetensors``,
     ``train_config.json``, ``log.jsonl``, ``checkpoints/`` and (J-RAS only) the training ``bank/``.
     ``epochs`` (when given) sets the number of steps from the number of training slices.
+
+    Under torchrun (an initialised process group) every rank trains and rank 0 alone writes the
+    run folder; the function returns on every rank once it is complete.
     """
     out = Path(out)
     cases = find_cases(data, patient_regex)
@@ -119,26 +133,30 @@ def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
         trainer.resume()
     started = time.time()
     trainer.fit()
-    save_model(out, model)
-    atomic_write_json(out / TRAIN_CONFIG_FILE, {
-        "train": asdict(train_config), "data": _data_summary(data, cases, samples),
-        "val": str(val) if val is not None else None, "steps_done": trainer.step,
-        "wall_time_s": round(time.time() - started, 1), "device": str(trainer.device),
-        "torch": torch.__version__, "machine": platform.machine()})
-    if model.config.use_retrieval:
-        build_bank(out / BANK_DIR, model.cpu(), samples,
-                   embeddings=trainer.bank_emb.cpu().numpy())
+    if ddp.is_main():
+        save_model(out, model)
+        atomic_write_json(out / TRAIN_CONFIG_FILE, {
+            "train": asdict(train_config), "data": _data_summary(data, cases, samples),
+            "val": Path(val).name if val is not None else None, "steps_done": trainer.step,
+            "wall_time_s": round(time.time() - started, 1), "device": str(trainer.device),
+            "world_size": trainer.world_size, "torch": torch.__version__,
+            "machine": platform.machine()})
+        if model.config.use_retrieval:
+            build_bank(out / BANK_DIR, model.cpu(), samples,
+                       embeddings=trainer.bank_emb.cpu().numpy())
+    ddp.barrier()
     return out
 
 
 def evaluate_run(model_dir: str | Path, data: str | Path, bank: str | Path | None = None,
                  device: str = "auto", patient_regex: str | None = None,
-                 progress: ProgressFn | None = None) -> dict[str, Any]:
+                 progress: ProgressFn | None = None, **engine_options: Any) -> dict[str, Any]:
     """Predict every case under ``data`` and score it: per-case and mean +- std Dice/HD95/HD.
 
     Queries never retrieve exemplars of their own patient, whatever the bank holds.
+    ``engine_options`` go to :class:`InferenceEngine` (``batch_size``, ``compile``, ...).
     """
-    engine = load_engine(model_dir, bank=bank, device=device)
+    engine = load_engine(model_dir, bank=bank, device=device, **engine_options)
     cfg = engine.model.config
     cases = find_cases(data, patient_regex)
     results = []
@@ -166,18 +184,19 @@ def evaluate_run(model_dir: str | Path, data: str | Path, bank: str | Path | Non
 def output_name(image_path: Path, ext: str = ".tif") -> str:
     """``<stem>_label<ext>`` for an input ``<stem>_image.<ext>`` or ``<stem>.<ext>``."""
     stem, _ = split_extension(image_path)
-    base = stem[:-6] if stem.endswith("_image") else stem
+    base = stem.removesuffix("_image")
     return f"{base}_label{ext}"
 
 
 def predict_files(model_dir: str | Path, inputs: str | Path, output: str | Path,
                   bank: str | Path | None = None, device: str = "auto", ext: str = ".tif",
-                  progress: ProgressFn | None = None) -> list[Path]:
+                  progress: ProgressFn | None = None, **engine_options: Any) -> list[Path]:
     """Segment one image file or every image under a folder; writes ``<stem>_label<ext>`` files.
 
     Images in subfolders of a folder input are written to the same subfolders of ``output``.
+    ``engine_options`` go to :class:`InferenceEngine` (``batch_size``, ``compile``, ...).
     """
-    engine = load_engine(model_dir, bank=bank, device=device)
+    engine = load_engine(model_dir, bank=bank, device=device, **engine_options)
     files = find_images(inputs)
     written = []
     for i, path in enumerate(files):

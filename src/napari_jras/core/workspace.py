@@ -44,7 +44,7 @@ from .engine import BANK_DIR, InferenceEngine, Prediction
 from .errors import BankError, DataError, JRASError, ModelError
 from .io import check_image, check_label, patient_of, split_extension
 from .model import JRASModel, ModelConfig
-from .normalize import normalize
+from .normalize import NormalizedSlices, intensity_map
 from .retrieval import embed_images, retriever_version
 
 BUILTIN = "builtin"
@@ -62,6 +62,7 @@ FINETUNE_DIR = "finetune"
 CORRECTION = "correction"
 MAX_KEY_LENGTH = 120
 EMBED_CHUNK = 256
+VERSION_NAME = re.compile(r"^v\d{1,9}$")  # names of folders under versions/
 
 ProgressFn = Callable[[dict[str, Any]], None]
 CancelFn = Callable[[], bool]
@@ -270,7 +271,7 @@ class Workspace:
         labels = np.asarray(labels)
         labels = labels.astype(np.uint8) if labels.dtype == bool else labels
         mask = as_slices(check_label(labels, data.shape, self.num_classes))
-        vol = as_slices(normalize(data, modality or self._config.modality))
+        vol = NormalizedSlices(data, intensity_map(data, modality or self._config.modality))
         zs = _slices_to_store(mask, slices, data.ndim)
         case = case_id or _case_of(source)
         created = _now()
@@ -488,6 +489,10 @@ def _read_meta(path: Path) -> dict[str, Any]:
             raise ModelError(f"The workspace {path} was made by a newer napari-jras: upgrade it")
         if meta["active"] not in {v["name"] for v in meta["versions"]}:
             raise ValueError(f"the active version {meta['active']!r} is not listed")
+        bad = [v["name"] for v in meta["versions"]
+               if not isinstance(v["name"], str) or not VERSION_NAME.match(v["name"])]
+        if bad:  # a name is a folder under versions/: never let it point elsewhere
+            raise ValueError(f"version name {bad[0]!r} is not of the form v000")
         return meta
     except FileNotFoundError as exc:
         raise ModelError(f"{path} is not a napari-jras workspace (no {WORKSPACE_FILE})") from exc
@@ -502,9 +507,9 @@ def _create(path: Path, source: str, run: Path) -> None:
     try:
         first = tmp / VERSIONS_DIR / "v000"
         first.mkdir(parents=True)
-        for name in (CONFIG_FILE, WEIGHTS_FILE, TRAIN_CONFIG_FILE):
-            if (run / name).is_file():
-                shutil.copy2(run / name, first / name)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            shutil.copy2(run / name, first / name)
+        _copy_train_config(run / TRAIN_CONFIG_FILE, first / TRAIN_CONFIG_FILE)
         cfg = model.config
         if cfg.use_retrieval:
             _copy_bank(run / BANK_DIR, tmp / BANK_DIR, model)
@@ -522,6 +527,20 @@ def _create(path: Path, source: str, run: Path) -> None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _copy_train_config(src: Path, dst: Path) -> None:
+    """Copy a run's training record with data folders reduced to their names (no paths)."""
+    try:
+        record = json.loads(src.read_text())
+        data = record.get("data")
+        if isinstance(data, dict) and data.get("path"):
+            data["path"] = Path(str(data["path"])).name
+        if record.get("val"):
+            record["val"] = Path(str(record["val"])).name
+    except (OSError, ValueError, AttributeError):
+        return  # the record is optional (fine-tuning then starts from default settings)
+    atomic_write_json(dst, record)
 
 
 def _copy_bank(src: Path, dst: Path, model: JRASModel) -> None:

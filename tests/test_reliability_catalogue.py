@@ -1,0 +1,1013 @@
+"""The bad-input catalogue of docs/reliability.md: one check per table row, by row id.
+
+Every row of the catalogue table must have a check here and every check a row
+(:func:`test_catalogue_and_checks_are_in_sync`). A check feeds the bad input through the
+surface named in the table (reader, CLI, bank, model loading, widgets) and asserts the clear
+message (CLI: exit status and a single ``napari-jras CMD: error: ...`` line, no traceback; GUI: a
+napari notification) and that nothing was lost or corrupted.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import sqlite3
+import struct
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import napari_jras.cli as cli_module
+from napari_jras.cli import main
+from napari_jras.core import bank as bank_module
+from napari_jras.core.bank import ExemplarBank
+from napari_jras.core.checkpoint import load_model, load_tensors, save_tensors
+from napari_jras.core.engine import InferenceEngine
+from napari_jras.core.errors import BankError, DataError, ModelError, StorageError
+from napari_jras.core.io import (MAX_VOXELS_ENV, check_image, check_label, read_volume,
+                                 write_volume)
+from napari_jras.core.normalize import normalize
+from napari_jras.core.workspace import Workspace
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
+ROW = re.compile(r"^\|\s*([A-Z]\d\d)\s*\|", re.MULTILINE)
+DATA = Path(__file__).parent / "data"
+ACDC = DATA / "acdc" / "patient045_frame01"
+WAIT = 60_000  # ms
+
+
+@dataclass
+class Ctx:
+    """What a check may use: pytest's fixtures (lazily) and a few helpers."""
+
+    request: pytest.FixtureRequest
+    tmp: Path
+    monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture
+
+    def fixture(self, name: str):
+        """A pytest fixture by name (created on first use)."""
+        return self.request.getfixturevalue(name)
+
+    def run(self) -> Path:
+        """A private copy of the tiny J-RAS run folder (4 classes, bank of 8 exemplars)."""
+        run = self.tmp / "run"
+        if not run.exists():
+            shutil.copytree(self.fixture("tiny_run"), run)
+        return run
+
+    def cli_error(self, *argv: object, status: int = 2) -> str:
+        """Run ``napari-jras ARGV``; check the exit status and the single error line."""
+        self.capsys.readouterr()
+        assert main([str(a) for a in argv]) == status
+        err = self.capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in err, err
+        command = next(str(a) for a in argv if not str(a).startswith("--"))
+        assert lines[0].startswith(f"napari-jras {command}: error: "), err
+        return lines[0]
+
+    def image_file(self, name: str = "p9_slice0_image.tif") -> Path:
+        """A real 2-D MRI slice (with its label) in a fresh folder; returns the image path."""
+        folder = self.tmp / "data"
+        folder.mkdir(exist_ok=True)
+        image = read_volume(f"{ACDC}_image.tif").data[4]
+        label = read_volume(f"{ACDC}_label.tif").data[4].astype(np.uint8)
+        write_volume(folder / name, image)
+        write_volume(folder / name.replace("_image", "_label"), label)
+        return folder / name
+
+
+CHECKS: dict[str, Callable[[Ctx], None]] = {}
+
+
+def check(row: str) -> Callable[[Callable[[Ctx], None]], Callable[[Ctx], None]]:
+    """Register the check of catalogue row ``row``."""
+    def register(func: Callable[[Ctx], None]) -> Callable[[Ctx], None]:
+        assert row not in CHECKS, row
+        CHECKS[row] = func
+        return func
+
+    return register
+
+
+def pair(folder: Path, stem: str, image: np.ndarray, label: np.ndarray, ext: str = ".tif") -> Path:
+    """Write ``<stem>_image<ext>`` + ``<stem>_label<ext>`` without any validation."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if ext == ".png":
+        import imageio.v3 as iio
+
+        iio.imwrite(folder / f"{stem}_image.png", image)
+        iio.imwrite(folder / f"{stem}_label.png", label)
+    else:
+        import tifffile
+
+        tifffile.imwrite(folder / f"{stem}_image{ext}", image)
+        tifffile.imwrite(folder / f"{stem}_label{ext}", label)
+    return folder / f"{stem}_image{ext}"
+
+
+def read_layers(path: Path):
+    from napari_jras._reader import read_path
+
+    return read_path(path)
+
+
+def disk_full_after(nbytes: int):
+    """A writer that puts ``nbytes`` into its file, then fails like a full disk."""
+    def write(*args, **kwargs):
+        path = next(a for a in args if isinstance(a, (str, os.PathLike)))  # nibabel: (img, path)
+        with open(path, "wb") as fh:
+            fh.write(b"\0" * nbytes)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    return write
+
+
+def folder_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+class FullDisk:
+    """Stands in for ``open`` in a module: writes 10 bytes, then fails like a full disk."""
+
+    def __init__(self, file, mode):
+        self.fh = open(file, mode)  # noqa: SIM115 - closed in __exit__
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+    def write(self, data):
+        self.fh.write(bytes(data)[:10])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+# =========================================================================== reader and files
+@check("R01")
+def four_d_image(ctx: Ctx) -> None:
+    path = pair(ctx.tmp / "d", "c", np.zeros((2, 3, 16, 16), np.uint16),
+                np.zeros((2, 3, 16, 16), np.uint8))
+    with pytest.raises(DataError, match="4-D"):
+        read_layers(path)
+
+
+@check("R02")
+def one_d_or_empty(ctx: Ctx) -> None:
+    with pytest.raises(DataError, match="must be 2-D or 3-D"):
+        check_image(np.zeros(5))
+    with pytest.raises(DataError, match="is empty"):
+        check_image(np.zeros((0, 16)))
+
+
+@check("R03")
+def rgb_image(ctx: Ctx) -> None:
+    path = pair(ctx.tmp / "d", "c", np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32), np.uint8),
+                ext=".png")
+    with pytest.raises(DataError, match="RGB"):
+        read_layers(path)
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n"
+                     + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+
+
+@check("R04")
+def huge_image(ctx: Ctx) -> None:
+    import nibabel as nib
+
+    header = nib.Nifti1Header()  # a header claiming 4096^3 voxels (128 GiB), almost no data
+    header.set_data_shape((4096, 4096, 4096))
+    header.set_data_dtype(np.int16)
+    header["vox_offset"] = 352
+    (ctx.tmp / "huge_image.nii").write_bytes(header.binaryblock + b"\0" * 4 + b"\0" * 1000)
+    with pytest.raises(DataError, match="too large to load.*68719 million voxels"):
+        read_volume(ctx.tmp / "huge_image.nii")
+    _png_header_only(ctx.tmp / "huge_image.png", 100_000, 100_000)
+    with pytest.raises(DataError, match="too large"):
+        read_volume(ctx.tmp / "huge_image.png")
+    ctx.monkeypatch.setenv(MAX_VOXELS_ENV, "1000")  # the limit is configurable
+    with pytest.raises(DataError, match="limit of 0 million.*NAPARI_JRAS_MAX_VOXELS"):
+        read_volume(f"{ACDC}_image.tif")
+
+
+@check("R05")
+def constant_images(ctx: Ctx) -> None:
+    engine = InferenceEngine.from_run(ctx.run(), device="cpu")
+    for image in (np.zeros((2, 40, 40), np.uint16), np.full((40, 40), 7.0, np.float32)):
+        assert not normalize(image).any()
+        pred = engine.predict(image, return_probabilities=True)
+        assert pred.labels.shape == image.shape and pred.labels.max() < 4
+        assert np.isfinite(pred.probabilities).all()
+
+
+@check("R06")
+def nan_inf_image(ctx: Ctx) -> None:
+    image = read_volume(f"{ACDC}_image.tif").data.astype(np.float32)
+    image[2, 5, 5], image[3, 0, 0] = np.nan, np.inf
+    write_volume(ctx.tmp / "d" / "c_image.nii.gz", image)
+    write_volume(ctx.tmp / "d" / "c_label.nii.gz", np.zeros(image.shape, np.uint8))
+    with pytest.raises(DataError, match="2 NaN or infinite values"):
+        read_layers(ctx.tmp / "d" / "c_image.nii.gz")
+    engine = InferenceEngine.from_run(ctx.run(), device="cpu")
+    with pytest.raises(DataError, match="NaN"):
+        engine.predict(image)
+
+
+@check("R07")
+def negative_labels(ctx: Ctx) -> None:
+    label = np.zeros((16, 16), np.int16)
+    label[3, 3] = -1
+    with pytest.raises(DataError, match="negative values"):
+        read_layers(pair(ctx.tmp / "d", "c", np.zeros((16, 16), np.uint16), label))
+
+
+@check("R08")
+def float_labels(ctx: Ctx) -> None:
+    label = np.zeros((16, 16), np.float32)
+    label[3, 3] = 0.5
+    with pytest.raises(DataError, match="non-integer values"):
+        read_layers(pair(ctx.tmp / "d", "c", np.zeros((16, 16), np.uint16), label))
+
+
+@check("R09")
+def labels_beyond_classes(ctx: Ctx) -> None:
+    image = ctx.image_file()
+    label = read_volume(image.with_name("p9_slice0_label.tif")).data.copy()
+    label[0, 0] = 7
+    write_volume(image.with_name("p9_slice0_label.tif"), label)
+    line = ctx.cli_error("evaluate", "--model", ctx.run(), "--data", image.parent, "--report",
+                         ctx.tmp / "r.json", "--device", "cpu", "--quiet")
+    assert "class value 7" in line and "4 classes" in line
+    assert not (ctx.tmp / "r.json").exists()
+    with pytest.raises(DataError, match="only 4 classes"):
+        check_label(label, num_classes=4)
+
+
+@check("R10")
+def shape_mismatch(ctx: Ctx) -> None:
+    path = pair(ctx.tmp / "d", "c", np.zeros((16, 16), np.uint16), np.zeros((16, 17), np.uint8))
+    with pytest.raises(DataError, match=r"shape \(16, 17\) does not match the image shape"):
+        read_layers(path)
+
+
+@check("R11")
+def corrupted_files(ctx: Ctx) -> None:
+    for ext in (".tif", ".nii.gz", ".png"):
+        path = ctx.tmp / f"broken_image{ext}"
+        path.write_bytes(os.urandom(3000))
+        with pytest.raises(DataError, match="the file is damaged"):
+            read_volume(path)
+
+
+@check("R12")
+def truncated_files(ctx: Ctx) -> None:
+    for src in ("acdc/patient045_frame01_image.tif", "nifti/patient045_frame02_image.nii.gz",
+                "busi/benign_100_image.png"):
+        raw = (DATA / src).read_bytes()
+        path = ctx.tmp / Path(src).name
+        path.write_bytes(raw[: len(raw) // 2])
+        with pytest.raises(DataError, match="damaged|truncated"):
+            read_volume(path)
+
+
+@check("R13")
+def empty_file(ctx: Ctx) -> None:
+    (ctx.tmp / "c_image.nii.gz").touch()
+    with pytest.raises(DataError, match=r"the file is empty \(0 bytes\)"):
+        read_volume(ctx.tmp / "c_image.nii.gz")
+
+
+@check("R14")
+def unreadable_file(ctx: Ctx) -> None:
+    path = ctx.image_file()
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        path.chmod(0)
+    else:  # root reads anything: simulate the refusal
+        import tifffile
+
+        def refuse(*args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+        ctx.monkeypatch.setattr(tifffile, "TiffFile", refuse)
+    try:
+        with pytest.raises(DataError, match="permission denied"):
+            read_volume(path)
+        line = ctx.cli_error("predict", "--model", ctx.run(), "--input", path, "--output",
+                             ctx.tmp / "out", "--device", "cpu", "--quiet")
+        assert "permission denied" in line
+    finally:
+        path.chmod(0o644)
+
+
+@check("R15")
+def unsupported_type(ctx: Ctx) -> None:
+    (ctx.tmp / "scan.jpg").write_bytes(b"\xff\xd8\xff" + b"\0" * 100)
+    with pytest.raises(DataError, match="Unsupported file type '.jpg'"):
+        read_volume(ctx.tmp / "scan.jpg")
+
+
+@check("R16")
+def missing_input(ctx: Ctx) -> None:
+    with pytest.raises(DataError, match="File not found"):
+        read_volume(ctx.tmp / "none_image.tif")
+    line = ctx.cli_error("predict", "--model", ctx.run(), "--input", ctx.tmp / "none",
+                         "--output", ctx.tmp / "out", "--quiet")
+    assert "Input not found" in line
+
+
+@check("R17")
+def image_without_label(ctx: Ctx) -> None:
+    image = ctx.image_file()
+    image.with_name("p9_slice0_label.tif").unlink()
+    line = ctx.cli_error("train", "--data", image.parent, "--out", ctx.tmp / "out",
+                         "--steps", "1", "--quiet")
+    assert "no matching '_label' file" in line
+    assert not (ctx.tmp / "out").exists()
+
+
+@check("R18")
+def unsupported_dtype(ctx: Ctx) -> None:
+    with pytest.raises(DataError, match="unsupported data type complex"):
+        check_image(np.zeros((4, 4), complex))
+    with pytest.raises(DataError, match="unsupported data type"):
+        check_label(np.array([["a", "b"]]))
+
+
+@check("R19")
+def disk_full_writing_labels(ctx: Ctx) -> None:
+    import nibabel as nib
+    import tifffile
+
+    from napari_jras._writer import write_labels
+
+    old = np.arange(64, dtype=np.uint8).reshape(8, 8) % 3
+    for name, module, attr in (("a.tif", tifffile, "imwrite"), ("a.nii.gz", nib, "save")):
+        target = write_volume(ctx.tmp / "out" / name, old)
+        before = target.read_bytes()
+        with ctx.monkeypatch.context() as patch:
+            patch.setattr(module, attr, disk_full_after(100))
+            with pytest.raises(DataError, match="No space left on device"):
+                write_labels(str(target), np.ones((8, 8), np.uint8), {"name": "labels"})
+        assert target.read_bytes() == before  # the previous file is intact
+        np.testing.assert_array_equal(read_volume(target).data, old)
+    assert folder_files(ctx.tmp / "out") == ["a.nii.gz", "a.tif"]  # no partial file left
+
+
+@check("R20")
+def writer_given_non_labels(ctx: Ctx) -> None:
+    from napari_jras._writer import write_labels
+
+    for data, message in ((np.full((4, 4), 0.5), "non-integer"),
+                          (-np.ones((4, 4), np.int16), "negative"),
+                          (np.zeros((2, 2, 4, 4), np.uint8), "2-D or 3-D")):
+        with pytest.raises(DataError, match=message):
+            write_labels(str(ctx.tmp / "x.tif"), data, {"name": "labels"})
+    assert not (ctx.tmp / "x.tif").exists()
+
+
+# =========================================================================== command line
+@check("C01")
+def unexpected_exception(ctx: Ctx) -> None:
+    def boom(args):
+        raise RuntimeError("boom\nsecond line")
+
+    ctx.monkeypatch.setattr(cli_module, "cmd_info", boom)
+    line = ctx.cli_error("info", status=1)
+    assert "unexpected RuntimeError: boom second line" in line and "--debug" in line
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["--debug", "info"])
+
+
+@check("C02")
+def invalid_options(ctx: Ctx) -> None:
+    data = ctx.image_file().parent
+    for extra, message in ((["--k", "9"], "K must be between 1 and 8"),
+                           (["--backbone-options", "{bad"], "--backbone-options must be a JSON"),
+                           (["--patient-regex", "(p"], "not a valid regular expression")):
+        line = ctx.cli_error("train", "--data", data, "--out", ctx.tmp / "out", "--steps", "1",
+                             "--quiet", *extra)
+        assert message in line
+
+
+@check("C03")
+def disk_full_writing_predictions(ctx: Ctx) -> None:
+    import tifffile
+
+    image = ctx.image_file()
+    out = ctx.tmp / "out"
+    old = write_volume(out / "p9_slice0_label.tif", np.ones((4, 4), np.uint8))
+    before = old.read_bytes()
+    ctx.monkeypatch.setattr(tifffile, "imwrite", disk_full_after(10))
+    line = ctx.cli_error("predict", "--model", ctx.run(), "--input", image, "--output", out,
+                         "--device", "cpu", "--quiet")
+    assert "No space left on device" in line
+    assert old.read_bytes() == before and folder_files(out) == ["p9_slice0_label.tif"]
+
+
+@check("C04")
+def out_of_memory(ctx: Ctx) -> None:
+    def exhaust(args):
+        raise MemoryError
+
+    ctx.monkeypatch.setattr(cli_module, "cmd_info", exhaust)
+    assert "out of memory" in ctx.cli_error("info")
+
+
+@check("C05")
+def interrupted(ctx: Ctx) -> None:
+    def interrupt(args):
+        raise KeyboardInterrupt
+
+    ctx.monkeypatch.setattr(cli_module, "cmd_info", interrupt)
+    assert main(["info"]) == 130
+    assert ctx.capsys.readouterr().err.strip() == "interrupted"
+
+
+@check("C06")
+def report_path_unwritable(ctx: Ctx) -> None:
+    image = ctx.image_file()
+    (ctx.tmp / "file").write_text("a file, not a folder")
+    line = ctx.cli_error("evaluate", "--model", ctx.run(), "--data", image.parent, "--report",
+                         ctx.tmp / "file" / "r.json", "--device", "cpu", "--quiet")
+    assert "r.json: a part of its folder path is a file" in line
+
+
+# =========================================================================== exemplar bank
+def _bank(ctx: Ctx, n: int = 3, name: str = "bank") -> tuple[Path, list[int], np.ndarray]:
+    """A bank of ``n`` random exemplars (16 px, 3 classes, 8-d); (path, ids, embeddings)."""
+    rng = np.random.default_rng(0)
+    vecs = rng.standard_normal((n, 8)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    with ExemplarBank.create(ctx.tmp / name, 16, 3, 8) as bank:
+        ids = bank.add(rng.random((n, 16, 16)), rng.integers(0, 3, (n, 16, 16)),
+                       [{"case_id": f"p{i}_slice0", "origin": "training"} for i in range(n)],
+                       vecs, "v1")
+    return ctx.tmp / name, ids, vecs
+
+
+@check("B01")
+def empty_bank(ctx: Ctx) -> None:
+    run = ctx.run()
+    with ExemplarBank.open(run / "bank") as bank:
+        bank.remove([r["id"] for r in bank.records()])
+        with pytest.raises(BankError, match="empty"):
+            bank.search(np.ones((1, bank.embed_dim), np.float32), 2, "any")
+    line = ctx.cli_error("predict", "--model", run, "--input", ctx.image_file(), "--output",
+                         ctx.tmp / "out", "--device", "cpu", "--quiet")
+    assert "empty" in line
+
+
+@check("B02")
+def k_larger_than_bank(ctx: Ctx) -> None:
+    run = ctx.run()
+    with ExemplarBank.open(run / "bank") as bank:
+        keep = bank.records()[0]["id"]
+        bank.remove([r["id"] for r in bank.records() if r["id"] != keep])
+        [hits] = bank.search(bank.embeddings()[1], 5, bank.retriever_version)
+        assert [h.id for h in hits] == [keep]
+    engine = InferenceEngine.from_run(run, device="cpu")  # the model fuses K=2
+    pred = engine.predict(read_volume(ctx.image_file()).data)
+    assert [e.id for e in pred.exemplars[0]] == [keep]
+
+
+@check("B03")
+def other_retriever_version(ctx: Ctx) -> None:
+    path, ids, vecs = _bank(ctx)
+    with ExemplarBank.open(path) as bank:
+        with pytest.raises(BankError, match="re-embed the bank"):
+            bank.search(vecs[:1], 1, "v2")
+        with pytest.raises(BankError, match="version v1.*re-embed"):
+            bank.add(np.zeros((1, 16, 16)), np.zeros((1, 16, 16), int),
+                     [{"case_id": "x", "origin": "correction"}], vecs[:1], "v2")
+        assert len(bank) == 3 and bank.retriever_version == "v1"
+
+
+@check("B04")
+def bank_deleted_while_open(ctx: Ctx) -> None:
+    path, ids, vecs = _bank(ctx)
+    bank = ExemplarBank.open(path)
+    shutil.rmtree(path)
+    for call in (lambda: len(bank), lambda: bank.search(vecs, 1, "v1"),
+                 lambda: bank.add(np.zeros((1, 16, 16)), np.zeros((1, 16, 16), int),
+                                  [{"case_id": "x", "origin": "correction"}], vecs[:1], "v1")):
+        with pytest.raises(BankError, match="was deleted or moved while it was open"):
+            call()
+    bank.close()
+
+
+@check("B05")
+def damaged_sqlite(ctx: Ctx) -> None:
+    path, _, _ = _bank(ctx)
+    db = path / "bank.sqlite"
+    db.write_bytes(db.read_bytes()[:100] + os.urandom(2000))
+    with pytest.raises(BankError, match="damaged"):
+        ExemplarBank.open(path)
+    assert "damaged" in ctx.cli_error("bank", "list", "--bank", path)
+
+
+@check("B06")
+def not_a_bank(ctx: Ctx) -> None:
+    assert "not an exemplar bank" in ctx.cli_error("bank", "list", "--bank", ctx.tmp)
+    assert "No exemplar bank folder" in ctx.cli_error("bank", "list", "--bank", ctx.tmp / "none")
+
+
+@check("B07")
+def newer_bank_format(ctx: Ctx) -> None:
+    path, _, _ = _bank(ctx)
+    db = sqlite3.connect(path / "bank.sqlite")
+    db.execute("UPDATE meta SET value = '99' WHERE key = 'format_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(BankError, match="newer napari-jras"):
+        ExemplarBank.open(path)
+
+
+@check("B08")
+def missing_or_damaged_pixels(ctx: Ctx) -> None:
+    path, ids, _ = _bank(ctx)
+    (path / "pixels" / f"{ids[0]}.npz").unlink()
+    (path / "pixels" / f"{ids[1]}.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with ExemplarBank.open(path) as bank:
+        with pytest.raises(BankError, match=f"pixels of exemplar {ids[0]} are missing"):
+            bank.images([ids[0]])
+        with pytest.raises(BankError, match=f"pixels of exemplar {ids[1]} are damaged"):
+            bank.masks([ids[1]])
+        assert bank.masks([ids[2]]).shape == (1, 16, 16)  # the others are still fine
+
+
+@check("B09")
+def damaged_or_stale_index(ctx: Ctx) -> None:
+    path, ids, vecs = _bank(ctx)
+    index = path / "index.faiss"
+    good = index.read_bytes()
+    _bank(ctx, 2, name="other")  # a valid index of another bank
+    damages = {"deleted": lambda: index.unlink(), "truncated": lambda: index.write_bytes(good[:50]),
+               "garbage": lambda: index.write_bytes(os.urandom(len(good))),
+               "empty": lambda: index.write_bytes(b""),
+               "foreign": lambda: shutil.copy(ctx.tmp / "other" / "index.faiss", index)}
+    for damage in damages.values():
+        damage()
+        with ExemplarBank.open(path) as bank:
+            assert [h[0].id for h in bank.search(vecs, 1, "v1")] == ids
+    with ExemplarBank.open(path) as bank:  # stale: an exemplar added after the index was saved
+        stale = index.read_bytes()
+        [new] = bank.add(np.zeros((1, 16, 16)), np.zeros((1, 16, 16), int),
+                         [{"case_id": "n", "origin": "correction"}], -vecs[:1], "v1")
+    index.write_bytes(stale)
+    with ExemplarBank.open(path) as bank:
+        assert bank.search(-vecs[:1], 1, "v1")[0][0].id == new
+
+
+@check("B10")
+def bank_of_another_model(ctx: Ctx) -> None:
+    path, _, _ = _bank(ctx)  # 3 classes and 8-d embeddings; the model has 4 classes, 16-d
+    line = ctx.cli_error("predict", "--model", ctx.run(), "--bank", path, "--input",
+                         ctx.image_file(), "--output", ctx.tmp / "out", "--device", "cpu",
+                         "--quiet")
+    assert "3 classes but the model has 4" in line
+
+
+@check("B11")
+def disk_full_adding_exemplars(ctx: Ctx) -> None:
+    path, ids, vecs = _bank(ctx)
+    with ExemplarBank.open(path) as bank:
+        ctx.monkeypatch.setattr(bank_module, "open", FullDisk, raising=False)
+        with pytest.raises(StorageError, match="No space left on device"):
+            bank.add(np.zeros((2, 16, 16)), np.zeros((2, 16, 16), int),
+                     [{"case_id": "x", "origin": "correction"}] * 2, vecs[:2], "v1")
+        ctx.monkeypatch.undo()
+        assert [r["id"] for r in bank.records()] == ids
+        assert folder_files(path / "pixels") == sorted(f"{i}.npz" for i in ids)
+        assert [h[0].id for h in bank.search(vecs, 1, "v1")] == ids
+        assert len(bank.add(np.zeros((1, 16, 16)), np.zeros((1, 16, 16), int),
+                            [{"case_id": "x", "origin": "correction"}], vecs[:1], "v1")) == 1
+
+
+@check("B12")
+def bank_busy(ctx: Ctx) -> None:
+    path, ids, vecs = _bank(ctx)
+    ctx.monkeypatch.setattr(bank_module, "BUSY_TIMEOUT_S", 0.1)
+    other = sqlite3.connect(path / "bank.sqlite", isolation_level=None)
+    try:
+        with ExemplarBank.open(path) as bank:
+            other.execute("BEGIN IMMEDIATE")
+            with pytest.raises(BankError, match="busy or read-only.*try again"):
+                bank.remove(ids[:1])
+            assert [h[0].id for h in bank.search(vecs, 1, "v1")] == ids  # reads go on
+            other.execute("ROLLBACK")
+            assert len(bank) == 3
+    finally:
+        other.close()
+
+
+# =========================================================================== model loading
+def _config(run: Path) -> dict:
+    return json.loads((run / "config.json").read_text())
+
+
+def _set_config(run: Path, **changes) -> None:
+    (run / "config.json").write_text(json.dumps({**_config(run), **changes}))
+
+
+@check("M01")
+def model_folder_missing(ctx: Ctx) -> None:
+    line = ctx.cli_error("predict", "--model", ctx.tmp / "none", "--input", ctx.image_file(),
+                         "--output", ctx.tmp / "out")
+    assert "Model folder not found" in line
+
+
+@check("M02")
+def not_a_model_folder(ctx: Ctx) -> None:
+    with pytest.raises(ModelError, match="not a napari-jras model: it has no config.json"):
+        load_model(ctx.tmp)
+    (ctx.tmp / "notes.txt").write_text("hi")
+    with pytest.raises(ModelError, match="is a file: give the model folder"):
+        load_model(ctx.tmp / "notes.txt")
+
+
+@check("M03")
+def damaged_config(ctx: Ctx) -> None:
+    run = ctx.run()
+    (run / "config.json").write_text('{"num_classes": 4, "backbone": ')
+    assert "config.json is damaged" in ctx.cli_error(
+        "predict", "--model", run, "--input", ctx.image_file(), "--output", ctx.tmp / "out")
+
+
+@check("M04")
+def invalid_config_values(ctx: Ctx) -> None:
+    run = ctx.run()
+    original = _config(run)
+    for changes, message in (({"num_classes": "four"}, "value of the wrong type"),
+                             ({"k": 9}, "K must be between 1 and 8"),
+                             ({"colour": "red"}, "unknown keys"),
+                             ({"backbone_options": {"depth": -3}}, "cannot be built|depth")):
+        (run / "config.json").write_text(json.dumps({**original, **changes}))
+        with pytest.raises(ModelError, match=message):
+            load_model(run)
+
+
+@check("M05")
+def weights_missing(ctx: Ctx) -> None:
+    run = ctx.run()
+    (run / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match="Missing weights file"):
+        load_model(run)
+
+
+@check("M06")
+def weights_truncated(ctx: Ctx) -> None:
+    run = ctx.run()
+    raw = (run / "model.safetensors").read_bytes()
+    (run / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    line = ctx.cli_error("predict", "--model", run, "--input", ctx.image_file(), "--output",
+                         ctx.tmp / "out")
+    assert "is damaged or not a safetensors file" in line
+
+
+@check("M07")
+def config_weights_mismatch(ctx: Ctx) -> None:
+    run = ctx.run()
+    _set_config(run, backbone_options={"base_channels": 8, "depth": 2})
+    with pytest.raises(ModelError, match="do not match its config.json.*wrong shape"):
+        load_model(run)
+
+
+@check("M08")
+def weights_with_nan(ctx: Ctx) -> None:
+    run = ctx.run()
+    state = load_tensors(run / "model.safetensors")
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = state[name].clone().fill_(float("nan"))
+    save_tensors(run / "model.safetensors", state)
+    with pytest.raises(ModelError, match="NaN or infinite values"):
+        load_model(run)
+
+
+@check("M09")
+def newer_model_format(ctx: Ctx) -> None:
+    run = ctx.run()
+    _set_config(run, format_version=99)
+    with pytest.raises(ModelError, match="newer napari-jras"):
+        load_model(run)
+
+
+@check("M10")
+def damaged_training_checkpoint(ctx: Ctx) -> None:
+    run = ctx.run()
+    ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
+    (ckpt / "trainer.safetensors").write_bytes(b"\x00" * 64)
+    assert "trainer.safetensors is damaged" in _resume_training(ctx, run)
+
+
+def _resume_training(ctx: Ctx, run: Path) -> str:
+    """The error line of ``napari-jras train`` resuming the tiny run's checkpoints."""
+    return ctx.cli_error("train", "--data", ctx.image_file().parent, "--out", run, "--steps", "5",
+                         "--quiet", "--backbone-options", '{"base_channels": 4, "depth": 2}',
+                         "--retriever-options", '{"width": 4, "input_size": 32}',
+                         "--embed-dim", "16", "--size", "32", "--modality", "mri",
+                         "--num-classes", "4", "--class-names", "background,RV,myocardium,LV",
+                         "--device", "cpu")
+
+
+@check("M11")
+def damaged_workspace_file(ctx: Ctx) -> None:
+    ctx.monkeypatch.setenv("NAPARI_JRAS_HOME", str(ctx.tmp / "home"))
+    with Workspace.open(ctx.run()) as ws:
+        path = ws.path
+    (path / "workspace.json").write_text("{ not json")
+    with pytest.raises(ModelError, match="workspace file .* is damaged"):
+        Workspace.open(path)
+
+
+@check("M12")
+def disk_full_saving_a_model(ctx: Ctx) -> None:
+    from napari_jras.core import checkpoint as checkpoint_module
+    from napari_jras.core.checkpoint import save_model
+
+    run = ctx.run()
+    model = load_model(run)
+    before = {name: (run / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    ctx.monkeypatch.setattr(checkpoint_module, "open", FullDisk, raising=False)
+    with pytest.raises(StorageError, match="Cannot write .*: No space left on device") as info:
+        save_model(run, model)
+    assert info.value.errno == errno.ENOSPC
+    ctx.monkeypatch.undo()
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert not [f for f in folder_files(run) if f.endswith(".partial")]
+    load_model(run)
+
+
+# =========================================================================== untrusted files
+class Payload:
+    """Unpickling this object creates ``self.marker``: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _evil_pickle(path: Path, marker: Path, zip_format: bool) -> Path:
+    import pickle
+
+    import torch
+
+    if zip_format:  # what torch.save writes (.pt/.pth/.bin)
+        torch.save({"weight": Payload(marker)}, path)
+    else:
+        path.write_bytes(pickle.dumps({"weight": Payload(marker)}))
+    return path
+
+
+@check("U01")
+def pickle_disguised_as_safetensors(ctx: Ctx) -> None:
+    marker = ctx.tmp / "PWNED"
+    run = ctx.run()
+    for zip_format in (True, False):
+        _evil_pickle(run / "model.safetensors", marker, zip_format)
+        with pytest.raises(ModelError, match="is a pickle .* never loads pickle files"):
+            load_model(run)
+        line = ctx.cli_error("predict", "--model", run, "--input", ctx.image_file(),
+                             "--output", ctx.tmp / "out", "--device", "cpu")
+        assert "never loads pickle files" in line
+    assert not marker.exists()
+
+
+@check("U02")
+def pickle_checkpoint_file_given_as_model(ctx: Ctx) -> None:
+    marker = ctx.tmp / "PWNED"
+    for name in ("model.pt", "model.pth", "weights.bin"):
+        path = _evil_pickle(ctx.tmp / name, marker, zip_format=True)
+        with pytest.raises(ModelError, match="is a pickle checkpoint"):
+            load_model(path)
+        line = ctx.cli_error("evaluate", "--model", path, "--data", ctx.tmp, "--report",
+                             ctx.tmp / "r.json")
+        assert "never loads pickle files" in line
+    assert not marker.exists()
+
+
+@check("U03")
+def pickle_in_a_training_checkpoint(ctx: Ctx) -> None:
+    marker = ctx.tmp / "PWNED"
+    run = ctx.run()
+    ckpt = sorted((run / "checkpoints").glob("step_*"))[-1]
+    _evil_pickle(ckpt / "trainer.safetensors", marker, zip_format=True)
+    assert "is a pickle" in _resume_training(ctx, run)
+    assert not marker.exists()
+
+
+@check("U04")
+def pickle_as_pretrained_encoder_weights(ctx: Ctx) -> None:
+    from transformers import ViTConfig
+
+    from napari_jras.core.retrieval import Retriever
+
+    marker = ctx.tmp / "PWNED"
+    folder = ctx.tmp / "encoder"
+    ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+              image_size=16, patch_size=8).save_pretrained(folder)
+    _evil_pickle(folder / "pytorch_model.bin", marker, zip_format=True)
+    with pytest.raises(ModelError, match="Could not load the pretrained encoder"):
+        Retriever(encoder="hf", pretrained=str(folder), embed_dim=8)
+    assert not marker.exists()  # transformers reads .bin files with torch.load(weights_only=True)
+
+
+@check("U05")
+def crafted_paths_in_a_bank(ctx: Ctx) -> None:
+    path, ids, vecs = _bank(ctx)
+    db = sqlite3.connect(path / "bank.sqlite")
+    db.execute("UPDATE exemplars SET retriever_version = '../../../escaped'")
+    db.commit()
+    db.close()
+    with ExemplarBank.open(path) as bank:
+        with pytest.raises(BankError, match="not a plain token"):
+            bank.retriever_version
+        with pytest.raises(BankError, match="not a plain token"):
+            bank.search(vecs, 1, "../../../escaped")
+    crafted = ctx.tmp / "crafted"  # a bank whose exemplar ids are file paths
+    shutil.copytree(path, crafted)
+    db = sqlite3.connect(crafted / "bank.sqlite")
+    db.executescript("ALTER TABLE exemplars RENAME TO old; "
+                     "CREATE TABLE exemplars AS SELECT * FROM old; DROP TABLE old; "
+                     "UPDATE exemplars SET id = '../../../etc/passwd' WHERE id = 1;")
+    db.close()
+    with pytest.raises(BankError, match="damaged.*ids are not whole numbers"):
+        ExemplarBank.open(crafted)
+    assert sorted(p.name for p in ctx.tmp.rglob("escaped*")) == []
+
+
+@check("U06")
+def crafted_version_path_in_a_workspace(ctx: Ctx) -> None:
+    ctx.monkeypatch.setenv("NAPARI_JRAS_HOME", str(ctx.tmp / "home"))
+    with Workspace.open(ctx.run()) as ws:
+        path = ws.path
+    meta = json.loads((path / "workspace.json").read_text())
+    meta["versions"][0]["name"] = meta["active"] = "../../../../run"
+    (path / "workspace.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="damaged.*not of the form v000"):
+        Workspace.open(path)
+
+
+@check("U07")
+def pickled_objects_in_bank_pixels_and_drafts(ctx: Ctx) -> None:
+    marker = ctx.tmp / "PWNED"
+    path, ids, _ = _bank(ctx)
+    np.savez(path / "pixels" / f"{ids[0]}.npz", image=np.array([Payload(marker)], dtype=object),
+             mask=np.zeros((16, 16), np.uint8))
+    with ExemplarBank.open(path) as bank:
+        with pytest.raises(BankError, match="damaged"):
+            bank.images(ids[:1])
+    ctx.monkeypatch.setenv("NAPARI_JRAS_HOME", str(ctx.tmp / "home"))
+    with Workspace.open(ctx.run()) as ws:
+        ws.save_draft("scan", np.zeros((4, 4), np.uint8))
+        draft = next((ws.path / "drafts").glob("*.npz"))
+        np.savez(draft, labels=np.array([Payload(marker)], dtype=object), meta=np.array("{}"))
+        with pytest.raises(DataError, match="draft 'scan' is damaged"):
+            ws.load_draft("scan")
+    assert not marker.exists()
+
+
+@check("U08")
+def no_pickle_loading_in_the_code(ctx: Ctx) -> None:
+    src = Path(__file__).resolve().parents[1] / "src" / "napari_jras"
+    text = {p: p.read_text() for p in src.rglob("*.py")}
+    for path, code in text.items():
+        for call in re.findall(r"torch\.load\([^)]*\)", code):
+            assert "weights_only=True" in call, f"{path}: {call}"
+        assert "allow_pickle=True" not in code, path
+        assert not re.search(r"\bpickle\.loads?\(|\bjoblib\.load\(|\bdill\.", code), path
+
+
+# =========================================================================== widgets (napari)
+def _notes(ctx: Ctx) -> list[tuple[str, str]]:
+    from napari.utils import notifications
+
+    seen: list[tuple[str, str]] = []
+    for level in ("error", "warning", "info"):
+        ctx.monkeypatch.setattr(notifications, f"show_{level}",
+                                lambda msg, level=level: seen.append((level, str(msg))))
+    return seen
+
+
+def _assistant(ctx: Ctx, model: Path | None = None):
+    from napari_jras._widgets.assistant import AssistantWidget
+
+    ctx.monkeypatch.setenv("NAPARI_JRAS_HOME", str(ctx.tmp / "home"))
+    viewer = ctx.fixture("make_napari_viewer_proxy")()
+    widget = AssistantWidget(viewer)
+    if model is not None:
+        widget.set_model_source(model)
+        _wait(ctx, widget)
+    return viewer, widget
+
+
+def _wait(ctx: Ctx, widget) -> None:
+    ctx.fixture("qtbot").waitUntil(lambda: widget.task is None or not widget.task.running,
+                                   timeout=WAIT)
+
+
+@check("W01")
+def widget_without_a_usable_image(ctx: Ctx) -> None:
+    notes = _notes(ctx)
+    viewer, widget = _assistant(ctx)
+    widget.segment()
+    assert notes[-1][0] == "error" and "No image layer" in notes[-1][1]
+    viewer.add_image(np.zeros((32, 32, 3), np.uint8), rgb=True, name="photo")
+    widget.segment()
+    assert notes[-1][0] == "error" and "RGB" in notes[-1][1]
+    viewer.add_image(np.zeros((2, 3, 16, 16), np.float32), name="movie")
+    widget.image_combo.setCurrentText("movie")
+    widget.segment()
+    assert notes[-1][0] == "error" and "4 dimensions" in notes[-1][1]
+
+
+@check("W02")
+def widget_nan_image(ctx: Ctx) -> None:
+    notes = _notes(ctx)
+    viewer, widget = _assistant(ctx, ctx.run())
+    image = np.ones((2, 32, 32), np.float32)
+    image[1, 3, 3] = np.nan
+    viewer.add_image(image, name="scan")
+    widget.segment()
+    _wait(ctx, widget)
+    assert notes[-1][0] == "error" and "NaN" in notes[-1][1]
+    assert "scan J-RAS" not in viewer.layers
+
+
+@check("W03")
+def widget_bad_model_folders(ctx: Ctx) -> None:
+    notes = _notes(ctx)
+    marker = ctx.tmp / "PWNED"
+    run = ctx.run()
+    _evil_pickle(run / "model.safetensors", marker, zip_format=True)
+    _, widget = _assistant(ctx)
+    for source, message in ((ctx.tmp / "none", "Model folder not found"),
+                            (run, "never loads pickle files")):
+        widget.set_model_source(source)
+        _wait(ctx, widget)
+        assert notes[-1][0] == "error" and "Loading the model failed" in notes[-1][1]
+        assert message in notes[-1][1] and widget.workspace is None
+    assert not marker.exists()
+
+
+@check("W04")
+def widget_export_disk_full(ctx: Ctx) -> None:
+    import tifffile
+
+    notes = _notes(ctx)
+    viewer, widget = _assistant(ctx, ctx.run())
+    viewer.add_image(read_volume(f"{ACDC}_image.tif").data, name="scan")
+    widget.segment()
+    _wait(ctx, widget)
+    target = write_volume(ctx.tmp / "scan_label.tif", np.ones((4, 4), np.uint8))
+    before = target.read_bytes()
+    ctx.monkeypatch.setattr(tifffile, "imwrite", disk_full_after(10))
+    assert widget.export_labels(str(target)) is None
+    assert notes[-1][0] == "error" and "No space left on device" in notes[-1][1]
+    assert target.read_bytes() == before and folder_files(ctx.tmp).count("scan_label.tif") == 1
+    assert not [f for f in folder_files(ctx.tmp) if "partial" in f]
+
+
+@check("W05")
+def viewer_opens_a_damaged_file(ctx: Ctx) -> None:
+    viewer = ctx.fixture("make_napari_viewer_proxy")()
+    path = ctx.tmp / "scan_image.nii.gz"
+    path.write_bytes(os.urandom(500))
+    with pytest.raises(Exception, match="the file is damaged") as info:
+        viewer.open(str(path), plugin="napari-jras")
+    assert "Traceback" not in str(info.value)
+    assert len(viewer.layers) == 0
+
+
+# =========================================================================== the test
+def catalogue_rows() -> list[str]:
+    """Row ids of the catalogue table in docs/reliability.md, in order."""
+    return ROW.findall(DOC.read_text())
+
+
+def test_catalogue_and_checks_are_in_sync():
+    rows = catalogue_rows()
+    assert len(rows) == len(set(rows)) >= 30
+    assert sorted(rows) == sorted(CHECKS)
+
+
+@pytest.mark.parametrize("row", sorted(CHECKS))
+def test_catalogue_row(row, request, tmp_path, monkeypatch, capsys):
+    CHECKS[row](Ctx(request, tmp_path, monkeypatch, capsys))
