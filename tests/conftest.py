@@ -24,7 +24,7 @@ def data_dir() -> Path:
 
 TINY_MODEL = {
     "backbone": "unet", "backbone_options": {"base_channels": 4, "depth": 2}, "size": 32, "k": 2,
-    "retriever": {"encoder": "cnn", "embed_dim": 16, "width": 4, "input_size": 32},
+    "retriever": {"encoder": "cnn", "embed_dim": 16, "width": 4, "input_size": 32, "center": True},
     "class_names": ["background", "RV", "myocardium", "LV"],
 }
 

@@ -98,8 +98,8 @@ def test_training_never_retrieves_own_patient(monkeypatch):
     seen = []
     original = trainer.guide_for
 
-    def spy(x, patients):
-        guide = original(x, patients)
+    def spy(x, patients, *rest):
+        guide = original(x, patients, *rest)
         for row, p in enumerate(patients.tolist()):
             valid = torch.isfinite(guide.scores[row])
             seen.append((p, data.patients[guide.indices[row][valid].cpu()].tolist()))
@@ -185,3 +185,85 @@ def test_baseline_model_has_no_retriever_and_ignores_guides():
     assert out.shape == (2, 3, 32, 32)
     with pytest.raises(ModelError):
         model.embed(torch.rand(1, 1, 32, 32))
+
+
+def test_guide_dropout_trains_some_queries_without_their_guide(monkeypatch):
+    seed_everything(0)
+    model = tiny_model()
+    trainer = JointTrainer(model, SliceSet(synthetic_samples(), 3),
+                           TrainConfig(steps=4, batch_size=64, guide_dropout=0.5, device="cpu",
+                                       log_every=1, contrastive_every=0))
+    trainer.refresh_embeddings()
+    seen = []
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward",
+                        lambda self, x, guide=None: seen.append(guide) or forward(self, x, guide))
+    trainer.supervised_step()
+    [guide] = seen
+    dropped = guide.mask.flatten(1).sum(1) == 0  # a real guide mask sums to 1 per pixel
+    assert 0 < int(dropped.sum()) < 64
+    assert torch.all(guide.image[dropped] == 0)
+    assert torch.allclose(guide.mask[~dropped].sum(1), torch.ones(1))
+    with pytest.raises(Exception, match="guide_dropout"):
+        TrainConfig(guide_dropout=1.0)
+
+
+def test_centering_on_the_bank_mean_spreads_similarities_and_survives_save_load(tmp_path):
+    from napari_jras.core.retrieval import build_retriever
+
+    seed_everything(0)
+    config = dict(TINY_RETRIEVER, center=True)
+    model = JRASModel(ModelConfig(num_classes=3, size=32, backbone="unet",
+                                  backbone_options=TINY_UNET, retriever=config))
+    data = SliceSet(synthetic_samples(), 3)
+    trainer = JointTrainer(model, data, TrainConfig(steps=1, device="cpu"))
+    trainer.refresh_embeddings()  # sets the centre to the bank's mean feature
+    retriever = model.retriever.eval()
+    with torch.no_grad():
+        features = retriever.features(data.images[:, None])
+        raw = torch.nn.functional.normalize(features, dim=1)
+    assert torch.allclose(retriever.center.mean, features.mean(0), atol=1e-5)
+    assert torch.allclose(trainer.bank_emb, retriever(data.images[:, None]), atol=1e-5)
+    off_diagonal = ~torch.eye(len(data), dtype=torch.bool)
+    centred_sims = (trainer.bank_emb @ trainer.bank_emb.t())[off_diagonal]
+    raw_sims = (raw @ raw.t())[off_diagonal]
+    assert centred_sims.std() > 3 * raw_sims.std()  # no common component to hide differences
+
+    save_model(tmp_path, model)
+    loaded = load_model(tmp_path)
+    assert torch.equal(loaded.retriever.center.mean, retriever.center.mean)
+    assert retriever_version(loaded.retriever) == retriever_version(retriever)
+    plain = build_retriever({k: v for k, v in retriever.config().items() if k != "center"})
+    assert isinstance(plain.center, torch.nn.Identity)  # configs from before the option
+
+
+def test_neighbour_guides_come_from_adjacent_slices_of_the_query_volume(monkeypatch):
+    seed_everything(0)
+    data = SliceSet(synthetic_samples(n_patients=4, per_patient=5), 3)
+    trainer = JointTrainer(tiny_model(k=2), data,
+                           TrainConfig(steps=2, batch_size=32, neighbour_guides=0.5,
+                                       contrastive_every=0, device="cpu"))
+    trainer.refresh_embeddings()
+    seen = []
+    original = trainer.guide_for
+
+    def spy(x, patients, neighbours_of=None):
+        guide = original(x, patients, neighbours_of)
+        seen.append((neighbours_of, patients, guide))
+        return guide
+
+    monkeypatch.setattr(trainer, "guide_for", spy)
+    trainer.supervised_step()
+    [(rows, patients, guide)] = seen
+    chosen = rows >= 0
+    assert 0 < int(chosen.sum()) < 32
+    for row, query in enumerate(rows.tolist()):
+        got = guide.indices[row][torch.isfinite(guide.scores[row])].tolist()
+        if query >= 0:  # same volume, 1 or 2 slices away, never the query itself
+            assert got and all(data.cases[j] == data.cases[query] for j in got)
+            assert all(1 <= abs(int(data.slice_indices[j] - data.slice_indices[query])) <= 2
+                       for j in got)
+        else:  # the others: never their own patient
+            assert int(patients[row]) not in data.patients[got].tolist()
+    with pytest.raises(Exception, match="neighbour_guides"):
+        TrainConfig(guide_dropout=0.6, neighbour_guides=0.5)

@@ -202,7 +202,8 @@ def test_autosave_draft_restored_on_next_segment(assistant, qtbot, notes):
     widget._autosave.setInterval(50)
     segment(qtbot, widget)
     labels = viewer.layers[f"{SAMPLE} J-RAS"]
-    labels.paint((6, 80, 80), 2)  # a brush stroke (emits the paint event)
+    new_class = 1 + int(labels.data[6, 80, 80]) % 3  # differs from the prediction there
+    labels.paint((6, 80, 80), new_class)  # a brush stroke (emits the paint event)
     ws = widget.workspace
     qtbot.waitUntil(lambda: len(ws.drafts()) == 1, timeout=WAIT)
     edited = labels.data[6].copy()

@@ -15,6 +15,12 @@ number of pixels that had to change is recorded), accepts it, and moves on. Sett
   on the accepted corrections (it has no bank to learn from otherwise);
 - ``jras-static`` / ``baseline-static``: no learning at all (reference lines).
 
+With ``--unit slice`` the annotator works slice by slice inside each volume instead, as with
+the assistant's "accept, next slice" (Shift+D, Shift+N): slice z is predicted with the
+corrections of the slices before it (same volume) already in the bank, then corrected and
+accepted; the Dice of a case is that of its volume put together from these predictions.
+Fine-tuning settings are skipped in that mode (a round per slice is not how anyone works).
+
 Each setting runs in a fresh workspace (temporary home folder), so the shipped model is never
 changed. Writes ``loop.json``, ``loop.md`` and ``loop.png`` into ``--out``.
 """
@@ -45,8 +51,31 @@ SETTINGS = {  # name: (model, accept corrections, fine-tune)
 }
 
 
+def predict_slice_by_slice(ws: Workspace, image: np.ndarray, label: np.ndarray,
+                           case_id: str, source: str) -> tuple[np.ndarray, dict]:
+    """Predict each slice after the corrections of the slices before it were accepted.
+
+    Also returns the fraction of slices (after the first) whose retrieved exemplars include
+    a correction of their own volume, and the mean fusion weight such corrections got.
+    """
+    if image.ndim == 2:
+        return ws.predict(image).labels, {"own_retrieved": 0.0, "own_weight": 0.0}
+    pred = np.zeros(label.shape, np.uint8)
+    own, weight = [], []
+    for z in range(image.shape[0]):
+        result = ws.predict(image, slices=[z])
+        pred[z] = result.labels[z]
+        if z:
+            mine = [e.weight for e in result.exemplars.get(z, [])
+                    if e.record.get("case_id") == case_id]
+            own.append(bool(mine))
+            weight.append(sum(mine))
+        ws.accept(image, label, slices=[z], case_id=case_id, source=source)
+    return pred, {"own_retrieved": float(np.mean(own)), "own_weight": float(np.mean(weight))}
+
+
 def run_setting(name: str, source: str, cases: list, every: int, steps: int,
-                home: Path) -> dict:
+                home: Path, unit: str = "case") -> dict:
     """Walk through ``cases`` with one setting; per-case Dice and corrected pixels."""
     _, accept, finetune = SETTINGS[name]
     ws = Workspace.open(source, home=home / name)
@@ -56,16 +85,22 @@ def run_setting(name: str, source: str, cases: list, every: int, steps: int,
         for n, case in enumerate(cases):
             image, label = load_case(case)
             t0 = time.perf_counter()
-            pred = ws.predict(image.data).labels
+            extra = {}
+            if accept and unit == "slice":
+                pred, extra = predict_slice_by_slice(ws, image.data, label, case.case_id,
+                                                     case.image_path.name)
+            else:
+                pred = ws.predict(image.data).labels
             predict_s = time.perf_counter() - t0
             dice = dice_per_class(pred, label, ws.num_classes)
             rows.append({"case": case.case_id, "accepted_before": n if accept else 0,
                          "dice": float(dice.mean()), "dice_per_class": dice.tolist(),
                          "corrected_pixels": int((pred != label).sum()),
-                         "foreground_pixels": int((label > 0).sum()), "predict_s": predict_s})
+                         "foreground_pixels": int((label > 0).sum()), "predict_s": predict_s,
+                         **extra})
             print(f"  {name:20s} {case.case_id:22s} Dice {rows[-1]['dice']:.3f}  "
                   f"corrected {rows[-1]['corrected_pixels']:6d} px", flush=True)
-            if accept:
+            if accept and unit == "case":
                 ws.accept(image.data, label, case_id=case.case_id, source=case.image_path.name)
                 if finetune and (n + 1) % every == 0 and n + 1 < len(cases):
                     t0 = time.perf_counter()
@@ -75,7 +110,11 @@ def run_setting(name: str, source: str, cases: list, every: int, steps: int,
         ws.close()
     dices = np.array([r["dice"] for r in rows])
     pixels = np.array([r["corrected_pixels"] for r in rows])
+    own = [r["own_retrieved"] for r in rows if "own_retrieved" in r]
     return {"setting": name, "cases": rows, "mean_dice": float(dices.mean()),
+            "own_corrections_retrieved": float(np.mean(own)) if own else None,
+            "own_corrections_weight": (float(np.mean([r["own_weight"] for r in rows
+                                                      if "own_weight" in r])) if own else None),
             "std_dice": float(dices.std()), "mean_corrected_pixels": float(pixels.mean()),
             "total_corrected_pixels": int(pixels.sum()), "finetune_s": finetune_s}
 
@@ -86,17 +125,23 @@ def write_report(result: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    unit = result.get("unit", "case")
     lines = ["# Human in the loop (simulated annotator)", "",
+             f"Unit of work: {'slice by slice within each volume' if unit == 'slice' else 'case'}.",
+             "",
              f"Machine: `{json.dumps(result['machine'])}`", "",
              f"Command: `{result['command']}`", "",
              f"{len(result['settings'][0]['cases'])} validation cases in order; fine-tuning: "
              f"{result['finetune_steps']} steps every {result['every']} accepted cases.", "",
              "| setting | mean Dice of the next prediction | corrected pixels per case | "
-             "total corrected pixels | fine-tuning time s |", "|---|---|---|---|---|"]
+             "total corrected pixels | fine-tuning time s | slices that retrieved a correction "
+             "of their own volume | its fusion weight |", "|---|---|---|---|---|---|---|"]
     for s in result["settings"]:
+        own = s.get("own_corrections_retrieved")
+        own_text = "- | -" if own is None else f"{own:.0%} | {s['own_corrections_weight']:.2f}"
         lines.append(f"| {s['setting']} | {s['mean_dice']:.4f} +- {s['std_dice']:.4f} | "
                      f"{s['mean_corrected_pixels']:.0f} | {s['total_corrected_pixels']:,} | "
-                     f"{s['finetune_s']:.0f} |")
+                     f"{s['finetune_s']:.0f} | {own_text} |")
     lines += ["", "Per case (Dice):", "",
               "| # | case | " + " | ".join(s["setting"] for s in result["settings"]) + " |",
               "|---|---|" + "---|" * len(result["settings"])]
@@ -131,8 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="steps per fine-tuning round")
     parser.add_argument("--limit", type=int, help="only the first N cases")
     parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--unit", choices=["case", "slice"], default="case",
+                        help="accept whole cases, or slice by slice within each volume")
     args = parser.parse_args(argv)
     names = [s for s in args.settings.split(",") if s]
+    if args.unit == "slice":
+        names = [s for s in names if not SETTINGS[s][2]]  # no fine-tuning per slice
     unknown = [s for s in names if s not in SETTINGS]
     if unknown:
         parser.error(f"unknown setting(s) {unknown}; choose from {list(SETTINGS)}")
@@ -144,13 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             source = args.jras if SETTINGS[name][0] == "jras" else args.baseline
-            settings.append(run_setting(name, source, cases, args.every, args.steps, Path(tmp)))
+            settings.append(run_setting(name, source, cases, args.every, args.steps, Path(tmp),
+                                        args.unit))
     result = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "cpu": platform.machine(), "threads": torch.get_num_threads(),
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "command": "python benchmarks/loop/simulate_annotator.py " + " ".join(sys.argv[1:]),
-        "every": args.every, "finetune_steps": args.steps, "settings": settings,
+        "every": args.every, "finetune_steps": args.steps, "unit": args.unit,
+        "settings": settings,
     }
     (args.out / "loop.json").write_text(json.dumps(result, indent=1))
     write_report(result, args.out)

@@ -71,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "backbone": args.backbone, "use_retrieval": not args.no_retrieval, "k": args.k,
         "tau": args.tau, "size": args.size, "modality": args.modality,
         "backbone_options": _json_option(args.backbone_options, "--backbone-options"),
-        "retriever": {"encoder": "cnn", "embed_dim": args.embed_dim,
+        "retriever": {"encoder": "cnn", "embed_dim": args.embed_dim, "center": True,
                       **_json_option(args.retriever_options, "--retriever-options")},
     }
     if args.num_classes:
@@ -90,6 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr, seed=args.seed,
         device=args.device, amp=not args.no_amp, contrastive_every=args.contrastive_every,
         retriever_warmup_steps=args.warmup_steps, freeze_retriever=args.freeze_retriever,
+        guide_dropout=args.guide_dropout, neighbour_guides=args.neighbour_guides,
         checkpoint_every=args.checkpoint_every, val_every=args.val_every,
         log_every=args.log_every, augment=not args.no_augment)
     with distributed_session(args.device):  # a no-op outside torchrun
@@ -240,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a contrastive retriever step every N supervised steps (0: off)")
     t.add_argument("--warmup-steps", type=int, default=0, help="NT-Xent retriever warm-up steps")
     t.add_argument("--freeze-retriever", action="store_true", help="ablation: no retriever training")
+    t.add_argument("--guide-dropout", type=float, default=0.5,
+                   help="fraction of supervised samples trained without their guide, in [0, 1)")
+    t.add_argument("--neighbour-guides", type=float, default=0.0,
+                   help="fraction of supervised samples guided by adjacent slices of their own "
+                        "volume, as after an accepted correction; lifts the own-patient "
+                        "exclusion for those samples only (never at evaluation)")
     t.add_argument("--no-augment", action="store_true")
     t.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     t.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")

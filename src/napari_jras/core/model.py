@@ -32,7 +32,8 @@ class ModelConfig:
     size: int = 128
     modality: str = "auto"
     class_names: list[str] = field(default_factory=list)
-    retriever: dict[str, Any] = field(default_factory=lambda: {"encoder": "cnn", "embed_dim": 128})
+    retriever: dict[str, Any] = field(
+        default_factory=lambda: {"encoder": "cnn", "embed_dim": 128, "center": True})
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:

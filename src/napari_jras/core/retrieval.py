@@ -104,12 +104,34 @@ def _last_blocks(model: nn.Module, n: int) -> list[nn.Module]:
     return list(blocks)[-n:]
 
 
+class Centering(nn.Module):
+    """Subtract a fixed centre (the bank's mean feature) before L2 normalisation.
+
+    Features of a from-scratch CNN (ReLU, average pooling) share one large common component, so
+    all cosine similarities start near 1 and the soft top-K weights are uniform. The trainer
+    sets the centre to the mean feature of the training bank each time it refreshes the bank
+    embeddings (:meth:`Retriever.set_center`), so queries and bank are centred alike, it is
+    the same on every DDP rank, and it never depends on the batch.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, D) centred."""
+        return z - self.mean.to(z.dtype)
+
+
 class Retriever(nn.Module):
-    """Encoder + Linear-ReLU-Linear projection head; ``forward`` returns unit-norm embeddings."""
+    """Encoder + Linear-ReLU-Linear projection head; ``forward`` returns unit-norm embeddings.
+
+    ``center=True`` adds :class:`Centering` after the head (the default of new runs).
+    """
 
     def __init__(self, encoder: str = "cnn", embed_dim: int = 128, width: int = 32,
                  pretrained: str | None = None, trainable_blocks: int = 1,
-                 input_size: int = 128):
+                 input_size: int = 128, center: bool = False):
         super().__init__()
         if encoder not in ENCODERS:
             raise ModelError(f"Unknown retriever encoder '{encoder}'; choose one of {ENCODERS}")
@@ -117,23 +139,37 @@ class Retriever(nn.Module):
             raise ModelError("The 'hf' retriever encoder needs --pretrained (a folder or hub id)")
         self._config = {"encoder": encoder, "embed_dim": embed_dim, "width": width,
                         "pretrained": pretrained, "trainable_blocks": trainable_blocks,
-                        "input_size": input_size}
+                        "input_size": input_size, "center": bool(center)}
         self.input_size = input_size
         self.encoder = SmallCNNEncoder(1, width) if encoder == "cnn" else HFEncoder(
             pretrained, trainable_blocks)
         hidden = max(embed_dim, self.encoder.out_dim)
         self.head = nn.Sequential(nn.Linear(self.encoder.out_dim, hidden), nn.ReLU(inplace=True),
                                   nn.Linear(hidden, embed_dim))
+        self.center = Centering(embed_dim) if center else nn.Identity()
         self.embed_dim = embed_dim
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) images in [0, 1] -> (B, embed_dim) L2-normalised embeddings."""
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) images in [0, 1] -> (B, embed_dim) head outputs (not centred, not unit)."""
         if images.dim() != 4 or images.shape[1] != 1:
             raise ModelError(f"Retriever expects (B, 1, H, W) images, got {tuple(images.shape)}")
         if images.shape[-2:] != (self.input_size, self.input_size):
             images = F.interpolate(images, size=(self.input_size, self.input_size),
                                    mode="bilinear", align_corners=False)
-        return F.normalize(self.head(self.encoder(images)).float(), dim=1)
+        return self.head(self.encoder(images)).float()
+
+    def normalize(self, features: torch.Tensor) -> torch.Tensor:
+        """Head outputs -> embeddings: centred (with ``center=True``), then L2-normalised."""
+        return F.normalize(self.center(features), dim=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) images in [0, 1] -> (B, embed_dim) L2-normalised embeddings."""
+        return self.normalize(self.features(images))
+
+    def set_center(self, features: torch.Tensor) -> None:
+        """Centre embeddings on the mean of ``features`` (N, D); no-op without ``center``."""
+        if isinstance(self.center, Centering) and len(features):
+            self.center.mean.copy_(features.float().mean(0).to(self.center.mean.device))
 
     def config(self) -> dict[str, Any]:
         """Options that rebuild this retriever with :func:`build_retriever`."""
@@ -159,13 +195,17 @@ def retriever_version(retriever: nn.Module) -> str:
 
 @torch.no_grad()
 def embed_images(retriever: Retriever, images: torch.Tensor, batch_size: int = 64,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
-    """Embed (N, H, W) or (N, 1, H, W) images in batches without gradients; returns (N, D) on CPU."""
+                 device: torch.device | str = "cpu", features: bool = False) -> torch.Tensor:
+    """Embed (N, H, W) or (N, 1, H, W) images in batches without gradients; returns (N, D) on CPU.
+
+    ``features=True`` returns the raw head outputs (:meth:`Retriever.features`) instead.
+    """
     if images.dim() == 3:
         images = images[:, None]
     was_training = retriever.training
     retriever.eval()
-    out = [retriever(images[i:i + batch_size].to(device, torch.float32)).cpu()
+    fn = retriever.features if features else retriever
+    out = [fn(images[i:i + batch_size].to(device, torch.float32)).cpu()
            for i in range(0, images.shape[0], batch_size)]
     retriever.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, retriever.embed_dim)

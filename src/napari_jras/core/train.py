@@ -23,7 +23,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from .retrieval import embed_images, retriever_version
 ProgressFn = Callable[[dict[str, Any]], None]
 CancelFn = Callable[[], bool]
 RELEVANCE_SIZE = 32
+NEIGHBOUR_RANGE = 2  # neighbour guides: slices at most this far from the query, same volume
 
 
 @dataclass
@@ -69,6 +70,8 @@ class TrainConfig:
     retriever_warmup_steps: int = 0
     refresh_every: int = 0
     freeze_retriever: bool = False
+    guide_dropout: float = 0.5
+    neighbour_guides: float = 0.0
     augment: bool = True
     amp: bool = True
     seed: int = 0
@@ -83,6 +86,11 @@ class TrainConfig:
             raise JRASError("steps and batch_size must be at least 1")
         if self.contrastive_every < 0:
             raise JRASError("contrastive_every must be >= 0 (0 disables the contrastive step)")
+        if not 0.0 <= self.guide_dropout < 1.0:
+            raise JRASError(f"guide_dropout must be in [0, 1), got {self.guide_dropout}")
+        if not 0.0 <= self.neighbour_guides <= 1.0 - self.guide_dropout:
+            raise JRASError("neighbour_guides must be in [0, 1 - guide_dropout], got "
+                            f"{self.neighbour_guides}")
 
 
 class SliceSet:
@@ -107,6 +115,9 @@ class SliceSet:
         lookup = {p: i for i, p in enumerate(names)}
         self.patients = torch.tensor([lookup[s.patient_id] for s in samples])
         self.patient_names = names
+        case_lookup = {c: i for i, c in enumerate(sorted({s.case_id for s in samples}))}
+        self.cases = torch.tensor([case_lookup[s.case_id] for s in samples])
+        self.slice_indices = torch.tensor([s.slice_index for s in samples])
         self.num_classes = num_classes
 
     def __len__(self) -> int:
@@ -130,6 +141,16 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     denom = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
     dice = (2 * inter + 1e-5) / (denom + 1e-5)
     return ce + (1 - dice.mean())
+
+
+def drop_guides(guide: Guide, keep: torch.Tensor) -> Guide:
+    """Zero the guide image and mask of the queries where ``keep`` (B,) is False.
+
+    Guide dropout: a segmenter that sometimes trains without its guide has to learn the image
+    itself instead of copying the guide mask, the shortcut that makes it trust a misaligned guide.
+    """
+    k = keep.to(guide.image.dtype).view(-1, 1, 1, 1)
+    return replace(guide, image=guide.image * k, mask=guide.mask * k)
 
 
 def mask_relevance(query_masks: torch.Tensor, cand_masks: torch.Tensor) -> torch.Tensor:
@@ -240,6 +261,8 @@ class JointTrainer:
         self.bank_images = train.images.to(self.device)
         self.bank_labels = train.labels.to(self.device)
         self.bank_patients = train.patients.to(self.device)
+        self.bank_cases = train.cases.to(self.device)
+        self.bank_slices = train.slice_indices.to(self.device)
         self.bank_emb: torch.Tensor | None = None
         small = F.interpolate(F.one_hot(train.labels, train.num_classes).permute(0, 3, 1, 2).float(),
                               size=(RELEVANCE_SIZE, RELEVANCE_SIZE), mode="area")
@@ -267,41 +290,79 @@ class JointTrainer:
 
     # -- retrieval ------------------------------------------------------------------------
     def refresh_embeddings(self) -> None:
-        """Re-embed the whole training bank with the current retriever.
+        """Re-embed the whole training bank with the current retriever (and re-centre it).
 
         Distributed: each rank embeds its share of the bank and the shares are all-gathered, so
         every rank retrieves from bit-identical embeddings. Called by all ranks together.
         """
         if self.use_retrieval:
-            part = embed_images(self.model.retriever, ddp.shard(self.bank_images),
-                                device=self.device).to(self.device)
-            self.bank_emb = ddp.all_gather_rows(part, len(self.bank_images))
+            retriever = self.model.retriever
+            part = embed_images(retriever, ddp.shard(self.bank_images), device=self.device,
+                                features=True).to(self.device)
+            features = ddp.all_gather_rows(part, len(self.bank_images))
+            with torch.no_grad():
+                retriever.set_center(features)  # the bank's mean: identical on every rank
+                self.bank_emb = retriever.normalize(features)
 
-    def guide_for(self, x: torch.Tensor, patients: torch.Tensor) -> Guide:
-        """Guide for queries ``x`` (B,H,W) that may not retrieve exemplars of ``patients``."""
+    def guide_for(self, x: torch.Tensor, patients: torch.Tensor,
+                  neighbours_of: torch.Tensor | None = None) -> Guide:
+        """Guide for queries ``x`` (B,H,W) that may not retrieve exemplars of ``patients``.
+
+        ``neighbours_of`` (B,) holds, for queries that get a neighbour guide, the training-slice
+        index of the query (-1 for the others): such a query retrieves only the slices next to
+        it in its own volume (never itself), as if the annotator had accepted them.
+        """
         cfg = self.model.config
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_retriever):
             q = self.model.embed(x[:, None])
         exclude = patients[:, None].to(self.device) == self.bank_patients[None, :]
+        if neighbours_of is not None:
+            exclude = self._neighbour_exclusion(neighbours_of.to(self.device), exclude)
         return soft_topk_guide(q, self.bank_emb, self.bank_images, self.bank_labels,
                                cfg.num_classes, cfg.k, cfg.tau, exclude)
+
+    def _neighbour_exclusion(self, query_rows: torch.Tensor, exclude: torch.Tensor
+                             ) -> torch.Tensor:
+        """Exclusion masks that leave only a query's adjacent slices (|dz| <= NEIGHBOUR_RANGE).
+
+        Rows of ``query_rows`` that are -1, or whose volume has no other slice, keep ``exclude``.
+        """
+        chosen = query_rows >= 0
+        rows = query_rows.clamp_min(0)
+        dz = (self.bank_slices[None, :] - self.bank_slices[rows][:, None]).abs()
+        allowed = ((self.bank_cases[None, :] == self.bank_cases[rows][:, None])
+                   & (dz > 0) & (dz <= NEIGHBOUR_RANGE))
+        use = chosen & allowed.any(1)
+        return torch.where(use[:, None], ~allowed, exclude)
 
     # -- steps ----------------------------------------------------------------------------
     def supervised_step(self) -> float:
         """One Dice + CE step on the segmenter (and the retriever through the fusion weights)."""
         idx = self._sample(self.config.batch_size)
         x, y = self._batch(idx)
+        # drawn for the global batch before sharding, so every rank's generator stays in step;
+        # nothing is drawn without these options (or retrieval), so such runs replay as before
+        cfg = self.config
+        guided = self.use_retrieval and (cfg.guide_dropout > 0 or cfg.neighbour_guides > 0)
+        draw = torch.rand(len(idx), generator=self.generator) if guided else torch.ones(len(idx))
+        keep = draw >= cfg.guide_dropout
+        neighbours_of = torch.where(keep & (draw < cfg.guide_dropout + cfg.neighbour_guides),
+                                    idx, torch.full_like(idx, -1))
         idx, x, y = ddp.shard(idx), ddp.shard(x), ddp.shard(y)
+        keep, neighbours_of = ddp.shard(keep), ddp.shard(neighbours_of)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._runner(self._supervised_loss, x, y, self.train_set.patients[idx])
+        loss = self._runner(self._supervised_loss, x, y, self.train_set.patients[idx], keep,
+                            neighbours_of if cfg.neighbour_guides > 0 else None)
         self._backward(loss)
         return float(loss.detach())
 
-    def _supervised_loss(self, x: torch.Tensor, y: torch.Tensor,
-                         patients: torch.Tensor) -> torch.Tensor:
+    def _supervised_loss(self, x: torch.Tensor, y: torch.Tensor, patients: torch.Tensor,
+                         keep: torch.Tensor, neighbours_of: torch.Tensor | None) -> torch.Tensor:
         with autocast(self.device, self.config.amp):
-            guide = self.guide_for(x, patients) if self.use_retrieval else None
+            guide = self.guide_for(x, patients, neighbours_of) if self.use_retrieval else None
+            if guide is not None and not bool(keep.all()):
+                guide = drop_guides(guide, keep.to(self.device))
             logits = self.model(x[:, None], guide)
             return segmentation_loss(logits, y)
 
