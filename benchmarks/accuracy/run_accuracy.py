@@ -21,6 +21,7 @@ import argparse
 import json
 import platform
 import random
+import re
 import shlex
 import subprocess
 import sys
@@ -43,7 +44,7 @@ DATASETS = {  # name: class names (background first)
 }
 BUDGETS = {
     # small sizes and few steps: the whole CPU budget runs in under an hour on 2 cores
-    "cpu": {"size": 96, "steps": 300, "batch_size": 8, "backbones": {
+    "cpu": {"size": 96, "steps": 500, "batch_size": 8, "backbones": {
         "unet": {"base_channels": 8},
         "transunet": {"base_channels": 8, "hidden_size": 64, "num_layers": 2, "num_heads": 2,
                       "img_size": 96},
@@ -64,6 +65,12 @@ ABLATIONS = {  # name: extra train flags (ACDC, U-Net, J-RAS)
     "tau=0.03": ["--tau", "0.03"], "tau=0.5": ["--tau", "0.5"],
     "no contrastive step": ["--contrastive-every", "0"],
     "frozen retriever": ["--freeze-retriever"],
+    "no guide dropout": ["--guide-dropout", "0"],
+    "no centring": ["--retriever-options", '{"width": 8, "input_size": 64, "center": false}'],
+    "neighbour guides 0.3, dropout 0.3": ["--guide-dropout", "0.3", "--neighbour-guides", "0.3"],
+    "before this version (no dropout, no centring)": [
+        "--guide-dropout", "0", "--retriever-options",
+        '{"width": 8, "input_size": 64, "center": false}'],
 }
 
 
@@ -305,8 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         if base_acdc_unet is None:
             base_acdc_unet = train_and_evaluate("acdc", "unet", "baseline", budget, runs, [],
                                                 "baseline", args.seed)
-        for variant, flags in {"default (K=2, tau=0.1, joint)": [], **ABLATIONS}.items():
-            tag = "jras" if not flags else "jras-" + variant.replace(" ", "_").replace("=", "")
+        for variant, flags in {"default (K=2, tau=0.1, joint, dropout 0.5, centred)": [],
+                               **ABLATIONS}.items():
+            tag = "jras" if not flags else "jras-" + re.sub(r"[^A-Za-z0-9.]+", "_", variant)
             ab = train_and_evaluate("acdc", "unet", "jras", budget, runs, flags, tag, args.seed)
             result["ablations"].append({"variant": variant, "summary": summary(ab),
                                         "comparison": compare(ab, base_acdc_unet),

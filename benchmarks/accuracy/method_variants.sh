@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# What the J-RAS training changes of this version do (ACDC, U-Net, 96 px, 1000 steps, seed 0):
+# train + evaluate each variant on acdc/val, then the slice-by-slice annotator simulation.
+# Usage (from the repository root):  bash benchmarks/accuracy/method_variants.sh [OUT]
+# Writes OUT/<variant>_val.json (napari-jras evaluate reports) and OUT/<variant>_loop_slice.json.
+set -euo pipefail
+out=${1:-benchmarks/results/method_variants}
+data=../shared/data/acdc
+work=benchmarks/_work/method_variants
+mkdir -p "$out" "$work"
+plain='{"width":8,"input_size":64,"center":false}'
+centred='{"width":8,"input_size":64,"center":true}'
+variants=(
+  "baseline|--no-retrieval"
+  "jras_before|--guide-dropout 0 --retriever-options $plain"
+  "jras_dropout_only|--guide-dropout 0.5 --retriever-options $plain"
+  "jras_default|--guide-dropout 0.5 --retriever-options $centred"
+  "jras_neighbours|--guide-dropout 0.3 --neighbour-guides 0.3 --retriever-options $centred"
+)
+for spec in "${variants[@]}"; do
+  name=${spec%%|*}; flags=${spec#*|}
+  run=$work/$name
+  # shellcheck disable=SC2086  # the flags are meant to split
+  napari-jras train --data $data/train --out "$run" --backbone unet \
+    --backbone-options '{"base_channels":8}' --size 96 --steps 1000 --batch-size 8 --seed 0 \
+    --class-names background,RV,myocardium,LV --embed-dim 64 --quiet $flags
+  napari-jras evaluate --model "$run" --data $data/val --report "$out/${name}_val.json" --quiet
+  if [ "$name" != baseline ]; then
+    python benchmarks/loop/simulate_annotator.py --jras "$run" --data $data/val \
+      --out "$work/${name}_loop" --unit slice --settings jras-bank
+    cp "$work/${name}_loop/loop.json" "$out/${name}_loop_slice.json"
+  fi
+done
