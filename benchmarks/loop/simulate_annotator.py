@@ -131,8 +131,9 @@ def write_report(result: dict, out: Path) -> None:
              "",
              f"Machine: `{json.dumps(result['machine'])}`", "",
              f"Command: `{result['command']}`", "",
-             f"{len(result['settings'][0]['cases'])} validation cases in order; fine-tuning: "
-             f"{result['finetune_steps']} steps every {result['every']} accepted cases.", "",
+             f"{len(result['settings'][0]['cases'])} validation cases in order; "
+             + (f"fine-tuning: {result['finetune_steps']} steps every {result['every']} accepted "
+                "cases." if unit == "case" else "no fine-tuning."), "",
              "| setting | mean Dice of the next prediction | corrected pixels per case | "
              "total corrected pixels | fine-tuning time s | slices that retrieved a correction "
              "of their own volume | its fusion weight |", "|---|---|---|---|---|---|---|"]
