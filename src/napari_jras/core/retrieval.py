@@ -105,13 +105,14 @@ def _last_blocks(model: nn.Module, n: int) -> list[nn.Module]:
 
 
 class Centering(nn.Module):
-    """Subtract a fixed centre (the bank's mean feature) before L2 normalisation.
+    """Subtract the mean embedding before L2 normalisation.
 
     Features of a from-scratch CNN (ReLU, average pooling) share one large common component, so
-    all cosine similarities start near 1 and the soft top-K weights are uniform. The trainer
-    sets the centre to the mean feature of the training bank each time it refreshes the bank
-    embeddings (:meth:`Retriever.set_center`), so queries and bank are centred alike, it is
-    the same on every DDP rank, and it never depends on the batch.
+    all cosine similarities start near 1 and the soft top-K weights are uniform. In training, a
+    batch is centred on its own mean (the gradient flows through it, as in batch norm, which
+    pushes the embeddings apart); otherwise, and for one-sample batches, on the stored centre:
+    the mean feature of the training bank, set by the trainer at each refresh of the bank
+    embeddings (:meth:`Retriever.set_center`), identical on every DDP rank.
     """
 
     def __init__(self, dim: int):
@@ -120,6 +121,8 @@ class Centering(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, D) centred."""
+        if self.training and z.shape[0] > 1:
+            return z - z.mean(0)
         return z - self.mean.to(z.dtype)
 
 
