@@ -587,7 +587,9 @@ def bank_of_another_model(ctx: Ctx) -> None:
 def disk_full_adding_exemplars(ctx: Ctx) -> None:
     path, ids, vecs = _bank(ctx)
     with ExemplarBank.open(path) as bank:
-        ctx.monkeypatch.setattr(bank_module, "open", FullDisk, raising=False)
+        from napari_jras.core import checkpoint as checkpoint_module  # writes the pixels
+
+        ctx.monkeypatch.setattr(checkpoint_module, "open", FullDisk, raising=False)
         with pytest.raises(StorageError, match="No space left on device"):
             bank.add(np.zeros((2, 16, 16)), np.zeros((2, 16, 16), int),
                      [{"case_id": "x", "origin": "correction"}] * 2, vecs[:2], "v1")

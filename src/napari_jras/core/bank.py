@@ -26,7 +26,6 @@ import hashlib
 import io
 import json
 import operator
-import os
 import re
 import sqlite3
 import threading
@@ -41,8 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import atomic_write_bytes
 from .data import resize_images, resize_labels
-from .errors import BankError, StorageError
+from .errors import BankError
 from .index import EmbeddingIndex
 from .io import patient_of
 
@@ -729,25 +729,12 @@ def _transaction(db: sqlite3.Connection, path: Path) -> Iterator[None]:
 
 
 def _write_pixels(file: Path, image: np.ndarray, mask: np.ndarray) -> None:
-    """Write one exemplar's pixels to a temporary file, flush it to disk, rename it into place.
-
-    Raises :class:`StorageError` (disk full, read-only folder) without leaving the temporary file.
-    """
+    """Write one exemplar's pixels through a temporary file (crash-safe, never recreating a
+    deleted bank folder); raises :class:`StorageError` without leaving the temporary file."""
     buffer = io.BytesIO()  # one write is much faster than savez's many small ones
     np.savez_compressed(buffer, image=image, mask=mask)
-    tmp = file.with_name(f".{file.stem}.partial")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-    except OSError as exc:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # the pixels folder itself is gone: nothing was left in it
-        raise StorageError.of(exc, "write the exemplar pixels", file) from exc
+    atomic_write_bytes(file, buffer.getbuffer(), tmp=file.with_name(f".{file.stem}.partial"),
+                       make_parents=False, what="the exemplar pixels")
 
 
 def _check_version_name(version: str) -> None:

@@ -26,17 +26,22 @@ _PICKLE_REFUSED = ("napari-jras never loads pickle files (.pt, .pth, .bin, .ckpt
                    "code when opened: use a run folder with config.json + model.safetensors")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, *, tmp: Path | None = None,
+                       make_parents: bool = True, what: str = "") -> None:
     """Write ``data`` to ``path`` through a temporary file, fsync and rename (crash-safe).
 
-    The temporary name is unique per call, so concurrent writers never mix their bytes. A failed
-    write (disk full, no permission) raises :class:`StorageError`, removes the temporary file
-    and leaves the previous content of ``path`` untouched.
+    The temporary name is unique per call unless ``tmp`` is given, so concurrent writers never
+    mix their bytes. ``make_parents=False`` refuses to recreate a folder that is gone (e.g. a
+    bank deleted while open). A failed write (disk full, no permission) raises
+    :class:`StorageError` ("Cannot write <what> <path>: ..."), removes the temporary file and
+    leaves the previous content of ``path`` untouched.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    tmp = tmp or path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    target = f"{what} {path}" if what else str(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if make_parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -48,9 +53,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         except OSError:
             pass  # the folder itself is gone or read-only: nothing was left in it
         if isinstance(exc, (FileExistsError, NotADirectoryError)):  # from mkdir / open
-            raise StorageError(f"Cannot write {path}: a part of its folder path is a file, "
+            raise StorageError(f"Cannot write {target}: a part of its folder path is a file, "
                                "not a folder") from exc
-        raise StorageError.of(exc, "write", path) from exc
+        raise StorageError.of(exc, "write", target) from exc
     fsync_dir(path.parent)
 
 
