@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -156,6 +157,38 @@ def test_two_ranks_cancel_resume_and_stay_in_sync(tmp_path):
     steps = [(r["phase"], r["step"]) for r in read_log(tmp_path / "run")]
     assert len(steps) == len(set(steps))  # written once, by rank 0
     assert len(list((tmp_path / "run" / "checkpoints").glob("step_*"))) == 2
+
+
+def _session_worker(rank: int, world: int, port: int, tmp: str) -> None:
+    """Join through ``distributed_session`` as torchrun would; leave a DDP wrapper in a cycle."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from torch.nn.parallel import DistributedDataParallel
+
+    with ddp.distributed_session("cpu"):
+        cycle: dict = {"model": DistributedDataParallel(torch.nn.Linear(3, 1))}
+        cycle["self"] = cycle
+        cycle["model"](torch.ones(2, 3)).sum().backward()
+        del cycle
+    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(
+        {"ddp_alive": alive, "initialized": dist.is_initialized()}))
+
+
+def test_session_frees_ddp_before_destroying_the_group(tmp_path):
+    """Nothing holding the process group survives into interpreter shutdown (CI abort, stop 11)."""
+    context = mp.start_processes(_session_worker, args=(2, free_port(), str(tmp_path)), nprocs=2,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the distributed workers hung")
+    for r in (0, 1):
+        assert json.loads((tmp_path / f"rank{r}.json").read_text()) == {
+            "ddp_alive": 0, "initialized": False}
 
 
 # --- single-process behaviour of the helpers -----------------------------------------------

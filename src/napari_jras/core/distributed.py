@@ -10,6 +10,7 @@ process, so the same training code runs with or without torchrun.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 from datetime import timedelta
@@ -87,8 +88,21 @@ def distributed_session(device: str = "auto") -> Iterator[torch.device]:
     dist.init_process_group(backend, timeout=TIMEOUT)
     try:
         yield target
+        barrier()  # every rank reaches the teardown together
     finally:
-        dist.destroy_process_group()
+        _release_and_destroy()
+
+
+def _release_and_destroy() -> None:
+    """Free what still refers to the process group, then destroy it.
+
+    A DistributedDataParallel wrapper left in a reference cycle would otherwise be freed during
+    interpreter shutdown, when Gloo's worker threads can no longer take the GIL: the process
+    then aborts (``terminate called without an active exception``) after a successful run.
+    """
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def barrier() -> None:
