@@ -43,6 +43,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_two_ranks(worker, tmp_path: Path) -> None:
+    """Start ``worker(rank, 2, port, tmp)`` in two spawned processes; fail if they hang."""
+    context = mp.start_processes(worker, args=(2, free_port(), str(tmp_path)), nprocs=2,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the distributed workers hung")
+
+
 def torchrun_train(data: Path, out: Path, steps: int) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node 2 -m napari_jras.cli train ...`` (Gloo, CPU)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -138,14 +150,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
 
 
 def test_two_ranks_cancel_resume_and_stay_in_sync(tmp_path):
-    context = mp.start_processes(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the distributed workers hung")
+    run_two_ranks(_worker, tmp_path)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["stopped_at"] == r1["stopped_at"] == 2
     assert r0["resumed"] and r1["resumed"] and r0["resumed_at"] == r1["resumed_at"] == 2
@@ -178,14 +183,7 @@ def _session_worker(rank: int, world: int, port: int, tmp: str) -> None:
 
 def test_session_frees_ddp_before_destroying_the_group(tmp_path):
     """Nothing holding the process group survives into interpreter shutdown (CI abort, stop 11)."""
-    context = mp.start_processes(_session_worker, args=(2, free_port(), str(tmp_path)), nprocs=2,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the distributed workers hung")
+    run_two_ranks(_session_worker, tmp_path)
     for r in (0, 1):
         assert json.loads((tmp_path / f"rank{r}.json").read_text()) == {
             "ddp_alive": 0, "initialized": False}
