@@ -97,11 +97,13 @@ def test_train_writes_a_complete_run_folder(runs):
 @pytest.mark.parametrize("baseline", [False, True], ids=["jras", "baseline"])
 def test_train_transunet(acdc_slices_dir, tmp_path, baseline, capsys):
     out = tmp_path / "run"
-    extra = ["--steps", "1", *(["--no-retrieval"] if baseline else ["--k", "3"])]
+    extra = ["--steps", "1", *(["--no-retrieval"] if baseline else ["--k", "3", "--align-shift",
+                                                                    "0.25"])]
     assert cli("train", "--data", acdc_slices_dir, "--out", out, *TINY_TRANSUNET, *extra) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["backbone"] == "transunet" and config["backbone_options"]["hidden_size"] == 8
     assert config["use_retrieval"] is not baseline
+    assert config["align_shift"] == (0.0 if baseline else 0.25)
     assert (out / "bank").is_dir() is not baseline
     assert (out / "model.safetensors").is_file() and (out / "log.jsonl").is_file()
     assert "Model written to" in capsys.readouterr().out
@@ -232,6 +234,7 @@ def test_bad_training_inputs_exit_2_with_one_line(acdc_slices_dir, tmp_path, cap
         (["--data", tmp_path / "missing"], "not found"),
         (["--data", tmp_path / "empty"], "_image"),
         (["--data", acdc_slices_dir, "--k", "9"], "K must be between 1 and 8"),
+        (["--data", acdc_slices_dir, "--align-shift", "0.9"], "align_shift must be between"),
         (["--data", acdc_slices_dir, "--num-classes", "2"], "class 3"),
         (["--data", acdc_slices_dir, "--backbone-options", "{bad"], "--backbone-options"),
         (["--data", acdc_slices_dir, "--retriever-options", "[1]"], "--retriever-options"),

@@ -12,9 +12,10 @@ import torch
 
 from napari_jras.core.bank import ExemplarBank
 from napari_jras.core.checkpoint import load_model
-from napari_jras.core.data import resize_labels
+from napari_jras.core.data import resize_images, resize_labels
 from napari_jras.core.device import amp_dtype, select_device
 from napari_jras.core.engine import InferenceEngine, RetrievedExemplar
+from napari_jras.core.fusion import align_exemplars, combine
 from napari_jras.core.errors import BankError, DataError, JRASError
 from napari_jras.core.io import read_volume
 from napari_jras.core.normalize import normalize
@@ -161,6 +162,27 @@ def test_k_larger_than_the_bank_uses_fewer_exemplars(run_copy, volume):
     engine.model.config.k = 1  # padded slots carry zero weight: same result as K=1
     with_k1 = engine.predict(volume, return_probabilities=True)
     np.testing.assert_array_equal(with_k8.probabilities, with_k1.probabilities)
+
+
+def test_aligned_exemplars_guide_the_prediction(run_copy, volume):
+    """A run trained with ``align_shift`` fuses exemplars translated onto each query slice."""
+    config = json.loads((run_copy / "config.json").read_text())
+    (run_copy / "config.json").write_text(json.dumps({**config, "align_shift": 0.25}))
+    engine = InferenceEngine.from_run(run_copy, device="cpu")
+    x = torch.from_numpy(resize_images(normalize(volume, engine.model.config.modality), (32, 32)))
+    with torch.inference_mode():
+        guide, hits, _ = engine._retrieve(x, None)
+        images, masks = engine._exemplar_tensors([h.id for row in hits for h in row])
+    images, masks = images.view(len(x), -1, 32, 32), masks.view(len(x), -1, 32, 32)
+    moved_images, moved_masks = align_exemplars(x, images, masks, 8)
+    expected_image, expected_mask = combine(guide.weights, moved_images, moved_masks, NUM_CLASSES)
+    torch.testing.assert_close(guide.image, expected_image)
+    torch.testing.assert_close(guide.mask, expected_mask)
+    assert not torch.equal(moved_masks, masks)  # some exemplar really moved
+    pred = engine.predict(volume)
+    assert pred.labels.shape == volume.shape
+    for items in pred.exemplars.values():  # the gallery shows the stored exemplars
+        check_exemplars(items, k=2)
 
 
 def test_bank_of_another_retriever_version_is_re_embedded(run_copy, volume):

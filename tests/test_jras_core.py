@@ -7,7 +7,7 @@ import torch
 from napari_jras.core.checkpoint import load_model, save_model
 from napari_jras.core.data import SliceSample
 from napari_jras.core.errors import ModelError
-from napari_jras.core.fusion import soft_topk_guide
+from napari_jras.core.fusion import align_exemplars, alignment_shifts, soft_topk_guide
 from napari_jras.core.model import JRASModel, ModelConfig
 from napari_jras.core.retrieval import Retriever, retriever_version
 from napari_jras.core.train import JointTrainer, SliceSet, TrainConfig, seed_everything
@@ -68,6 +68,58 @@ def test_fusion_rejects_bad_k_and_empty_bank():
         soft_topk_guide(q, torch.randn(3, 4), torch.rand(3, 8, 8), torch.zeros(3, 8, 8, dtype=torch.long), 2, k=9)
     with pytest.raises(ModelError, match="empty"):
         soft_topk_guide(q, torch.zeros(0, 4), torch.rand(0, 8, 8), torch.zeros(0, 8, 8, dtype=torch.long), 2, k=2)
+
+
+def _blob_pair(shift, size=32):
+    """A query with a bright blob and an exemplar with the same blob moved by ``-shift``."""
+    query = torch.zeros(size, size)
+    query[10:17, 12:21] = 1.0
+    query[12:14, 14:16] = 0.5  # texture, so the best shift is unique
+    exemplar = torch.roll(query, (-shift[0], -shift[1]), dims=(0, 1))
+    return query, exemplar
+
+
+@pytest.mark.parametrize("shift", [(0, 0), (3, -4), (-5, 2)])
+def test_alignment_moves_exemplars_onto_the_query(shift):
+    query, exemplar = _blob_pair(shift)
+    images = torch.stack([exemplar, query])[None]  # B=1, K=2
+    masks = (images > 0).long() * torch.tensor([1, 2])[None, :, None, None]
+    assert alignment_shifts(query[None], images, 6).tolist() == [[list(shift), [0, 0]]]
+    moved_images, moved_masks = align_exemplars(query[None], images, masks, 6)
+    assert torch.equal(moved_images[0, 0], query) and torch.equal(moved_images[0, 1], query)
+    assert torch.equal(moved_masks[0, 0], (query > 0).long())
+    assert moved_masks.dtype == masks.dtype
+
+
+def test_alignment_respects_max_shift_fills_background_and_can_be_off():
+    query, exemplar = _blob_pair((5, 0))
+    images, masks = exemplar[None, None], (exemplar > 0).long()[None, None] * 3
+    assert alignment_shifts(query[None], images, 2)[0, 0, 0].abs() <= 2
+    moved, moved_masks = align_exemplars(query[None], images + 1.0, masks, 6)  # shifted by +5 rows
+    assert torch.all(moved[0, 0, :5] == 0) and torch.all(moved_masks[0, 0, :5] == 0)
+    off = align_exemplars(query[None], images, masks, 0)
+    assert off[0] is images and off[1] is masks
+
+
+def test_aligned_guide_keeps_weights_and_their_gradient():
+    query, exemplar = _blob_pair((4, 4))
+    bank_images = torch.stack([exemplar, torch.rand(32, 32)])
+    bank_masks = (bank_images > 0.99).long()
+    q = torch.nn.functional.normalize(torch.randn(1, 8), dim=1).requires_grad_()
+    bank = torch.nn.functional.normalize(torch.randn(2, 8), dim=1)
+    plain = soft_topk_guide(q, bank, bank_images, bank_masks, 2, k=2)
+    aligned = soft_topk_guide(q, bank, bank_images, bank_masks, 2, k=2, query=query[None],
+                              max_shift=8)
+    assert torch.equal(plain.weights, aligned.weights) and not torch.equal(plain.image, aligned.image)
+    aligned.mask[:, 1].sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+
+
+def test_align_shift_is_validated_and_defaults_off():
+    assert ModelConfig(num_classes=2).max_shift == 0
+    assert ModelConfig(num_classes=2, size=96, align_shift=0.25).max_shift == 24
+    with pytest.raises(ModelError, match="align_shift"):
+        ModelConfig(num_classes=2, align_shift=0.8)
 
 
 def test_exclusion_never_retrieves_excluded_even_if_identical():

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # What the J-RAS training changes of this version do (ACDC, U-Net, 96 px, 1000 steps, seed 0):
 # train + evaluate each variant on acdc/val, then the slice-by-slice annotator simulation.
-# Usage (from the repository root):  bash benchmarks/accuracy/method_variants.sh [OUT]
+# Usage (from the repository root):  bash benchmarks/accuracy/method_variants.sh [OUT [VARIANT...]]
+# (no VARIANT: all of them)
 # Writes OUT/<variant>_val.json (napari-jras evaluate reports) and OUT/<variant>_loop_slice.json.
 set -euo pipefail
 out=${1:-benchmarks/results/method_variants}
+only=("${@:2}")
 data=../shared/data/acdc
 work=benchmarks/_work/method_variants
 mkdir -p "$out" "$work"
@@ -16,9 +18,11 @@ variants=(
   "jras_dropout_only|--guide-dropout 0.5 --retriever-options $plain"
   "jras_default|--guide-dropout 0.5 --retriever-options $centred"
   "jras_neighbours|--guide-dropout 0.3 --neighbour-guides 0.3 --retriever-options $centred"
+  "jras_aligned|--guide-dropout 0.5 --align-shift 0.25 --retriever-options $centred"
 )
 for spec in "${variants[@]}"; do
   name=${spec%%|*}; flags=${spec#*|}
+  if [ ${#only[@]} -gt 0 ] && [[ ! " ${only[*]} " =~ " $name " ]]; then continue; fi
   run=$work/$name
   # shellcheck disable=SC2086  # the flags are meant to split
   napari-jras train --data $data/train --out "$run" --backbone unet \

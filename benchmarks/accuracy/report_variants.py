@@ -20,6 +20,8 @@ VARIANTS = {  # file stem: (label, what differs)
     "jras_dropout_only": ("+ guide dropout", "guide dropout 0.5, no centring"),
     "jras_default": ("+ dropout + centring (default)", "guide dropout 0.5, centred embeddings"),
     "jras_neighbours": ("+ neighbour guides", "dropout 0.3, neighbour guides 0.3, centred"),
+    "jras_aligned": ("+ aligned exemplars", "default + exemplars translated onto the query "
+                     "(--align-shift 0.25)"),
 }
 
 

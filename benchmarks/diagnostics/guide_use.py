@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from napari_jras.core.data import as_slices, resize_images, resize_labels
 from napari_jras.core.engine import InferenceEngine
-from napari_jras.core.fusion import Guide, combine
+from napari_jras.core.fusion import Guide, align_exemplars, combine
 from napari_jras.core.io import find_cases, load_case
 from napari_jras.core.metrics import dice_per_class
 from napari_jras.core.normalize import normalize
@@ -61,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
             guide, hits, _ = engine._retrieve(x, case.patient_id)
             rand = rng.choice(bank_ids, size=guide.indices.shape).tolist()
             images, masks = engine._exemplar_tensors([i for row in rand for i in row])
-            r_img, r_mask = combine(guide.weights, images.view(*guide.indices.shape, *size),
-                                    masks.view(*guide.indices.shape, *size), cfg.num_classes)
+            images, masks = align_exemplars(x, images.view(*guide.indices.shape, *size),
+                                            masks.view(*guide.indices.shape, *size),
+                                            cfg.max_shift)  # aligned like the retrieved ones
+            r_img, r_mask = combine(guide.weights, images, masks, cfg.num_classes)
             onehot = F.one_hot(torch.from_numpy(y.astype(np.int64)), cfg.num_classes)
             guides = {
                 "retrieved": guide,

@@ -69,7 +69,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     model_config: dict[str, Any] = {
         "backbone": args.backbone, "use_retrieval": not args.no_retrieval, "k": args.k,
-        "tau": args.tau, "size": args.size, "modality": args.modality,
+        "tau": args.tau, "align_shift": args.align_shift, "size": args.size,
+        "modality": args.modality,
         "backbone_options": _json_option(args.backbone_options, "--backbone-options"),
         "retriever": {"encoder": "cnn", "embed_dim": args.embed_dim, "center": True,
                       **_json_option(args.retriever_options, "--retriever-options")},
@@ -220,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-retrieval", action="store_true", help="baseline: the backbone alone")
     t.add_argument("--k", type=int, default=2, help="exemplars fused per query (1-8)")
     t.add_argument("--tau", type=float, default=0.1, help="fusion softmax temperature")
+    t.add_argument("--align-shift", type=float, default=0.0,
+                   help="translate each retrieved exemplar onto the query (cross-correlation) "
+                        "by up to this fraction of --size; 0 turns alignment off")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=int, help="passes over the training slices")
     g.add_argument("--steps", type=int, help="optimisation steps (default 2000)")

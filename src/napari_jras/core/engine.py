@@ -28,7 +28,7 @@ from .checkpoint import load_model
 from .data import resize_images, resize_labels
 from .device import autocast, select_device
 from .errors import BankError, JRASError, ModelError
-from .fusion import Guide, combine, fusion_weights
+from .fusion import Guide, align_exemplars, combine, fusion_weights
 from .io import check_image
 from .model import JRASModel
 from .normalize import NormalizedSlices, intensity_map
@@ -246,6 +246,7 @@ class InferenceEngine:
         images, masks = self._exemplar_tensors(flat)
         images = images.view(len(hits), k, *images.shape[-2:]).to(self.device)
         masks = masks.view(len(hits), k, *masks.shape[-2:]).to(self.device)
+        images, masks = align_exemplars(x.float(), images, masks, cfg.max_shift)
         weights = fusion_weights(scores, cfg.tau).to(self.device)
         guide_image, guide_mask = combine(weights, images, masks, cfg.num_classes)
         t3 = time.perf_counter()

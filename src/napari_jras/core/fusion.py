@@ -58,14 +58,62 @@ def combine(weights: torch.Tensor, images: torch.Tensor, masks: torch.Tensor,
     return guide_image, guide_mask
 
 
+def alignment_shifts(query: torch.Tensor, images: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Integer shifts (B,K,2) that best align each exemplar image with its query.
+
+    ``query`` (B,H,W), ``images`` (B,K,H,W). The shift (dy, dx) maximises the cross-correlation
+    of the zero-mean images (FFT, zero padded so nothing wraps around), with |dy|, |dx| <=
+    ``max_shift``. Shifting exemplar k by it puts its anatomy where the query's is.
+    """
+    b, k, h, w = images.shape
+    q = query.float() - query.float().mean(dim=(-2, -1), keepdim=True)
+    e = images.float() - images.float().mean(dim=(-2, -1), keepdim=True)
+    size = (2 * h, 2 * w)
+    spectrum = torch.fft.rfft2(q, s=size)[:, None] * torch.fft.rfft2(e, s=size).conj()
+    corr = torch.fft.irfft2(spectrum, s=size)  # corr[s] = sum_y q[y + s] e[y]
+    dy = torch.arange(2 * h, device=images.device)
+    dy = torch.where(dy >= h, dy - 2 * h, dy)
+    dx = torch.arange(2 * w, device=images.device)
+    dx = torch.where(dx >= w, dx - 2 * w, dx)
+    allowed = (dy.abs()[:, None] <= max_shift) & (dx.abs()[None, :] <= max_shift)
+    best = corr.masked_fill(~allowed, -torch.inf).flatten(-2).argmax(dim=-1)  # B,K
+    return torch.stack([dy[best // (2 * w)], dx[best % (2 * w)]], dim=-1)
+
+
+def shift_exemplars(images: torch.Tensor, masks: torch.Tensor, shifts: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Translate exemplars (B,K,H,W) by ``shifts`` (B,K,2); uncovered pixels become 0 / background."""
+    b, k, h, w = images.shape
+    n = b * k
+    dy, dx = shifts.reshape(n, 2).unbind(-1)
+    rows = torch.arange(h, device=images.device)[None] - dy[:, None]  # source row of each row
+    cols = torch.arange(w, device=images.device)[None] - dx[:, None]
+    inside = (((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :])
+    item = torch.arange(n, device=images.device)[:, None, None]
+    r, c = rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]
+    moved_images = images.reshape(n, h, w)[item, r, c] * inside
+    moved_masks = masks.reshape(n, h, w)[item, r, c] * inside
+    return moved_images.view(b, k, h, w), moved_masks.view(b, k, h, w)
+
+
+def align_exemplars(query: torch.Tensor, images: torch.Tensor, masks: torch.Tensor,
+                    max_shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exemplars (B,K,H,W) translated onto their query (B,H,W); unchanged if ``max_shift`` is 0."""
+    if max_shift <= 0:
+        return images, masks
+    return shift_exemplars(images, masks, alignment_shifts(query, images, max_shift))
+
+
 def soft_topk_guide(query_emb: torch.Tensor, bank_emb: torch.Tensor, bank_images: torch.Tensor,
                     bank_masks: torch.Tensor, num_classes: int, k: int = 2, tau: float = 0.1,
-                    exclude: torch.Tensor | None = None) -> Guide:
+                    exclude: torch.Tensor | None = None, query: torch.Tensor | None = None,
+                    max_shift: int = 0) -> Guide:
     """Retrieve and fuse in one differentiable pass (used in training and small in-memory banks).
 
     ``query_emb`` (B,D) and ``bank_emb`` (N,D) are unit vectors; ``bank_images`` (N,H,W) float,
     ``bank_masks`` (N,H,W) int, at the query size. ``exclude`` (B,N) bool marks exemplars a query
-    must never retrieve (itself, its own patient).
+    must never retrieve (itself, its own patient). With ``max_shift`` > 0 the exemplars are
+    first translated onto the query images ``query`` (B,H,W) (:func:`align_exemplars`).
     """
     check_k_tau(k, tau)
     if bank_emb.shape[0] == 0:
@@ -76,7 +124,8 @@ def soft_topk_guide(query_emb: torch.Tensor, bank_emb: torch.Tensor, bank_images
     k_eff = min(k, sim.shape[1])
     scores, indices = sim.topk(k_eff, dim=1)
     weights = fusion_weights(scores, tau)
-    images = bank_images[indices]
-    masks = bank_masks[indices]
+    images, masks = bank_images[indices], bank_masks[indices]
+    if max_shift > 0:
+        images, masks = align_exemplars(query, images, masks, max_shift)
     guide_image, guide_mask = combine(weights, images, masks, num_classes)
     return Guide(guide_image, guide_mask, weights, scores.detach(), indices)

@@ -29,6 +29,7 @@ class ModelConfig:
     use_retrieval: bool = True
     k: int = 2
     tau: float = 0.1
+    align_shift: float = 0.0  # exemplars translated onto the query by up to this fraction of size
     size: int = 128
     modality: str = "auto"
     class_names: list[str] = field(default_factory=list)
@@ -48,6 +49,13 @@ class ModelConfig:
                 f"{len(self.class_names)} class names given for {self.num_classes} classes")
         if self.size < 16:
             raise ModelError(f"size must be at least 16 pixels, got {self.size}")
+        if not 0.0 <= self.align_shift <= 0.5:
+            raise ModelError(f"align_shift must be between 0 and 0.5, got {self.align_shift}")
+
+    @property
+    def max_shift(self) -> int:
+        """Largest exemplar-to-query translation in pixels (0: exemplars are not aligned)."""
+        return round(self.align_shift * self.size)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""

@@ -319,7 +319,8 @@ class JointTrainer:
         if neighbours_of is not None:
             exclude = self._neighbour_exclusion(neighbours_of.to(self.device), exclude)
         return soft_topk_guide(q, self.bank_emb, self.bank_images, self.bank_labels,
-                               cfg.num_classes, cfg.k, cfg.tau, exclude)
+                               cfg.num_classes, cfg.k, cfg.tau, exclude, query=x,
+                               max_shift=cfg.max_shift)
 
     def _neighbour_exclusion(self, query_rows: torch.Tensor, exclude: torch.Tensor
                              ) -> torch.Tensor:
