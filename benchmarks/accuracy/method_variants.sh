@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# What the J-RAS training changes of this version do (ACDC, U-Net, 96 px, 1000 steps, seed 0):
+# What the J-RAS training changes of this version do (ACDC, U-Net, 96 px, 1000 steps):
 # train + evaluate each variant on acdc/val, then the slice-by-slice annotator simulation.
 # Usage (from the repository root):  bash benchmarks/accuracy/method_variants.sh [OUT [VARIANT...]]
-# (no VARIANT: all of them)
+# (no VARIANT: all of them). SEED=N (default 0) sets the seed; LOOP=0 skips the simulation.
 # Writes OUT/<variant>_val.json (napari-jras evaluate reports) and OUT/<variant>_loop_slice.json.
 set -euo pipefail
 out=${1:-benchmarks/results/method_variants}
 only=("${@:2}")
+seed=${SEED:-0}
 data=../shared/data/acdc
 work=benchmarks/_work/method_variants
 mkdir -p "$out" "$work"
@@ -23,13 +24,13 @@ variants=(
 for spec in "${variants[@]}"; do
   name=${spec%%|*}; flags=${spec#*|}
   if [ ${#only[@]} -gt 0 ] && [[ ! " ${only[*]} " =~ " $name " ]]; then continue; fi
-  run=$work/$name
+  run=$work/${name}_seed$seed
   # shellcheck disable=SC2086  # the flags are meant to split
   napari-jras train --data $data/train --out "$run" --backbone unet \
-    --backbone-options '{"base_channels":8}' --size 96 --steps 1000 --batch-size 8 --seed 0 \
+    --backbone-options '{"base_channels":8}' --size 96 --steps 1000 --batch-size 8 --seed "$seed" \
     --class-names background,RV,myocardium,LV --embed-dim 64 --quiet $flags
   napari-jras evaluate --model "$run" --data $data/val --report "$out/${name}_val.json" --quiet
-  if [ "$name" != baseline ]; then
+  if [ "$name" != baseline ] && [ "${LOOP:-1}" != 0 ]; then
     python benchmarks/loop/simulate_annotator.py --jras "$run" --data $data/val \
       --out "$work/${name}_loop" --unit slice --settings jras-bank
     cp "$work/${name}_loop/loop.json" "$out/${name}_loop_slice.json"

@@ -6,6 +6,8 @@ Usage (from the repository root)::
 
 Reads ``<variant>_val.json`` (``napari-jras evaluate`` reports) and ``<variant>_loop_slice.json``
 (slice-by-slice annotator simulation) and writes ``variants.md`` and ``variants.png`` there.
+Sub-folders ``seed<N>/`` (``SEED=N LOOP=0 bash method_variants.sh OUT/seed<N> VARIANT...``) add
+a table of the spread over seeds for the variants measured with every seed.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def main(folder: str) -> int:
                   f"{base_loop:.3f} (no bank) | - | -")
         lines.append(f"| {label} | {what} | {d['mean']:.3f} +- {d['std']:.3f} | "
                      f"{h95['mean']:.2f} | {hd['mean']:.2f} | {looped} |")
+    lines += seed_table(out)
     (out / "variants.md").write_text("\n".join(lines) + "\n")
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -68,6 +71,41 @@ def main(folder: str) -> int:
     fig.savefig(out / "variants.png", dpi=120)
     print(f"wrote {out}/variants.md, variants.png")
     return 0
+
+
+def _summary(report: Path) -> dict:
+    return json.loads(report.read_text())["summary"]
+
+
+def _missed_classes(summary: dict) -> str:
+    """Classes the model never learned (mean Dice under 0.05), or '-'."""
+    missed = [name for name, m in summary["per_class"].items() if m["dice"]["mean"] < 0.05]
+    return ", ".join(missed) or "-"
+
+
+def seed_table(out: Path) -> list[str]:
+    """Markdown lines: Dice per seed, mean +- std over seeds, and the difference to the baseline."""
+    import numpy as np
+
+    folders = [out, *sorted(out.glob("seed[0-9]*"), key=lambda f: int(f.name[4:]))]
+    if len(folders) == 1:
+        return []
+    seeds = ["0", *(f.name[4:] for f in folders[1:])]
+    stems = [s for s in VARIANTS if all((f / f"{s}_val.json").exists() for f in folders)]
+    if "baseline" not in stems:
+        return []
+    summaries = {s: [_summary(f / f"{s}_val.json") for f in folders] for s in stems}
+    dice = {s: np.array([m["mean"]["dice"]["mean"] for m in summaries[s]]) for s in stems}
+    lines = ["", f"## Spread over seeds {', '.join(seeds)} (no simulation)", "",
+             "| variant | Dice per seed | Dice mean +- std | minus baseline, per seed | "
+             "classes not learned (Dice < 0.05), per seed |", "|---|---|---|---|---|"]
+    for stem in stems:
+        d, delta = dice[stem], dice[stem] - dice["baseline"]
+        gap = "-" if stem == "baseline" else " / ".join(f"{v:+.3f}" for v in delta)
+        missed = " / ".join(_missed_classes(m) for m in summaries[stem])
+        lines.append(f"| {VARIANTS[stem][0]} | {' / '.join(f'{v:.3f}' for v in d)} | "
+                     f"{d.mean():.3f} +- {d.std(ddof=1):.3f} | {gap} | {missed} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ For every slice of the labelled cases (at the model's working size) the segmente
 - ``retrieved``: the guide the engine builds from the bank (what users get);
 - ``random``: the fused guide of K random bank exemplars (same weights);
 - ``oracle``: the query's own ground truth as guide mask and the query as guide image;
-- ``none``: all-zero guide channels.
+- ``none``: all-zero guide channels;
+- ``guide_alone``: no network, the argmax of the retrieved guide mask (how good a prior the
+  fused exemplars are by themselves).
 
 If ``retrieved`` is no better than ``random`` the retrieval carries no case-specific
 information; if ``oracle`` is no better either, the segmenter ignores the guide's content.
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     model, cfg = engine.model, engine.model.config
     size = (cfg.size, cfg.size)
     bank_ids = engine.bank.embeddings()[0]
-    dice: dict[str, list[float]] = {k: [] for k in ("retrieved", "random", "oracle", "none")}
+    dice: dict[str, list[float]] = {
+        k: [] for k in ("retrieved", "random", "oracle", "none", "guide_alone")}
     gaps, top_weights, retrieved_ids = [], [], set()
     for case in find_cases(args.data):
         image, label = load_case(case)
@@ -77,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, g in guides.items():
                 pred = model(x[:, None], g).argmax(1).numpy()
                 dice[name].append(float(dice_per_class(pred, y, cfg.num_classes).mean()))
+            alone = guide.mask.argmax(1).numpy()  # the fused exemplar masks, no network
+            dice["guide_alone"].append(float(dice_per_class(alone, y, cfg.num_classes).mean()))
         scores = guide.scores.numpy()
         gaps.extend((scores[:, 0] - scores[:, -1]).tolist())
         top_weights.extend(guide.weights.max(1).values.tolist())
