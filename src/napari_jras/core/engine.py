@@ -246,7 +246,7 @@ class InferenceEngine:
         images, masks = self._exemplar_tensors(flat)
         images = images.view(len(hits), k, *images.shape[-2:]).to(self.device)
         masks = masks.view(len(hits), k, *masks.shape[-2:]).to(self.device)
-        images, masks = align_exemplars(x.float(), images, masks, cfg.max_shift)
+        images, masks = align_exemplars(x, images, masks, cfg.max_shift)
         weights = fusion_weights(scores, cfg.tau).to(self.device)
         guide_image, guide_mask = combine(weights, images, masks, cfg.num_classes)
         t3 = time.perf_counter()

@@ -65,7 +65,7 @@ def alignment_shifts(query: torch.Tensor, images: torch.Tensor, max_shift: int) 
     of the zero-mean images (FFT, zero padded so nothing wraps around), with |dy|, |dx| <=
     ``max_shift``. Shifting exemplar k by it puts its anatomy where the query's is.
     """
-    b, k, h, w = images.shape
+    h, w = images.shape[-2:]
     q = query.float() - query.float().mean(dim=(-2, -1), keepdim=True)
     e = images.float() - images.float().mean(dim=(-2, -1), keepdim=True)
     size = (2 * h, 2 * w)
@@ -124,8 +124,6 @@ def soft_topk_guide(query_emb: torch.Tensor, bank_emb: torch.Tensor, bank_images
     k_eff = min(k, sim.shape[1])
     scores, indices = sim.topk(k_eff, dim=1)
     weights = fusion_weights(scores, tau)
-    images, masks = bank_images[indices], bank_masks[indices]
-    if max_shift > 0:
-        images, masks = align_exemplars(query, images, masks, max_shift)
+    images, masks = align_exemplars(query, bank_images[indices], bank_masks[indices], max_shift)
     guide_image, guide_mask = combine(weights, images, masks, num_classes)
     return Guide(guide_image, guide_mask, weights, scores.detach(), indices)
