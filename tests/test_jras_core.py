@@ -34,10 +34,10 @@ def synthetic_samples(n_patients=4, per_patient=3, size=32, seed=0):
     return samples
 
 
-def tiny_model(use_retrieval=True, k=2):
+def tiny_model(use_retrieval=True, k=2, fusion="auto"):
     return JRASModel(ModelConfig(num_classes=3, size=32, k=k, use_retrieval=use_retrieval,
                                  backbone="unet", backbone_options=TINY_UNET,
-                                 retriever=dict(TINY_RETRIEVER)))
+                                 retriever=dict(TINY_RETRIEVER), fusion=fusion))
 
 
 def test_retriever_embeddings_are_unit_norm():
@@ -146,7 +146,10 @@ def test_training_never_retrieves_own_patient(monkeypatch):
     seed_everything(0)
     model = tiny_model(k=4)
     data = SliceSet(synthetic_samples(), 3)
-    trainer = JointTrainer(model, data, TrainConfig(steps=6, batch_size=4, log_every=2))
+    # the own-volume parts of the guide curriculum (neighbours, own slice) are off: every
+    # other query must retrieve other patients only
+    trainer = JointTrainer(model, data, TrainConfig(steps=6, batch_size=4, log_every=2,
+                                                    neighbour_guides=0.0, own_guides=0.0))
     seen = []
     original = trainer.guide_for
 
@@ -241,7 +244,7 @@ def test_baseline_model_has_no_retriever_and_ignores_guides():
 
 def test_guide_dropout_trains_some_queries_without_their_guide(monkeypatch):
     seed_everything(0)
-    model = tiny_model()
+    model = tiny_model(fusion="concat")
     trainer = JointTrainer(model, SliceSet(synthetic_samples(), 3),
                            TrainConfig(steps=4, batch_size=64, guide_dropout=0.5, device="cpu",
                                        log_every=1, contrastive_every=0))

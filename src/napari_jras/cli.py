@@ -70,6 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_config: dict[str, Any] = {
         "backbone": args.backbone, "use_retrieval": not args.no_retrieval, "k": args.k,
         "tau": args.tau, "align_shift": args.align_shift, "size": args.size,
+        "fusion": args.fusion,
         "modality": args.modality,
         "backbone_options": _json_option(args.backbone_options, "--backbone-options"),
         "retriever": {"encoder": "cnn", "embed_dim": args.embed_dim, "center": True,
@@ -92,6 +93,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=args.device, amp=not args.no_amp, contrastive_every=args.contrastive_every,
         retriever_warmup_steps=args.warmup_steps, freeze_retriever=args.freeze_retriever,
         guide_dropout=args.guide_dropout, neighbour_guides=args.neighbour_guides,
+        own_guides=args.own_guides, class_sampling=args.class_sampling,
+        readout_weight=args.readout_weight,
         checkpoint_every=args.checkpoint_every, val_every=args.val_every,
         log_every=args.log_every, augment=not args.no_augment)
     with distributed_session(args.device):  # a no-op outside torchrun
@@ -245,12 +248,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a contrastive retriever step every N supervised steps (0: off)")
     t.add_argument("--warmup-steps", type=int, default=0, help="NT-Xent retriever warm-up steps")
     t.add_argument("--freeze-retriever", action="store_true", help="ablation: no retriever training")
-    t.add_argument("--guide-dropout", type=float, default=0.5,
-                   help="fraction of supervised samples trained without their guide, in [0, 1)")
-    t.add_argument("--neighbour-guides", type=float, default=0.0,
-                   help="fraction of supervised samples guided by adjacent slices of their own "
-                        "volume, as after an accepted correction; lifts the own-patient "
-                        "exclusion for those samples only (never at evaluation)")
+    t.add_argument("--fusion", default="auto", choices=["auto", "readout", "concat"],
+                   help="how exemplars guide the segmenter: readout (memory readout, the "
+                        "default for unet/transunet), concat (the paper's input "
+                        "concatenation; the only one for segformer/sam); auto picks")
+    t.add_argument("--guide-dropout", type=float,
+                   help="fraction of supervised samples trained without exemplars, in [0, 1) "
+                        "(default: 0.1 readout, 0.5 concat)")
+    t.add_argument("--neighbour-guides", type=float,
+                   help="fraction of supervised samples guided by adjacent slices (and the "
+                        "other frame) of their own volume, as after an accepted correction; "
+                        "lifts the own-patient exclusion for those samples only (never at "
+                        "evaluation) (default: 0.35 readout, 0 concat)")
+    t.add_argument("--own-guides", type=float,
+                   help="fraction of supervised samples whose first exemplar is their own slice, "
+                        "warped, with a corrupted mask (default: 0.2 readout, 0 concat)")
+    t.add_argument("--class-sampling", type=float, default=0.33,
+                   help="fraction of each batch drawn from slices holding a randomly chosen "
+                        "foreground class")
+    t.add_argument("--readout-weight", type=float, default=0.5,
+                   help="weight of the readout fusion's loss on its propagated mask")
     t.add_argument("--no-augment", action="store_true")
     t.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     t.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")

@@ -28,7 +28,7 @@ from .checkpoint import load_model
 from .data import resize_images, resize_labels
 from .device import autocast, select_device
 from .errors import BankError, JRASError, ModelError
-from .fusion import Guide, align_exemplars, combine, fusion_weights
+from .fusion import Guide, align_exemplars, fusion_weights, make_guide
 from .io import check_image
 from .model import JRASModel
 from .normalize import NormalizedSlices, intensity_map
@@ -248,9 +248,8 @@ class InferenceEngine:
         masks = masks.view(len(hits), k, *masks.shape[-2:]).to(self.device)
         images, masks = align_exemplars(x, images, masks, cfg.max_shift)
         weights = fusion_weights(scores, cfg.tau).to(self.device)
-        guide_image, guide_mask = combine(weights, images, masks, cfg.num_classes)
+        guide = make_guide(images, masks, weights, scores, torch.tensor(ids), cfg.num_classes)
         t3 = time.perf_counter()
-        guide = Guide(guide_image, guide_mask, weights, scores, torch.tensor(ids))
         return guide, hits, {"embed": t1 - t0, "search": t2 - t1, "fusion": t3 - t2}
 
     @torch.inference_mode()

@@ -19,13 +19,31 @@ MAX_K = 8
 
 @dataclass
 class Guide:
-    """Fused guidance for a batch: image (B,1,H,W), mask (B,C,H,W), weights/scores (B,K)."""
+    """Guidance for a batch.
+
+    ``image`` (B,1,H,W) and ``mask`` (B,C,H,W) are the fused guide the ``concat`` fusion stacks
+    onto the query; ``exemplars`` (B,K,H,W) float and ``exemplar_masks`` (B,K,H,W) int are the
+    exemplars themselves, which the ``readout`` fusion reads one by one; ``present`` (B,K) is
+    False for empty slots (a query trained or predicted without exemplars). ``weights`` and
+    ``scores`` are (B,K).
+    """
 
     image: torch.Tensor
     mask: torch.Tensor
     weights: torch.Tensor
     scores: torch.Tensor
     indices: torch.Tensor
+    exemplars: torch.Tensor | None = None
+    exemplar_masks: torch.Tensor | None = None
+    present: torch.Tensor | None = None
+
+
+def make_guide(images: torch.Tensor, masks: torch.Tensor, weights: torch.Tensor,
+               scores: torch.Tensor, indices: torch.Tensor, num_classes: int) -> Guide:
+    """A :class:`Guide` from exemplars (B,K,H,W) and their fusion weights (B,K)."""
+    guide_image, guide_mask = combine(weights, images, masks, num_classes)
+    present = torch.isfinite(scores).to(weights.device)  # -inf: a slot no exemplar filled
+    return Guide(guide_image, guide_mask, weights, scores, indices, images, masks, present)
 
 
 def check_k_tau(k: int, tau: float) -> None:
@@ -125,5 +143,4 @@ def soft_topk_guide(query_emb: torch.Tensor, bank_emb: torch.Tensor, bank_images
     scores, indices = sim.topk(k_eff, dim=1)
     weights = fusion_weights(scores, tau)
     images, masks = align_exemplars(query, bank_images[indices], bank_masks[indices], max_shift)
-    guide_image, guide_mask = combine(weights, images, masks, num_classes)
-    return Guide(guide_image, guide_mask, weights, scores.detach(), indices)
+    return make_guide(images, masks, weights, scores.detach(), indices, num_classes)

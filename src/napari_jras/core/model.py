@@ -1,5 +1,8 @@
-"""The J-RAS model: a retriever plus a segmenter fed [query, guide image, guide mask].
+"""The J-RAS model: a retriever plus a segmenter guided by the retrieved exemplars.
 
+Two fusions (``ModelConfig.fusion``): ``concat``, the paper's, feeds the segmenter
+[query, guide image, guide mask]; ``readout`` (the default of new runs, U-Net and TransUNet)
+propagates the exemplar masks onto the query through a memory readout (:mod:`.readout`).
 In baseline mode (``use_retrieval=False``) the same backbone sees the query channel only.
 """
 
@@ -10,13 +13,17 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .backbones import build_backbone
 from .errors import ModelError
 from .fusion import Guide, check_k_tau
+from .readout import READOUT_LEVEL, MemoryReadout
 from .retrieval import Retriever, build_retriever
 
 FORMAT_VERSION = 1
+FUSIONS = ("auto", "concat", "readout")
+READOUT_BACKBONES = ("unet", "transunet")  # "auto" fusion: readout for these, concat otherwise
 
 
 @dataclass
@@ -35,6 +42,7 @@ class ModelConfig:
     class_names: list[str] = field(default_factory=list)
     retriever: dict[str, Any] = field(
         default_factory=lambda: {"encoder": "cnn", "embed_dim": 128, "center": True})
+    fusion: str = "auto"
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -51,6 +59,15 @@ class ModelConfig:
             raise ModelError(f"size must be at least 16 pixels, got {self.size}")
         if not 0.0 <= self.align_shift <= 0.5:
             raise ModelError(f"align_shift must be between 0 and 0.5, got {self.align_shift}")
+        if self.fusion not in FUSIONS:
+            raise ModelError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        if self.fusion == "auto":
+            self.fusion = "readout" if self.backbone in READOUT_BACKBONES else "concat"
+
+    @property
+    def uses_readout(self) -> bool:
+        """True for a J-RAS model with the memory-readout fusion."""
+        return self.use_retrieval and self.fusion == "readout"
 
     @property
     def max_shift(self) -> int:
@@ -70,6 +87,7 @@ class ModelConfig:
         if version > FORMAT_VERSION:
             raise ModelError(
                 f"This model was saved by a newer napari-jras (format {version}); please upgrade")
+        data = {"fusion": "concat", **data}  # run folders from before the readout fusion
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
@@ -94,8 +112,15 @@ class JRASModel(nn.Module):
         if self.retriever is not None:
             self.config.retriever = self.retriever.config()
         self.segmenter = build_backbone(config.backbone, num_classes=config.num_classes,
-                                        use_retrieval=config.use_retrieval,
+                                        use_retrieval=config.use_retrieval and not config.uses_readout,
                                         **config.backbone_options)
+        self.readout: MemoryReadout | None = None
+        if config.uses_readout:
+            channels = getattr(self.segmenter, "feature_channels", None)
+            if channels is None or len(channels) <= READOUT_LEVEL:
+                raise ModelError(f"The readout fusion needs an encoder-decoder backbone (unet, "
+                                 f"transunet); use fusion 'concat' with '{config.backbone}'")
+            self.readout = MemoryReadout(channels[READOUT_LEVEL], config.num_classes)
         # the backbone's resolved options (defaults, the architecture of pretrained weights)
         # let a saved run rebuild offline, without the pretrained checkpoint
         self.config.backbone_options = {
@@ -108,12 +133,53 @@ class JRASModel(nn.Module):
         return self.config.num_classes
 
     def forward(self, query: torch.Tensor, guide: Guide | None = None) -> torch.Tensor:
-        """Segment ``query`` (B,1,H,W); ``guide`` is required in retrieval mode."""
+        """Segment ``query`` (B,1,H,W); ``guide`` is required in ``concat`` retrieval mode.
+
+        A ``readout`` model given no guide (or a guide whose slots are all empty) predicts
+        exactly as its image path alone.
+        """
+        if self.readout is not None:
+            return self.forward_readout(query, guide)[0]
         if self.config.use_retrieval:
             if guide is None:
                 raise ModelError("This J-RAS model needs retrieved exemplars (a guide) to predict")
             return self.segmenter(query, guide.image, guide.mask)
         return self.segmenter(query)
+
+    def forward_readout(self, query: torch.Tensor, guide: Guide | None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits and the propagated soft mask ``P_read`` (None without exemplars).
+
+        The exemplars pass through the segmenter's encoder without gradient; the keys, the
+        query's encoder and the zero-initialised injections are trained.
+        """
+        seg, readout = self.segmenter, self.readout
+        height, width = query.shape[-2:]
+        m = seg.size_multiple
+        pad = (0, (-width) % m, 0, (-height) % m)
+        features = seg.encode(F.pad(query, pad))
+        p_read = logit_residual = None
+        if guide is not None and guide.present is not None and bool(guide.present.any()):
+            b, k = guide.present.shape
+            ex_images = F.pad(guide.exemplars.to(query.dtype), pad)
+            ex_masks = F.pad(guide.exemplar_masks, pad)
+            with torch.no_grad():
+                ex_features = seg.encode(ex_images.flatten(0, 1)[:, None], READOUT_LEVEL)
+            ex_features = ex_features[READOUT_LEVEL]
+            ex_features = ex_features.view(b, k, *ex_features.shape[1:])
+            p_read, confidence = readout.read(features[READOUT_LEVEL], ex_features, ex_masks,
+                                              guide.present, guide.weights)
+            skip, logit_residual = readout.inject(p_read, confidence)
+            features[READOUT_LEVEL] = features[READOUT_LEVEL] + skip.to(features[0].dtype)
+        logits = seg.decode(features)
+        if logit_residual is not None:
+            logits = logits + F.interpolate(logit_residual.to(logits.dtype),
+                                            size=logits.shape[-2:], mode="bilinear",
+                                            align_corners=False)
+        if p_read is not None:
+            stride = 2**READOUT_LEVEL
+            p_read = p_read[..., :-(-height // stride), :-(-width // stride)]
+        return logits[..., :height, :width], p_read
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Retriever embeddings of (B,1,H,W) images."""

@@ -136,7 +136,7 @@ def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
     if ddp.is_main():
         save_model(out, model)
         atomic_write_json(out / TRAIN_CONFIG_FILE, {
-            "train": asdict(train_config), "data": _data_summary(data, cases, samples),
+            "train": asdict(trainer.config), "data": _data_summary(data, cases, samples),
             "val": Path(val).name if val is not None else None, "steps_done": trainer.step,
             "wall_time_s": round(time.time() - started, 1), "device": str(trainer.device),
             "world_size": trainer.world_size, "torch": torch.__version__,

@@ -34,14 +34,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed as ddp
-from .augment import augment
+from .augment import augment, random_affine
 from .checkpoint import atomic_write_json, load_tensors, save_model, save_tensors
 from .data import SliceSample
 from .device import autocast
 from .errors import DataError, JRASError
-from .fusion import Guide, soft_topk_guide
+from .fusion import Guide, make_guide, shift_exemplars, soft_topk_guide
 from .metrics import dice_per_class
 from .model import JRASModel
+from .readout import readout_loss
 from .retrieval import embed_images, retriever_version
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -50,12 +51,27 @@ RELEVANCE_SIZE = 32
 NEIGHBOUR_RANGE = 2  # neighbour guides: slices at most this far from the query, same volume
 
 
+#: guide curriculum per fusion: fractions of supervised samples trained with no exemplar
+#: (guide_dropout), with adjacent slices / the other frame of their own patient
+#: (neighbour_guides), with their own slice warped and its mask corrupted (own_guides); the
+#: rest retrieve other patients' exemplars, the paper's case
+CURRICULUM = {
+    "concat": {"guide_dropout": 0.5, "neighbour_guides": 0.0, "own_guides": 0.0},
+    "readout": {"guide_dropout": 0.1, "neighbour_guides": 0.35, "own_guides": 0.2},
+}
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings of a training or fine-tuning run (saved as ``train_config.json``).
 
     ``batch_size`` is the global batch: under torchrun it is split across the processes, so
     steps, epochs and the learning-rate schedule mean the same at every world size.
+    The guide curriculum (``guide_dropout``, ``neighbour_guides``, ``own_guides``) left at
+    None takes the model's fusion's defaults (:data:`CURRICULUM`, see :meth:`resolved`).
+    ``class_sampling`` is the fraction of each batch drawn from slices that contain a
+    foreground class chosen at random (rare classes are seen in every batch);
+    ``readout_weight`` weighs the readout fusion's own loss on its propagated mask.
     """
 
     steps: int = 2000
@@ -70,8 +86,11 @@ class TrainConfig:
     retriever_warmup_steps: int = 0
     refresh_every: int = 0
     freeze_retriever: bool = False
-    guide_dropout: float = 0.5
-    neighbour_guides: float = 0.0
+    guide_dropout: float | None = None
+    neighbour_guides: float | None = None
+    own_guides: float | None = None
+    class_sampling: float = 0.33
+    readout_weight: float = 0.5
     augment: bool = True
     amp: bool = True
     seed: int = 0
@@ -86,11 +105,35 @@ class TrainConfig:
             raise JRASError("steps and batch_size must be at least 1")
         if self.contrastive_every < 0:
             raise JRASError("contrastive_every must be >= 0 (0 disables the contrastive step)")
-        if not 0.0 <= self.guide_dropout < 1.0:
+        if not 0.0 <= self.class_sampling <= 1.0:
+            raise JRASError(f"class_sampling must be in [0, 1], got {self.class_sampling}")
+        if not self.readout_weight >= 0.0:
+            raise JRASError(f"readout_weight must be >= 0, got {self.readout_weight}")
+        for name in ("guide_dropout", "neighbour_guides", "own_guides"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise JRASError(f"{name} must be in [0, 1], got {value}")
+        if self.guide_dropout is not None and not self.guide_dropout < 1.0:
             raise JRASError(f"guide_dropout must be in [0, 1), got {self.guide_dropout}")
-        if not 0.0 <= self.neighbour_guides <= 1.0 - self.guide_dropout:
-            raise JRASError("neighbour_guides must be in [0, 1 - guide_dropout], got "
-                            f"{self.neighbour_guides}")
+        given = [v for v in (self.guide_dropout, self.neighbour_guides, self.own_guides)
+                 if v is not None]
+        if sum(given) > 1.0 + 1e-9:
+            raise JRASError("guide_dropout + neighbour_guides + own_guides must not exceed 1, "
+                            f"got {sum(given):.3g}")
+
+    def resolved(self, fusion: str) -> "TrainConfig":
+        """This config with the curriculum fractions left at None set for ``fusion``.
+
+        Unset fractions take :data:`CURRICULUM`'s, scaled so that the parts of the default
+        curriculum that were not overridden keep their proportions (e.g. ``guide_dropout=0.5``
+        with the readout fusion: neighbour 0.19, own 0.11, retrieved 0.19).
+        """
+        defaults = CURRICULUM.get(fusion, CURRICULUM["concat"])
+        given = {k: getattr(self, k) for k in defaults if getattr(self, k) is not None}
+        rest = 1.0 - sum(defaults[k] for k in given)
+        scale = (1.0 - sum(given.values())) / rest if rest > 0 else 0.0
+        return replace(self, **{k: given.get(k, round(v * scale, 6))
+                                for k, v in defaults.items()})
 
 
 class SliceSet:
@@ -144,13 +187,48 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 
 def drop_guides(guide: Guide, keep: torch.Tensor) -> Guide:
-    """Zero the guide image and mask of the queries where ``keep`` (B,) is False.
+    """Zero the guide image and mask (and empty the slots) of the queries where ``keep`` is False.
 
     Guide dropout: a segmenter that sometimes trains without its guide has to learn the image
     itself instead of copying the guide mask, the shortcut that makes it trust a misaligned guide.
     """
     k = keep.to(guide.image.dtype).view(-1, 1, 1, 1)
-    return replace(guide, image=guide.image * k, mask=guide.mask * k)
+    present = None if guide.present is None else guide.present & keep[:, None]
+    return replace(guide, image=guide.image * k, mask=guide.mask * k, present=present)
+
+
+def corrupted_copy(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each slice (B,H,W) warped, and its mask warped, shifted and sometimes missing a class.
+
+    The "own slice" exemplar of the guide curriculum: aligned enough to be informative, wrong
+    enough (a few pixels off at the boundary, a structure dropped) that copying it is not right.
+    """
+    images, masks = random_affine(x, y, generator, max_rotation=20.0, scale=(0.85, 1.15),
+                                  max_shift=0.06)
+    b, h, w = masks.shape
+    shift = torch.randint(-3, 4, (b, 1, 2), generator=generator).to(masks.device)
+    _, masks = shift_exemplars(images[:, None], masks[:, None], shift)
+    masks = masks[:, 0]
+    drop = torch.rand(b, generator=generator) < 0.25
+    classes = int(y.max()) + 1
+    if classes > 1 and bool(drop.any()):
+        gone = torch.randint(1, classes, (b,), generator=generator).to(masks.device)
+        hit = drop.to(masks.device)[:, None, None] & (masks == gone[:, None, None])
+        masks = masks.masked_fill(hit, 0)
+    return images, masks
+
+
+def with_own_exemplar(guide: Guide, own: torch.Tensor, images: torch.Tensor,
+                      masks: torch.Tensor, num_classes: int) -> Guide:
+    """``guide`` with the first exemplar slot of the queries where ``own`` (B,) is set replaced
+    by ``images``/``masks`` (B,H,W), at the weight of the best retrieved exemplar."""
+    ex_images, ex_masks = guide.exemplars.clone(), guide.exemplar_masks.clone()
+    ex_images[own, 0] = images[own].to(ex_images.dtype)
+    ex_masks[own, 0] = masks[own].to(ex_masks.dtype)
+    fused = make_guide(ex_images, ex_masks, guide.weights, guide.scores, guide.indices,
+                       num_classes)
+    return replace(fused, present=guide.present)
 
 
 def mask_relevance(query_masks: torch.Tensor, cand_masks: torch.Tensor) -> torch.Tensor:
@@ -221,6 +299,7 @@ class JointTrainer:
                  run_dir: str | Path | None = None, val: SliceSet | None = None,
                  sample_weights: Sequence[float] | None = None,
                  progress: ProgressFn | None = None, cancel: CancelFn | None = None):
+        config = config.resolved(model.config.fusion if model.config.use_retrieval else "concat")
         self.config = config
         self.device = ddp.training_device(config.device)
         self.model = model.to(self.device)
@@ -267,6 +346,9 @@ class JointTrainer:
         small = F.interpolate(F.one_hot(train.labels, train.num_classes).permute(0, 3, 1, 2).float(),
                               size=(RELEVANCE_SIZE, RELEVANCE_SIZE), mode="area")
         self.relevance_masks = small.to(self.device)
+        present = F.one_hot(train.labels, train.num_classes).flatten(1, 2).any(1)  # N,C
+        self.class_slices = [torch.nonzero(present[:, c]).flatten()
+                             for c in range(1, train.num_classes) if bool(present[:, c].any())]
         steps_per_epoch = max(1, len(train) // config.batch_size)
         self.refresh_every = config.refresh_every or steps_per_epoch
         self._started = 0.0
@@ -277,9 +359,21 @@ class JointTrainer:
 
     # -- sampling -------------------------------------------------------------------------
     def _sample(self, n: int) -> torch.Tensor:
+        """``n`` slice indices: weighted, or uniform with a class-aware share.
+
+        With ``class_sampling`` > 0, that share of the batch comes from slices containing a
+        foreground class drawn uniformly, so a rare class is in (nearly) every batch.
+        """
         if self.weights is not None:
             return torch.multinomial(self.weights, n, replacement=True, generator=self.generator)
-        return torch.randint(len(self.train_set), (n,), generator=self.generator)
+        idx = torch.randint(len(self.train_set), (n,), generator=self.generator)
+        n_class = round(n * self.config.class_sampling) if self.class_slices else 0
+        if n_class:
+            classes = torch.randint(len(self.class_slices), (n_class,), generator=self.generator)
+            for j, c in enumerate(classes.tolist()):
+                pool = self.class_slices[c]
+                idx[j] = pool[torch.randint(len(pool), (1,), generator=self.generator)]
+        return idx
 
     def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.train_set.images[idx].to(self.device)
@@ -324,48 +418,71 @@ class JointTrainer:
 
     def _neighbour_exclusion(self, query_rows: torch.Tensor, exclude: torch.Tensor
                              ) -> torch.Tensor:
-        """Exclusion masks that leave only a query's adjacent slices (|dz| <= NEIGHBOUR_RANGE).
+        """Exclusion masks that leave only a query's adjacent slices (|dz| <= NEIGHBOUR_RANGE)
+        and the same slice of its patient's other frames (cine MRI: ED <-> ES).
 
-        Rows of ``query_rows`` that are -1, or whose volume has no other slice, keep ``exclude``.
+        Rows of ``query_rows`` that are -1, or that have no such slice, keep ``exclude``.
         """
         chosen = query_rows >= 0
         rows = query_rows.clamp_min(0)
         dz = (self.bank_slices[None, :] - self.bank_slices[rows][:, None]).abs()
-        allowed = ((self.bank_cases[None, :] == self.bank_cases[rows][:, None])
-                   & (dz > 0) & (dz <= NEIGHBOUR_RANGE))
+        same_case = self.bank_cases[None, :] == self.bank_cases[rows][:, None]
+        other_frame = (~same_case & (self.bank_patients[None, :] == self.bank_patients[rows][:, None])
+                       & (dz == 0))  # the same slice of the patient's other frame (ED<->ES)
+        allowed = (same_case & (dz > 0) & (dz <= NEIGHBOUR_RANGE)) | other_frame
         use = chosen & allowed.any(1)
         return torch.where(use[:, None], ~allowed, exclude)
 
     # -- steps ----------------------------------------------------------------------------
     def supervised_step(self) -> float:
-        """One Dice + CE step on the segmenter (and the retriever through the fusion weights)."""
+        """One Dice + CE step on the segmenter (and the retriever through the fusion weights).
+
+        Each query draws its guide from the curriculum: none (``guide_dropout``), its own
+        volume's adjacent slices (``neighbour_guides``), its own slice warped with a corrupted
+        mask in the first slot (``own_guides``), or other patients' exemplars (the rest).
+        """
         idx = self._sample(self.config.batch_size)
         x, y = self._batch(idx)
         # drawn for the global batch before sharding, so every rank's generator stays in step;
-        # nothing is drawn without these options (or retrieval), so such runs replay as before
+        # nothing is drawn without a curriculum (or retrieval), so such runs replay as before
         cfg = self.config
-        guided = self.use_retrieval and (cfg.guide_dropout > 0 or cfg.neighbour_guides > 0)
+        guided = self.use_retrieval and (cfg.guide_dropout > 0 or cfg.neighbour_guides > 0
+                                         or cfg.own_guides > 0)
         draw = torch.rand(len(idx), generator=self.generator) if guided else torch.ones(len(idx))
         keep = draw >= cfg.guide_dropout
-        neighbours_of = torch.where(keep & (draw < cfg.guide_dropout + cfg.neighbour_guides),
-                                    idx, torch.full_like(idx, -1))
+        cut = cfg.guide_dropout + cfg.neighbour_guides
+        neighbours_of = torch.where(keep & (draw < cut), idx, torch.full_like(idx, -1))
+        own = (draw >= cut) & (draw < cut + cfg.own_guides)
+        own_pair = corrupted_copy(x, y, self.generator) if bool(own.any()) else None
         idx, x, y = ddp.shard(idx), ddp.shard(x), ddp.shard(y)
-        keep, neighbours_of = ddp.shard(keep), ddp.shard(neighbours_of)
+        keep, neighbours_of, own = ddp.shard(keep), ddp.shard(neighbours_of), ddp.shard(own)
+        if own_pair is not None:
+            own_pair = (ddp.shard(own_pair[0]), ddp.shard(own_pair[1]))
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._runner(self._supervised_loss, x, y, self.train_set.patients[idx], keep,
-                            neighbours_of if cfg.neighbour_guides > 0 else None)
+                            neighbours_of if cfg.neighbour_guides > 0 else None, own, own_pair)
         self._backward(loss)
         return float(loss.detach())
 
     def _supervised_loss(self, x: torch.Tensor, y: torch.Tensor, patients: torch.Tensor,
-                         keep: torch.Tensor, neighbours_of: torch.Tensor | None) -> torch.Tensor:
+                         keep: torch.Tensor, neighbours_of: torch.Tensor | None,
+                         own: torch.Tensor,
+                         own_pair: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         with autocast(self.device, self.config.amp):
             guide = self.guide_for(x, patients, neighbours_of) if self.use_retrieval else None
+            if guide is not None and own_pair is not None and bool(own.any()):
+                guide = with_own_exemplar(guide, own.to(self.device), *own_pair,
+                                          self.model.num_classes)
             if guide is not None and not bool(keep.all()):
                 guide = drop_guides(guide, keep.to(self.device))
-            logits = self.model(x[:, None], guide)
-            return segmentation_loss(logits, y)
+            if self.model.readout is None:
+                return segmentation_loss(self.model(x[:, None], guide), y)
+            logits, p_read = self.model.forward_readout(x[:, None], guide)
+            loss = segmentation_loss(logits, y)
+            if p_read is not None and self.config.readout_weight > 0:
+                loss = loss + self.config.readout_weight * readout_loss(p_read, y, guide.present)
+            return loss
 
     def contrastive_step(self) -> float:
         """One segmentation-aware InfoNCE step on the retriever alone."""

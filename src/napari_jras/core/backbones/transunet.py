@@ -83,13 +83,26 @@ class TransUNet(Backbone):
         if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or mlp_ratio <= 0:
             raise ModelError(f"option 'mlp_ratio' must be a positive number, got {mlp_ratio!r}")
         channels = [base_channels * 2**level for level in range(5)]
+        self.feature_channels = channels
         self.encoder = ConvEncoder(self.in_channels, channels, norm)
         self.bottleneck = TransformerBottleneck(channels[-1], hidden_size, num_layers, num_heads,
                                                 mlp_ratio, img_size // STRIDE, dropout, norm)
         self.decoder = ConvDecoder(channels, norm, "bilinear")
         self.head = nn.Conv2d(channels[0], num_classes, 1)
 
-    def segment(self, x: Tensor) -> Tensor:
-        features = self.encoder(x)
-        features[-1] = self.bottleneck(features[-1])
+    def encode(self, x: Tensor, upto: int | None = None) -> list[Tensor]:
+        """Encoder feature maps, finest first; the deepest through the transformer.
+
+        With ``upto`` only levels 0..``upto`` are computed (no transformer unless it is the last).
+        """
+        features = self.encoder(x, upto)
+        if upto is None or upto >= len(self.feature_channels) - 1:
+            features[-1] = self.bottleneck(features[-1])
+        return features
+
+    def decode(self, features: list[Tensor]) -> Tensor:
+        """Logits from the encoder's feature maps."""
         return self.head(self.decoder(features))
+
+    def segment(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))

@@ -73,10 +73,10 @@ class ConvEncoder(nn.Module):
             for c_in, c_out in zip(channels[:-1], channels[1:])
         )
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """Feature maps at strides 1, 2, 4, ..., finest first."""
+    def forward(self, x: Tensor, upto: int | None = None) -> list[Tensor]:
+        """Feature maps at strides 1, 2, 4, ..., finest first (levels 0..``upto`` if given)."""
         features = [self.stem(x)]
-        for down in self.downs:
+        for down in self.downs[:upto]:
             features.append(down(features[-1]))
         return features
 
@@ -116,9 +116,18 @@ class UNet(Backbone):
         dropout = check_fraction(dropout, "dropout")
         channels = [base_channels * 2**level for level in range(depth + 1)]
         self.size_multiple = 2**depth
+        self.feature_channels = channels
         self.encoder = ConvEncoder(self.in_channels, channels, norm, dropout)
         self.decoder = ConvDecoder(channels, norm, upsample, dropout)
         self.head = nn.Conv2d(channels[0], num_classes, 1)
 
+    def encode(self, x: Tensor, upto: int | None = None) -> list[Tensor]:
+        """Encoder feature maps, finest first (levels 0..``upto`` if given)."""
+        return self.encoder(x, upto)
+
+    def decode(self, features: list[Tensor]) -> Tensor:
+        """Logits from the encoder's feature maps."""
+        return self.head(self.decoder(features))
+
     def segment(self, x: Tensor) -> Tensor:
-        return self.head(self.decoder(self.encoder(x)))
+        return self.decode(self.encode(x))

@@ -1,0 +1,117 @@
+"""Memory-readout fusion: exemplar masks propagated onto the query by learned correspondence.
+
+The paper's fusion (``concat``) stacks one fused guide image and mask onto the query's input
+channels; a segmenter trained that way learns to ignore the guide (or, fed aligned guides, to
+copy it). The ``readout`` fusion follows space-time memory networks (STM, STCN, XMem):
+
+1. the query and each of its K exemplars go through the segmenter's own encoder;
+2. a 1x1 *key* projection of the 1/4-scale features, shared by query and exemplars, gives an
+   affinity between every query position and every one of the K x h x w exemplar positions
+   (negative squared L2 distance, softmax over all exemplar positions, as in STCN), plus the
+   log of exemplar k's retrieval weight (the retriever's say, and its gradient);
+3. the *values* are the exemplar one-hot masks pooled to 1/4 scale, so the readout is a
+   propagated soft segmentation ``P_read`` (B, C, h, w), plus a per-pixel confidence (how
+   peaked the affinity is);
+4. ``[P_read, confidence]`` enter the decoder through zero-initialised 1x1 convolutions, at the
+   1/4 skip and on the logits: at initialisation, and whenever no exemplar is given, the
+   network is exactly the baseline.
+
+``P_read`` is trained by its own loss against the query's ground truth (see
+:func:`readout_loss`), which is what makes the keys learn correspondence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+READOUT_LEVEL = 2  # encoder level whose features give the keys: stride 2**2 = 4
+KEY_DIM = 32
+EPS = 1e-6
+
+
+class MemoryReadout(nn.Module):
+    """Keys, affinity and the zero-initialised injections of the readout fusion."""
+
+    def __init__(self, feature_channels: int, num_classes: int, key_dim: int = KEY_DIM):
+        super().__init__()
+        self.num_classes = num_classes
+        self.key = nn.Conv2d(feature_channels, key_dim, 1)
+        self.to_skip = nn.Conv2d(num_classes + 1, feature_channels, 1)
+        self.to_logits = nn.Conv2d(num_classes + 1, num_classes, 1)
+        for conv in (self.to_skip, self.to_logits):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def read(self, query_features: Tensor, exemplar_features: Tensor, exemplar_masks: Tensor,
+             present: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Propagate exemplar masks onto the query.
+
+        Args:
+            query_features: (B, F, h, w) encoder features of the queries.
+            exemplar_features: (B, K, F, h, w) features of their exemplars.
+            exemplar_masks: (B, K, H, W) integer label maps of the exemplars (any H, W that
+                pools to h, w).
+            present: (B, K) bool, False for empty exemplar slots.
+            weights: (B, K) retrieval fusion weights, a prior on which exemplar to read from
+                (log w_k is added to the affinity logits of exemplar k); through them the
+                segmentation loss reaches the retriever, as in the concat fusion.
+
+        Returns:
+            ``P_read`` (B, C, h, w), a probability map per class where a query has at least one
+            exemplar (zeros elsewhere), and the confidence (B, 1, h, w) in [0, 1].
+        """
+        b, k, f, h, w = exemplar_features.shape
+        kq = self.key(query_features).flatten(2)  # B,D,P
+        ke = self.key(exemplar_features.reshape(b * k, f, h, w))
+        ke = ke.reshape(b, k, -1, h * w).permute(0, 2, 1, 3).reshape(b, -1, k * h * w)  # B,D,KM
+        d = kq.shape[1]
+        # -||q - e||^2 up to a per-query constant: 2 q.e - |e|^2 (STCN's L2 affinity)
+        logits = (2 * torch.einsum("bdm,bdp->bmp", ke, kq) - ke.pow(2).sum(1)[:, :, None])
+        logits = logits / math.sqrt(d)
+        if weights is not None:
+            prior = torch.log(weights.float().clamp_min(EPS))  # B,K
+            logits = logits + prior[:, :, None].expand(b, k, h * w).reshape(b, k * h * w, 1)
+        slot_ok = present[:, :, None].expand(b, k, h * w).reshape(b, k * h * w, 1)
+        logits = logits.float().masked_fill(~slot_ok, -torch.inf)
+        any_exemplar = present.any(1)
+        logits = torch.where(any_exemplar[:, None, None], logits, torch.zeros_like(logits))
+        affinity = logits.softmax(1)  # over all K x h x w exemplar positions
+        onehot = F.one_hot(exemplar_masks.long(), self.num_classes).permute(0, 1, 4, 2, 3).float()
+        values = F.adaptive_avg_pool2d(onehot.flatten(0, 1), (h, w))  # B*K,C,h,w
+        values = values.reshape(b, k, self.num_classes, h * w).permute(0, 2, 1, 3)
+        values = values.reshape(b, self.num_classes, k * h * w)
+        p_read = torch.einsum("bcm,bmp->bcp", values, affinity).reshape(b, -1, h, w)
+        # confidence: share of the affinity on the best position, on a log scale in [0, 1]
+        peak = affinity.max(1).values.clamp_min(EPS)
+        confidence = (torch.log(peak * k * h * w) / math.log(k * h * w + 1)).clamp(0, 1)
+        on = any_exemplar.to(p_read.dtype).view(b, 1, 1, 1)
+        return p_read * on, confidence.reshape(b, 1, h, w) * on
+
+    def inject(self, p_read: Tensor, confidence: Tensor) -> tuple[Tensor, Tensor]:
+        """(skip residual (B, F, h, w), logit residual at 1/4 scale (B, C, h, w))."""
+        cue = torch.cat([p_read, confidence], 1).to(self.to_skip.weight.dtype)
+        return self.to_skip(cue), self.to_logits(cue)
+
+
+def readout_loss(p_read: Tensor, target: Tensor, present: Tensor) -> Tensor:
+    """Cross-entropy plus foreground Dice of ``P_read`` (upsampled) for queries with exemplars.
+
+    ``p_read`` (B, C, h, w) probabilities, ``target`` (B, H, W) labels, ``present`` (B, K).
+    Returns 0 when no query of the batch has an exemplar.
+    """
+    rows = present.any(1)
+    if not bool(rows.any()):
+        return p_read.new_zeros(())
+    p = F.interpolate(p_read[rows].float(), size=target.shape[-2:], mode="bilinear",
+                      align_corners=False).clamp_min(EPS)
+    y = target[rows]
+    ce = F.nll_loss(torch.log(p), y)
+    onehot = F.one_hot(y, p.shape[1]).permute(0, 3, 1, 2).float()[:, 1:]
+    inter = (p[:, 1:] * onehot).sum((0, 2, 3))
+    denom = p[:, 1:].sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    dice = (2 * inter + 1e-5) / (denom + 1e-5)
+    return ce + (1 - dice.mean())

@@ -1,0 +1,190 @@
+"""The memory-readout fusion: it reads its exemplars, equals the baseline at initialisation and
+without exemplars, and the guide curriculum feeds it the right exemplars."""
+
+import pytest
+import torch
+
+from napari_jras.core.errors import JRASError, ModelError
+from napari_jras.core.fusion import make_guide
+from napari_jras.core.model import JRASModel, ModelConfig
+from napari_jras.core.readout import MemoryReadout, readout_loss
+from napari_jras.core.train import (
+    CURRICULUM,
+    JointTrainer,
+    SliceSet,
+    TrainConfig,
+    corrupted_copy,
+    seed_everything,
+)
+from test_jras_core import TINY_RETRIEVER, TINY_UNET, synthetic_samples
+
+
+def _model(fusion="readout", use_retrieval=True, backbone="unet", options=TINY_UNET):
+    return JRASModel(ModelConfig(num_classes=3, size=32, backbone=backbone, fusion=fusion,
+                                 use_retrieval=use_retrieval, backbone_options=dict(options),
+                                 retriever=dict(TINY_RETRIEVER)))
+
+
+def _guide(images, masks, present=None):
+    b, k = images.shape[:2]
+    guide = make_guide(images, masks, torch.full((b, k), 1.0 / k), torch.zeros(b, k),
+                       torch.zeros(b, k, dtype=torch.long), 3)
+    if present is not None:
+        guide.present = present
+    return guide
+
+
+def _blobs(n=2, size=32):
+    """Images whose bright discs are class 1 and dark squares class 2, at random places."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.full((n, size, size), 0.5)
+    labels = torch.zeros((n, size, size), dtype=torch.long)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    for i in range(n):
+        cy, cx = torch.randint(8, size - 8, (2,), generator=g).tolist()
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < 25
+        images[i][disc], labels[i][disc] = 1.0, 1
+        sy, sx = torch.randint(2, size - 8, (2,), generator=g).tolist()
+        square = (yy >= sy) & (yy < sy + 6) & (xx >= sx) & (xx < sx + 6) & ~disc
+        images[i][square], labels[i][square] = 0.0, 2
+    return images, labels
+
+
+def test_auto_fusion_is_readout_for_unet_and_old_runs_load_as_concat():
+    assert _model("auto").config.fusion == "readout"
+    assert ModelConfig(num_classes=3, backbone="segformer").fusion == "concat"
+    old = _model("concat").config.to_dict()
+    del old["fusion"]  # a run folder written before the readout fusion existed
+    assert ModelConfig.from_dict(old).fusion == "concat"
+    with pytest.raises(ModelError, match="fusion"):
+        ModelConfig(num_classes=3, fusion="attention")
+
+
+def test_zero_initialised_readout_equals_the_baseline_with_and_without_exemplars():
+    seed_everything(0)
+    jras, base = _model(), _model(use_retrieval=False)
+    jras.segmenter.load_state_dict(base.segmenter.state_dict())
+    jras.eval(), base.eval()
+    x = torch.rand(2, 1, 32, 32)
+    guide = _guide(torch.rand(2, 2, 32, 32), torch.randint(0, 3, (2, 2, 32, 32)))
+    with torch.no_grad():
+        assert torch.equal(jras(x, guide), base(x))
+        assert torch.equal(jras(x, None), base(x))
+        empty = _guide(guide.exemplars, guide.exemplar_masks, torch.zeros(2, 2, dtype=torch.bool))
+        assert torch.equal(jras(x, empty), base(x))
+
+
+def test_readout_of_the_query_itself_reproduces_its_mask():
+    """With the query's own slice and mask as the only exemplar and identity keys, ``P_read``
+    is that mask: the propagated segmentation comes from the exemplar, not the weights."""
+    readout = MemoryReadout(feature_channels=8, num_classes=3, key_dim=8)
+    with torch.no_grad():
+        readout.key.weight.copy_(torch.eye(8)[:, :, None, None] * 20)
+        readout.key.bias.zero_()
+    # one-hot position features: every position has its own key
+    h = w = 8
+    codes = torch.randn(8, h * w)
+    feats = codes.view(1, 8, h, w)
+    mask = torch.randint(0, 3, (1, 1, h, w))
+    p_read, confidence = readout.read(feats, feats[:, None], mask, torch.ones(1, 1, dtype=bool))
+    assert torch.equal(p_read.argmax(1), mask[:, 0])
+    assert float(confidence.mean()) > 0.5
+    # another exemplar mask gives another readout: the readout is not ignored
+    other = (mask + 1) % 3
+    p_other, _ = readout.read(feats, feats[:, None], other, torch.ones(1, 1, dtype=bool))
+    assert torch.equal(p_other.argmax(1), other[:, 0])
+
+
+def test_readout_loss_trains_correspondence_and_the_model_uses_its_exemplars():
+    """A few steps of the readout loss alone make the keys match a shifted exemplar to its
+    query; the trained model's prediction then changes with the exemplar it is given."""
+    seed_everything(0)
+    model = _model()
+    images, labels = _blobs(4)
+    shifted_images = torch.roll(images, shifts=(2, -3), dims=(1, 2))
+    shifted_labels = torch.roll(labels, shifts=(2, -3), dims=(1, 2))
+    guide = _guide(images[:, None], labels[:, None])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    first = None
+    for _ in range(50):
+        _, p_read = model.forward_readout(shifted_images[:, None], guide)
+        loss = readout_loss(p_read, shifted_labels, guide.present)
+        first = first if first is not None else float(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < 0.6 * first
+    model.eval()
+    with torch.no_grad():
+        _, p_read = model.forward_readout(shifted_images[:, None], guide)
+        wrong = _guide(images[:, None], torch.zeros_like(labels)[:, None])
+        _, p_wrong = model.forward_readout(shifted_images[:, None], wrong)
+    assert not torch.allclose(p_read, p_wrong)
+    assert float(p_wrong[:, 1:].max()) < 1e-4  # an empty exemplar propagates background only
+
+
+def test_readout_needs_an_encoder_decoder_backbone():
+    with pytest.raises(ModelError, match="readout"):
+        JRASModel(ModelConfig(num_classes=3, size=32, backbone="segformer", fusion="readout",
+                              backbone_options={"variant": "tiny"},
+                              retriever=dict(TINY_RETRIEVER)))
+
+
+def test_transunet_supports_the_readout():
+    model = _model(backbone="transunet", options={"base_channels": 4, "hidden_size": 16,
+                                                  "num_layers": 1, "num_heads": 2,
+                                                  "img_size": 32})
+    guide = _guide(torch.rand(1, 2, 32, 32), torch.randint(0, 3, (1, 2, 32, 32)))
+    logits, p_read = model.forward_readout(torch.rand(1, 1, 32, 32), guide)
+    assert logits.shape == (1, 3, 32, 32) and p_read.shape == (1, 3, 8, 8)
+
+
+def test_curriculum_defaults_and_overrides():
+    readout = TrainConfig().resolved("readout")
+    assert (readout.guide_dropout, readout.neighbour_guides, readout.own_guides) == tuple(
+        CURRICULUM["readout"].values())
+    concat = TrainConfig().resolved("concat")
+    assert (concat.guide_dropout, concat.neighbour_guides, concat.own_guides) == (0.5, 0.0, 0.0)
+    # an override keeps the proportions of the rest of the default curriculum
+    half = TrainConfig(guide_dropout=0.5).resolved("readout")
+    assert half.guide_dropout == 0.5
+    assert half.neighbour_guides == pytest.approx(0.35 * 0.5 / 0.9, abs=1e-6)
+    assert half.neighbour_guides + half.own_guides < 0.5
+    with pytest.raises(JRASError, match="exceed 1"):
+        TrainConfig(guide_dropout=0.5, neighbour_guides=0.4, own_guides=0.2)
+
+
+def test_own_exemplar_is_the_query_warped_with_a_damaged_mask():
+    images, labels = _blobs(8)
+    g = torch.Generator().manual_seed(0)
+    warped, masks = corrupted_copy(images, labels, g)
+    assert warped.shape == images.shape and masks.shape == labels.shape
+    assert not torch.equal(masks, labels)
+    agree = (masks == labels).float().mean()
+    assert agree > 0.6  # still mostly right: an informative, imperfect exemplar
+
+
+def test_class_aware_sampling_puts_rare_classes_in_every_batch():
+    samples = synthetic_samples()
+    for s in samples[1:]:  # class 2 only in the first slice
+        s.label[s.label == 2] = 1
+    data = SliceSet(samples, 3)
+    model = _model(use_retrieval=False)
+    with_rare = JointTrainer(model, data, TrainConfig(steps=1, batch_size=6, class_sampling=0.5))
+    without = JointTrainer(model, data, TrainConfig(steps=1, batch_size=6, class_sampling=0.0))
+    rare = lambda t: sum(int((data.labels[t._sample(6)] == 2).flatten(1).any(1).sum())  # noqa: E731
+                         for _ in range(20))
+    assert rare(with_rare) > rare(without) + 10
+
+
+def test_training_steps_with_the_curriculum_reach_every_part():
+    seed_everything(0)
+    model = _model()
+    data = SliceSet(synthetic_samples(), 3)
+    trainer = JointTrainer(model, data, TrainConfig(steps=3, batch_size=8, log_every=1,
+                                                    device="cpu"))
+    assert trainer.config.own_guides == CURRICULUM["readout"]["own_guides"]
+    history = trainer.fit()
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history if "loss" in h)
+    # the readout's injections have left zero: exemplars now change the prediction
+    assert float(model.readout.to_skip.weight.abs().sum()) > 0
