@@ -123,7 +123,8 @@ def test_evaluate_report_schema_and_values(runs, acdc_slices_dir, tmp_path, caps
                report_path, "--patient-regex", REGEX, "--device", "cpu", "--quiet") == 0
     assert str(report_path) in capsys.readouterr().out
     report = _strict_json(report_path)
-    assert set(report) == {"model", "bank", "data", "device", "summary", "cases"}
+    assert set(report) == {"model", "bank", "data", "guide_source", "device", "summary", "cases"}
+    assert report["guide_source"] == "retrieved"
     assert report["model"]["path"] == str(runs["jras"])
     assert report["model"]["config"]["backbone"] == "unet"
     assert report["bank"] == {"path": str(runs["jras"] / "bank"), "exemplars": 8}

@@ -171,8 +171,10 @@ def test_aligned_exemplars_guide_the_prediction(run_copy, volume):
     engine = InferenceEngine.from_run(run_copy, device="cpu")
     x = torch.from_numpy(resize_images(normalize(volume, engine.model.config.modality), (32, 32)))
     with torch.inference_mode():
-        guide, hits, _ = engine._retrieve(x, None)
-        images, masks = engine._exemplar_tensors([h.id for row in hits for h in row])
+        timings = dict.fromkeys(("embed", "search", "fusion"), 0.0)
+        guide, shown = engine._guide(x, None, list(range(len(x))), None, "retrieved", None,
+                                     timings)
+        images, masks = engine._exemplar_tensors([e.id for row in shown for e in row])
     images, masks = images.view(len(x), -1, 32, 32), masks.view(len(x), -1, 32, 32)
     moved_images, moved_masks = align_exemplars(x, images, masks, 8)
     expected_image, expected_mask = combine(guide.weights, moved_images, moved_masks, NUM_CLASSES)

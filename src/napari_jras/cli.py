@@ -122,7 +122,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .core.pipeline import evaluate_run
 
     report = evaluate_run(args.model, args.data, bank=args.bank, device=args.device,
-                          patient_regex=args.patient_regex,
+                          patient_regex=args.patient_regex, guide_source=args.guide_source,
                           progress=_progress_printer(args.quiet), **_engine_options(args))
     atomic_write_json(Path(args.report), report)
     overall = report["summary"]["mean"]
@@ -284,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bank", help="exemplar bank (default: the run folder's bank)")
     e.add_argument("--report", required=True, help="JSON report to write")
     e.add_argument("--patient-regex")
+    e.add_argument("--guide-source", default="retrieved",
+                   choices=["retrieved", "none", "neighbour", "oracle", "random"],
+                   help="diagnostic: where each slice's exemplars come from (default retrieved: "
+                        "the bank, never the evaluated patient); none, random (K random "
+                        "exemplars of other patients), neighbour (the ground truth of slices "
+                        "z+-1 of the same volume), oracle (the slice's own ground truth)")
     _add_inference(e)
     _add_common(e)
     e.set_defaults(func=cmd_evaluate)

@@ -15,7 +15,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +23,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .bank import ExemplarBank
+from .bank import ExemplarBank, Hit
 from .checkpoint import load_model
 from .data import resize_images, resize_labels
 from .device import autocast, select_device
 from .errors import BankError, JRASError, ModelError
-from .fusion import Guide, align_exemplars, fusion_weights, make_guide
+from .fusion import Guide, align_exemplars, empty_guide, fusion_weights, make_guide
 from .io import check_image
 from .model import JRASModel
 from .normalize import NormalizedSlices, intensity_map
 from .retrieval import embed_images, retriever_version
+from .volume_memory import GUIDE_SOURCES, VolumeMemory
 
 log = logging.getLogger(__name__)
 BANK_DIR = "bank"
@@ -226,42 +227,110 @@ class InferenceEngine:
         masks = torch.stack([self._cache[i][1] for i in ids])
         return images, masks
 
-    def _retrieve(self, x: torch.Tensor, exclude_patient: str | None
-                  ) -> tuple[Guide, list[list[Any]], dict[str, float]]:
-        cfg = self.model.config
+    def _search(self, x: torch.Tensor, k: int, exclude_patient: str | None,
+                timings: dict[str, float]) -> list[list[Hit]]:
+        """The bank's ``k`` best exemplars for each query of ``x`` (B,H,W)."""
         t0 = time.perf_counter()
         q = self._run("retriever", x[:, None]).float().cpu().numpy()
         t1 = time.perf_counter()
-        hits = self.bank.search(q, cfg.k, self.version,
-                                exclude_patients=[exclude_patient] * len(q))
-        t2 = time.perf_counter()
-        if any(len(h) == 0 for h in hits):
-            raise BankError("No exemplar could be retrieved (every exemplar is excluded or the "
-                            "bank is empty)")
-        k = max(len(h) for h in hits)
-        ids = [[h[min(j, len(h) - 1)].id for j in range(k)] for h in hits]
-        scores = torch.tensor([[h[j].score if j < len(h) else -np.inf for j in range(k)]
-                               for h in hits], dtype=torch.float32)
-        flat = [i for row in ids for i in row]
-        images, masks = self._exemplar_tensors(flat)
-        images = images.view(len(hits), k, *images.shape[-2:]).to(self.device)
-        masks = masks.view(len(hits), k, *masks.shape[-2:]).to(self.device)
+        hits = self.bank.search(q, k, self.version, exclude_patients=[exclude_patient] * len(q))
+        timings["embed"] += t1 - t0
+        timings["search"] += time.perf_counter() - t1
+        return hits
+
+    def _random_hits(self, n: int, exclude_patient: str | None, seed: int) -> list[list[Hit]]:
+        """``k`` exemplars drawn at random (never of ``exclude_patient``) for each of ``n`` slices."""
+        records = [r for r in self.bank.records() if r.get("patient_id") != exclude_patient]
+        if not records:
+            raise BankError("No exemplar could be drawn (every exemplar is excluded or the bank "
+                            "is empty)")
+        rng = np.random.default_rng(seed)
+        k = min(self.model.config.k, len(records))
+        return [[Hit(int(records[j]["id"]), 0.0, records[j])
+                 for j in rng.choice(len(records), k, replace=False)] for _ in range(n)]
+
+    def _guide(self, x: torch.Tensor, vol: Any, batch: list[int], exclude_patient: str | None,
+               source: str, memory: VolumeMemory | None, timings: dict[str, float]
+               ) -> tuple[Guide | None, list[list[RetrievedExemplar]]]:
+        """The guide of slices ``batch`` (network input ``x``, (B,H,W)) and what the gallery shows.
+
+        Slots are filled in order: the volume's annotated slices (``memory``), then retrieved
+        (or, for the ``random`` diagnostic, random) exemplars up to K; ``none`` gives no
+        exemplar. Fusion weights are ``softmax(score / tau)`` over the filled slots.
+        """
+        cfg = self.model.config
+        t0 = time.perf_counter()
+        size = (cfg.size, cfg.size)
+        rows: list[list[tuple[float, torch.Tensor, torch.Tensor, RetrievedExemplar]]] = []
+        for z in batch:
+            row = []
+            for s, score in (memory.nearest(z) if memory is not None else []):
+                image = torch.from_numpy(resize_images(vol[[s]], size)[0])
+                mask = torch.from_numpy(resize_labels(
+                    np.asarray(memory.labels[s])[None], size)[0].astype(np.int64))
+                record = {"origin": memory.origin, "slice_index": s, "dz": s - z}
+                row.append((score, image, mask, RetrievedExemplar(
+                    -1, score, 0.0, record, image.numpy(), mask.numpy().astype(np.uint8))))
+            rows.append(row)
+        wanted = [0 if source == "none" or (memory is not None and memory.only)
+                  else max(0, cfg.k - len(row)) for row in rows]
+        hits: list[list[Hit]] = [[] for _ in batch]
+        searched = timings["embed"] + timings["search"]
+        if max(wanted) > 0 and source == "random":
+            hits = self._random_hits(len(batch), exclude_patient, seed=batch[0])
+        elif max(wanted) > 0:
+            hits = self._search(x, max(wanted), exclude_patient, timings)
+            if any(len(h) == 0 and not r for h, r in zip(hits, rows)):
+                raise BankError("No exemplar could be retrieved (every exemplar is excluded or "
+                                "the bank is empty)")
+        searched = timings["embed"] + timings["search"] - searched
+        for row, found, n in zip(rows, hits, wanted):
+            found = found[:n]
+            if found:
+                images, masks = self._exemplar_tensors([h.id for h in found])
+                for h, image, mask in zip(found, images, masks):
+                    row.append((h.score, image, mask, RetrievedExemplar(
+                        h.id, h.score, 0.0, dict(h.record), image.numpy(),
+                        mask.numpy().astype(np.uint8))))
+        k = max(len(r) for r in rows)
+        if k == 0:
+            return None, [[] for _ in batch]
+        scores = torch.full((len(batch), k), -torch.inf)
+        images = torch.zeros((len(batch), k, *size))
+        masks = torch.zeros((len(batch), k, *size), dtype=torch.long)
+        for i, row in enumerate(rows):
+            for j, (score, image, mask, _) in enumerate(row):
+                scores[i, j], images[i, j], masks[i, j] = score, image, mask
+        if source == "random":
+            scores = torch.where(torch.isfinite(scores), torch.zeros_like(scores), scores)
+        present = torch.isfinite(scores)
+        weights = torch.zeros_like(scores)
+        filled = present.any(1)
+        weights[filled] = fusion_weights(scores[filled], cfg.tau)
+        images, masks = images.to(self.device), masks.to(self.device)
         images, masks = align_exemplars(x, images, masks, cfg.max_shift)
-        weights = fusion_weights(scores, cfg.tau).to(self.device)
-        guide = make_guide(images, masks, weights, scores, torch.tensor(ids), cfg.num_classes)
-        t3 = time.perf_counter()
-        return guide, hits, {"embed": t1 - t0, "search": t2 - t1, "fusion": t3 - t2}
+        guide = make_guide(images, masks, weights.to(self.device), scores,
+                           torch.zeros(scores.shape, dtype=torch.long), cfg.num_classes)
+        shown = []
+        for i, row in enumerate(rows):
+            shown.append([replace(item, weight=float(weights[i, j]))
+                          for j, (_, _, _, item) in enumerate(row)])
+        timings["fusion"] += time.perf_counter() - t0 - searched
+        return guide, shown
 
     @torch.inference_mode()
     def predict(self, image: np.ndarray, modality: str | None = None,
                 slices: Sequence[int] | None = None, exclude_patient: str | None = None,
                 return_probabilities: bool = False,
                 progress: Callable[[int, int], None] | None = None,
-                cancel: Callable[[], bool] | None = None) -> Prediction:
+                cancel: Callable[[], bool] | None = None, guide_source: str = "retrieved",
+                memory: VolumeMemory | None = None) -> Prediction:
         """Segment ``image`` (2-D, or 3-D Z-first); ``slices`` limits which Z slices are predicted.
 
         ``exclude_patient`` keeps exemplars of that patient out of retrieval (evaluation without
-        leakage). Raises :class:`JRASError` subclasses with clear messages for bad input.
+        leakage). ``memory`` holds annotated slices of this same volume, which take the first
+        exemplar slots of the other slices (see :mod:`.volume_memory`); ``guide_source`` is
+        ``retrieved`` (the default), or ``none`` / ``random`` for diagnostics. Raises :class:`JRASError` subclasses with clear messages for bad input.
         A GPU out-of-memory error halves ``batch_size`` (kept for later calls) and retries; at
         one slice the engine moves to the CPU with a warning (see ``on_warning``).
         """
@@ -273,6 +342,14 @@ class InferenceEngine:
         bad = [z for z in z_all if not 0 <= z < vol.shape[0]]
         if bad:
             raise JRASError(f"Slice {bad[0]} is out of range (the image has {vol.shape[0]} slices)")
+        if guide_source not in GUIDE_SOURCES:
+            raise JRASError(f"guide source must be one of {', '.join(GUIDE_SOURCES)}, got "
+                            f"{guide_source!r}")
+        if memory is not None:
+            outside = [s for s in memory.labels if not 0 <= s < vol.shape[0]]
+            if outside:
+                raise JRASError(f"Annotated slice {outside[0]} is out of range (the image has "
+                                f"{vol.shape[0]} slices)")
         if cfg.use_retrieval:
             self.ensure_bank_embeddings()
         labels = np.zeros(vol.shape, dtype=np.uint8)
@@ -286,7 +363,8 @@ class InferenceEngine:
                 raise JRASError("Prediction cancelled")
             batch = z_all[start:start + self.batch_size]
             try:
-                self._predict_batch(vol, batch, exclude_patient, result, timings)
+                self._predict_batch(vol, batch, exclude_patient, result, timings, guide_source,
+                                    memory)
                 out_of_memory = False
             except torch.cuda.OutOfMemoryError:
                 out_of_memory = True  # recover outside the handler, once its tensors are freed
@@ -303,16 +381,19 @@ class InferenceEngine:
         return result
 
     def _predict_batch(self, vol: np.ndarray, batch: list[int], exclude_patient: str | None,
-                       result: Prediction, timings: dict[str, float]) -> None:
+                       result: Prediction, timings: dict[str, float], guide_source: str,
+                       memory: VolumeMemory | None) -> None:
         cfg = self.model.config
         size = (cfg.size, cfg.size)
         x = torch.from_numpy(resize_images(vol[batch], size)).to(self.device)
         with autocast(self.device, self.amp):
             guide = None
             if cfg.use_retrieval:
-                guide, hits, t = self._retrieve(x, exclude_patient)
-                for key, value in t.items():
-                    timings[key] += value
+                guide, shown = self._guide(x, vol, batch, exclude_patient, guide_source, memory,
+                                           timings)
+                result.exemplars.update(zip(batch, shown))
+                if guide is None and not cfg.uses_readout:  # concat: an all-zero guide
+                    guide = empty_guide(len(batch), size, cfg.num_classes, self.device)
             t0 = time.perf_counter()
             logits = self._run("model", x[:, None], guide).float()
             logits = F.interpolate(logits, size=vol.shape[-2:], mode="bilinear", align_corners=False)
@@ -323,15 +404,6 @@ class InferenceEngine:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             timings["network"] += time.perf_counter() - t0
-        if guide is not None:
-            weights = guide.weights.float().cpu().numpy()
-            for row, z in enumerate(batch):
-                items = []
-                for j, hit in enumerate(hits[row]):
-                    img, mask = self._cache[hit.id]
-                    items.append(RetrievedExemplar(hit.id, float(hit.score), float(weights[row, j]),
-                                                   dict(hit.record), img.numpy(), mask.numpy().astype(np.uint8)))
-                result.exemplars[z] = items
 
 
 def load_engine(run_dir: str | Path, bank: str | Path | None = None, device: str = "auto",

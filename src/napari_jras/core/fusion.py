@@ -46,6 +46,17 @@ def make_guide(images: torch.Tensor, masks: torch.Tensor, weights: torch.Tensor,
     return Guide(guide_image, guide_mask, weights, scores, indices, images, masks, present)
 
 
+def empty_guide(batch: int, size: tuple[int, int], num_classes: int,
+                device: torch.device | str = "cpu") -> Guide:
+    """A guide with no exemplar: all-zero guide image and mask, as guide dropout trains."""
+    zeros = torch.zeros((batch, 1, *size), device=device)
+    none = torch.full((batch, 1), -torch.inf, device=device)
+    return Guide(zeros, torch.zeros((batch, num_classes, *size), device=device),
+                 torch.zeros((batch, 1), device=device), none,
+                 torch.zeros((batch, 1), dtype=torch.long), zeros, zeros.long(),
+                 torch.zeros((batch, 1), dtype=torch.bool, device=device))
+
+
 def check_k_tau(k: int, tau: float) -> None:
     """Validate the fusion hyper-parameters (1 <= K <= 8, tau > 0)."""
     if not 1 <= int(k) <= MAX_K:

@@ -32,6 +32,7 @@ from .io import (
 from .metrics import evaluate_case, summarize
 from .model import JRASModel, ModelConfig
 from .retrieval import embed_images, retriever_version
+from .volume_memory import GUIDE_SOURCES, diagnostic_memory
 from .train import CancelFn, JointTrainer, ProgressFn, SliceSet, TrainConfig, seed_everything
 
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -150,19 +151,29 @@ def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
 
 def evaluate_run(model_dir: str | Path, data: str | Path, bank: str | Path | None = None,
                  device: str = "auto", patient_regex: str | None = None,
-                 progress: ProgressFn | None = None, **engine_options: Any) -> dict[str, Any]:
+                 progress: ProgressFn | None = None, guide_source: str = "retrieved",
+                 **engine_options: Any) -> dict[str, Any]:
     """Predict every case under ``data`` and score it: per-case and mean +- std Dice/HD95/HD.
 
     Queries never retrieve exemplars of their own patient, whatever the bank holds.
+    ``guide_source`` (a diagnostic; see :mod:`.volume_memory`): ``retrieved`` (the default),
+    ``none``, ``random`` (K random bank exemplars of other patients), ``neighbour`` (the
+    ground truth of slices z +- 1 of the same volume, the only exemplars) or ``oracle`` (the
+    slice's own ground truth).
     ``engine_options`` go to :class:`InferenceEngine` (``batch_size``, ``compile``, ...).
     """
+    if guide_source not in GUIDE_SOURCES:
+        raise JRASError(f"--guide-source must be one of {', '.join(GUIDE_SOURCES)}, got "
+                        f"{guide_source!r}")
     engine = load_engine(model_dir, bank=bank, device=device, **engine_options)
     cfg = engine.model.config
     cases = find_cases(data, patient_regex)
     results = []
     for i, case in enumerate(cases):
         image, label = load_case(case)
-        pred = engine.predict(image.data, exclude_patient=case.patient_id)
+        memory = diagnostic_memory(guide_source, label) if cfg.use_retrieval else None
+        pred = engine.predict(image.data, exclude_patient=case.patient_id,
+                              guide_source=guide_source, memory=memory)
         result = evaluate_case(pred.labels, label, cfg.num_classes, spacing=image.spacing,
                                class_names=cfg.class_names)
         results.append({"case_id": case.case_id, "patient_id": case.patient_id,
@@ -175,6 +186,7 @@ def evaluate_run(model_dir: str | Path, data: str | Path, bank: str | Path | Non
         "bank": ({"path": str(engine.bank.path), "exemplars": len(engine.bank)}
                  if engine.bank is not None else None),
         "data": {"path": str(data), "cases": len(cases)},
+        "guide_source": guide_source,
         "device": str(engine.device),
         "summary": summarize(results),
         "cases": results,

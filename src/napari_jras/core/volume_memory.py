@@ -1,0 +1,81 @@
+"""Annotated slices of the volume being segmented, used as exemplars of its other slices.
+
+Two uses share this rule:
+
+* the guide-source diagnostics of ``evaluate`` (``neighbour``: the ground truth of slices
+  z +- 1 is the only guide of slice z; ``oracle``: slice z's own ground truth);
+* the annotator's accepted corrections of the volume on screen, which take the first exemplar
+  slots of every other slice of that volume (same-volume priority), the rest still retrieved.
+
+Which slices, and how much each counts: the ``slots`` accepted slices nearest to z (ties:
+the lower slice first) with the *memory score* ``1 - 0.1 (|dz| - 1)`` (1.0 next door, 0.9 two
+slices away, never below 0.5), on the same scale as the retriever's cosine similarities, so
+that the fusion softmax ``softmax(score / tau)`` prefers near slices to far ones and the
+volume's own slices to other patients' (cosine <= 1). A slice's own annotation (the oracle)
+scores 1.0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import JRASError
+
+GUIDE_SOURCES = ("retrieved", "none", "neighbour", "oracle", "random")
+
+
+def memory_score(dz: int) -> float:
+    """Score of an annotated slice ``dz`` slices away (see the module docstring)."""
+    return 1.0 if dz == 0 else max(0.5, 1.0 - 0.1 * (abs(dz) - 1))
+
+
+@dataclass
+class VolumeMemory:
+    """Annotated slices of one volume: ``labels[z]`` is the (H, W) label map of slice z.
+
+    ``slots``: how many of them guide each predicted slice; ``include_self``: a slice may use
+    its own annotation (the oracle diagnostic); ``only``: no retrieved exemplars fill the
+    remaining slots (the neighbour / oracle diagnostics); ``max_distance``: farther slices
+    never guide. ``origin`` is shown in the gallery.
+    """
+
+    labels: Mapping[int, np.ndarray] = field(default_factory=dict)
+    slots: int = 2
+    include_self: bool = False
+    only: bool = False
+    max_distance: int | None = None
+    origin: str = "this volume"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.slots, bool) or not isinstance(self.slots, int) or self.slots < 0:
+            raise JRASError(f"memory slots must be an integer >= 0, got {self.slots!r}")
+
+    def nearest(self, z: int) -> list[tuple[int, float]]:
+        """``(slice, memory score)`` of the annotated slices that guide slice ``z``, best first."""
+        candidates = [s for s in self.labels if (self.include_self or s != z)
+                      and (self.max_distance is None or abs(s - z) <= self.max_distance)]
+        candidates.sort(key=lambda s: (abs(s - z), s))
+        return [(s, memory_score(s - z)) for s in candidates[:self.slots]]
+
+
+def diagnostic_memory(source: str, reference: np.ndarray | None) -> VolumeMemory | None:
+    """The :class:`VolumeMemory` of a guide-source diagnostic for a volume's ground truth.
+
+    ``retrieved``, ``none`` and ``random`` need none (None); ``neighbour`` gives every slice the
+    ground truth of slices z +- 1 (two slots), ``oracle`` its own (one slot).
+    """
+    if source not in GUIDE_SOURCES:
+        raise JRASError(f"guide source must be one of {', '.join(GUIDE_SOURCES)}, got {source!r}")
+    if source not in ("neighbour", "oracle"):
+        return None
+    if reference is None:
+        raise JRASError(f"guide source '{source}' needs the ground-truth labels of the volume")
+    volume = reference if reference.ndim == 3 else reference[None]
+    labels = {z: volume[z] for z in range(volume.shape[0])}
+    if source == "oracle":
+        return VolumeMemory(labels, slots=1, include_self=True, only=True, origin="oracle")
+    return VolumeMemory(labels, slots=2, only=True, max_distance=1,
+                        origin="neighbour ground truth")
