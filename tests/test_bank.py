@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -432,3 +434,21 @@ def test_anonymise_writes_the_key_before_touching_the_bank(tmp_path, monkeypatch
     with ExemplarBank.open(path) as b, pytest.raises(BankError, match="never overwritten"):
         bank_tools.anonymise(b, "again", key)  # a second run would destroy the only key
     assert key.read_bytes() == first_key
+
+
+def test_read_only_bank_with_unmerged_changes_is_refused_clearly(tmp_path, read_only_folder):
+    path, ids = _filled(tmp_path)
+    writer = sqlite3.connect(path / "bank.sqlite", isolation_level=None)
+    try:  # a copy taken while another process had changes in the WAL, without its -shm file
+        writer.execute("PRAGMA wal_autocheckpoint = 0")
+        writer.execute("UPDATE exemplars SET author = 'x'")
+        copy = Path(shutil.copytree(path, tmp_path / "copy"))
+    finally:
+        writer.close()
+    (copy / "bank.sqlite-shm").unlink()
+    assert (copy / "bank.sqlite-wal").stat().st_size
+    with read_only_folder(copy), pytest.raises(BankError, match="read-only and bank.sqlite-wal "
+                                                               "holds changes not yet merged"):
+        ExemplarBank.open(copy, read_only=True)
+    with ExemplarBank.open(copy, read_only=True) as b:  # writable again: the changes are there
+        assert {r["author"] for r in b.records()} == {"x"}

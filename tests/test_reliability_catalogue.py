@@ -668,6 +668,12 @@ def read_only_bank(ctx: Ctx) -> None:
             line = ctx.cli_error("bank", action[0], "--bank", bank, *action[1:])
             assert "is read-only" in line and "copy the bank to a writable folder" in line
     assert {p: p.read_bytes() for p in bank.rglob("*") if p.is_file()} == before
+    with ExemplarBank.open(bank) as opened:  # embeddings of another retriever version
+        opened.set_embeddings(*opened.embeddings(), "older")
+    with ctx.fixture("read_only_folder")(bank):
+        line = ctx.cli_error("predict", "--model", run, "--input", image, "--output",
+                             ctx.tmp / "out", "--device", "cpu", "--quiet")
+        assert "is read-only and must be re-embedded" in line and "bank rebuild" in line
 
 
 def _damage_embedding(bank: Path, exemplar_id: int) -> None:
