@@ -388,7 +388,7 @@ class ExemplarBank:
     # --- embeddings -----------------------------------------------------------------------
     @_locked
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
-        """Stored embeddings: (ids int64, (N, D) float32), by id; exemplars without one are left out.
+        """Stored embeddings: (ids int64, (N, D) float32), by id, without exemplars that have none.
 
         Raises :class:`BankError` naming the exemplars whose embedding is damaged.
         """
@@ -747,7 +747,7 @@ class ExemplarBank:
         return rebuilt
 
     def _load_index_file(self, token: str, count: int) -> EmbeddingIndex | None:
-        """The saved index when it matches the ``count`` well-formed stored embeddings, else None."""
+        """The saved index when it matches the ``count`` well-formed stored embeddings, or None."""
         file = self._path / INDEX_FILE
         try:
             before = _identity(file)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +17,7 @@ from .data import load_slices
 from .engine import InferenceEngine
 from .errors import BankError
 from .io import find_cases
+from .model import JRASModel
 from .pipeline import provenance_of
 
 
@@ -102,8 +105,10 @@ def write_key(path: Path, patients: dict[str, str], bank_dir: Path | None = None
         if inside == path.resolve() or inside in path.resolve().parents:
             raise BankError(f"The key {path} would be inside the bank folder {bank_dir}: keep "
                             "the key apart from the bank (it undoes the pseudonyms)")
-    lines = ["patient_id,pseudonym"] + [f"{old},{new}" for old, new in patients.items()]
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode(), what="the pseudonym key")
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows([("patient_id", "pseudonym"),
+                                                     *patients.items()])
+    atomic_write_bytes(path, text.getvalue().encode(), what="the pseudonym key")
 
 
 def anonymise(bank: ExemplarBank, prefix: str = "patient",
@@ -138,26 +143,24 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if action == "list" and args.limit < 0:
         raise BankError(f"--limit must be 0 (summary only) or more, got {args.limit}")
-    if action == "remove":
-        ids = _distinct_ids(args.ids)
-    if action == "rebuild" and args.model:
-        model = load_model(args.model)
-        if model.retriever is None:
-            raise BankError("A baseline model has no retriever: give the J-RAS model whose "
-                            "retriever embeds this bank")
+    ids = _distinct_ids(args.ids) if action == "remove" else []
+    model = load_model(args.model) if action == "rebuild" and args.model else None
+    if model is not None and model.retriever is None:
+        raise BankError("A baseline model has no retriever: give the J-RAS model whose "
+                        "retriever embeds this bank")
     with ExemplarBank.open(args.bank, read_only=action == "list") as bank:
         if action == "list":
             return _list(bank, args.limit, args.json)
         if action == "rebuild":
-            return _rebuild(bank, model if args.model else None, args.device)
+            return _rebuild(bank, model, args.device)
         if action == "remove":
             bank.remove(ids)
             print(f"Removed {len(ids)} exemplar(s); {len(bank)} left")
             return 0
         if action == "anonymise":
             patients = anonymise(bank, args.prefix, args.key)
-            print(f"Pseudonymised {len(patients)} patient(s) in {len(bank)} exemplars"
-                  + (f"; the key is in {args.key}: keep it apart from the bank" if args.key else ""))
+            kept = f"; the key is in {args.key}: keep it apart from the bank" if args.key else ""
+            print(f"Pseudonymised {len(patients)} patient(s) in {len(bank)} exemplars{kept}")
             return 0
     raise BankError(f"Unknown bank action {action}")
 
@@ -184,7 +187,7 @@ def _list(bank: ExemplarBank, limit: int, as_json: bool) -> int:
     return 0
 
 
-def _rebuild(bank: ExemplarBank, model, device: str) -> int:
+def _rebuild(bank: ExemplarBank, model: JRASModel | None, device: str) -> int:
     """Re-embed with ``model`` (always when some embedding is damaged), then rebuild the index."""
     damaged = bank.damaged_embeddings()
     if model is not None:
