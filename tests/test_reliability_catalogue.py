@@ -663,7 +663,7 @@ def read_only_bank(ctx: Ctx) -> None:
                      str(ctx.tmp / "out"), "--device", "cpu", "--quiet"]) == 0
         ctx.capsys.readouterr()
         assert main(["bank", "list", "--bank", str(bank), "--limit", "0"]) == 0
-        assert re.search(r"read_only\s+True", ctx.capsys.readouterr().out)
+        assert re.search(r"writable\s+False", ctx.capsys.readouterr().out)
         for action in (["remove", "1"], ["anonymise"], ["rebuild"]):
             line = ctx.cli_error("bank", action[0], "--bank", bank, *action[1:])
             assert "is read-only" in line and "copy the bank to a writable folder" in line

@@ -203,7 +203,7 @@ class ExemplarBank:
             raise BankError(f"No exemplar bank folder at {path}")
         if not (path / DB_FILE).is_file():
             raise BankError(f"{path} is not an exemplar bank (no {DB_FILE} in it)")
-        writable = _writable(path)
+        writable = is_writable(path)
         if read_only is False and not writable:
             raise BankError(f"The bank at {path} is read-only (its folder or {DB_FILE} cannot be "
                             "written): changing it needs write access; copy the bank to a "
@@ -793,8 +793,9 @@ def _connect(file: Path) -> sqlite3.Connection:
     return db
 
 
-def _writable(folder: Path) -> bool:
-    """True when the bank folder and its database can be written (not a read-only mount)."""
+def is_writable(folder: str | Path) -> bool:
+    """True when a bank folder and its database can be written (not a read-only mount)."""
+    folder = Path(folder)
     pixels = folder / PIXELS_DIR
     return os.access(folder, os.W_OK) and os.access(folder / DB_FILE, os.W_OK) \
         and (not pixels.is_dir() or os.access(pixels, os.W_OK))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bank import DB_FILE, ExemplarBank
+from .bank import DB_FILE, ExemplarBank, is_writable
 from .checkpoint import atomic_write_bytes, load_model
 from .data import load_slices
 from .engine import InferenceEngine
@@ -22,7 +22,8 @@ from .pipeline import provenance_of
 
 
 def summary(bank: ExemplarBank) -> dict:
-    """Counts per origin, the bank's settings and the ids of damaged embeddings."""
+    """Counts per origin, the bank's settings, whether its folder can be written, and the ids of
+    damaged embeddings."""
     records = bank.records()
     origins: dict[str, int] = {}
     for r in records:
@@ -31,7 +32,7 @@ def summary(bank: ExemplarBank) -> dict:
             "num_classes": bank.num_classes, "class_names": bank.class_names,
             "embed_dim": bank.embed_dim, "retriever_version": bank.retriever_version,
             "patients": len({r.get("patient_id") for r in records}), "origins": origins,
-            "read_only": bank.read_only, "damaged_embeddings": bank.damaged_embeddings()}
+            "writable": is_writable(bank.path), "damaged_embeddings": bank.damaged_embeddings()}
 
 
 def _check_new_bank_folder(path: Path) -> None:
