@@ -70,3 +70,37 @@ def tiny_run(acdc_slices_dir, tmp_path_factory) -> Path:
 def tiny_baseline_run(acdc_slices_dir, tmp_path_factory) -> Path:
     """The same model without retrieval (baseline mode), 3 steps."""
     return _tiny_run(acdc_slices_dir, tmp_path_factory.mktemp("runs") / "base", False)
+
+
+@pytest.fixture
+def read_only_folder():
+    """A context manager that makes a folder tree unwritable, as on a read-only mount.
+
+    Root ignores permission bits, so when the tests run as root the immutable attribute
+    (``chattr +i``, which binds root too) is set as well; where neither works the test is
+    skipped. Everything is made writable again on exit.
+    """
+    import contextlib
+    import shutil
+    import subprocess
+
+    @contextlib.contextmanager
+    def make(folder: Path):
+        paths = [folder, *folder.rglob("*")]
+        modes = {p: p.stat().st_mode for p in paths}
+        as_root = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("chattr")
+        try:
+            for p in paths:
+                p.chmod(modes[p] & ~0o222)
+            if as_root:
+                subprocess.run(["chattr", "-R", "+i", str(folder)], capture_output=True)
+            if os.access(folder, os.W_OK):
+                pytest.skip("cannot make a folder read-only here (root without chattr)")
+            yield folder
+        finally:
+            if as_root:
+                subprocess.run(["chattr", "-R", "-i", str(folder)], capture_output=True)
+            for p, mode in modes.items():
+                p.chmod(mode)
+
+    return make

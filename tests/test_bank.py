@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -316,3 +318,137 @@ def test_closed_bank_refuses_work(tmp_path):
     b.close()
     with pytest.raises(BankError, match="closed"):
         len(b)
+
+
+# --- read-only banks, damaged embeddings, pseudonym keys ---------------------------------------
+def _filled(tmp_path, n: int = 4):
+    images, masks, prov = exemplars(n)
+    with ExemplarBank.create(tmp_path / "b", SIZE, CLASSES, DIM) as b:
+        ids = b.add(images, masks, prov, unit(n), "v1")
+    return tmp_path / "b", ids
+
+
+def _snapshot(folder):
+    """Every file of a folder tree with its bytes."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_read_only_bank_is_searched_and_refuses_changes(tmp_path, read_only_folder):
+    path, ids = _filled(tmp_path)
+    (path / "index.faiss").unlink()  # rebuilt in memory, never saved
+    before = _snapshot(path)
+    with read_only_folder(path):
+        with pytest.raises(BankError, match="is read-only .* copy the bank to a writable folder"):
+            ExemplarBank.open(path)  # opening for writing says why, not "damaged"
+        for read_only in (True, None):
+            with ExemplarBank.open(path, read_only=read_only) as b:
+                assert b.read_only and len(b) == 4 and b.retriever_version == "v1"
+                assert [h[0].id for h in b.search(unit(4), 1, "v1")] == ids
+                np.testing.assert_array_equal(b.masks(ids[:1]), exemplars(4)[1][:1])
+                for change in (lambda: b.remove(ids[:1]), b.pseudonymise, b.rebuild_index,
+                               lambda: b.set_embeddings(ids, unit(4), "v2"),
+                               lambda: b.add(*exemplars(1), unit(1), "v1")):
+                    with pytest.raises(BankError, match="open read-only: .* needs write access"):
+                        change()
+    assert _snapshot(path) == before
+    with ExemplarBank.open(path) as b:  # writable again: nothing was lost
+        assert len(b) == 4
+
+
+def test_read_only_open_of_a_writable_bank_leaves_no_files(tmp_path):
+    path, ids = _filled(tmp_path)
+    before = _snapshot(path)
+    with ExemplarBank.open(path, read_only=True) as b:
+        assert [h[0].id for h in b.search(unit(4), 1, "v1")] == ids
+        with pytest.raises(BankError, match="read-only"):
+            b.remove(ids[:1])
+    assert _snapshot(path) == before
+
+
+def _damage_embedding(path, exemplar_id, blob=b"\x00" * 7):
+    db = sqlite3.connect(path / "bank.sqlite")
+    db.execute("UPDATE exemplars SET embedding = ? WHERE id = ?", (blob, exemplar_id))
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("blob", [b"\x00" * 7, np.full(DIM, np.nan, np.float32).tobytes(), "text"])
+def test_a_damaged_embedding_is_reported_not_fatal(tmp_path, blob):
+    path, ids = _filled(tmp_path)
+    _damage_embedding(path, ids[1], blob)
+    with ExemplarBank.open(path) as b:  # opening used to fail for every command
+        assert b.damaged_embeddings() == [ids[1]] and len(b) == 4
+        with pytest.raises(BankError, match=rf"1 exemplar\(s\) .* damaged embedding \(id {ids[1]}\)"
+                                            r".*bank rebuild --bank .* --model RUN"):
+            b.search(unit(4), 1, "v1")
+        with pytest.raises(BankError, match="damaged embedding"):
+            b.embeddings()
+        assert b.rebuild_index() == [ids[1]]  # the others are indexed
+        b.set_embeddings(ids, unit(4), "v1")  # re-embedding repairs it
+        assert b.damaged_embeddings() == []
+        assert [h[0].id for h in b.search(unit(4), 1, "v1")] == ids
+
+
+def test_removing_a_damaged_exemplar_heals_the_bank(tmp_path):
+    path, ids = _filled(tmp_path)
+    _damage_embedding(path, ids[0])
+    with ExemplarBank.open(path) as b:
+        b.remove(ids[:1])
+        assert [h[0].id for h in b.search(unit(4)[1:], 1, "v1")] == ids[1:]
+
+
+def _records(path):
+    with ExemplarBank.open(path) as b:
+        return b.records()
+
+
+def test_anonymise_writes_the_key_before_touching_the_bank(tmp_path, monkeypatch):
+    from napari_jras.core import bank_tools
+    from napari_jras.core.errors import JRASError, StorageError
+
+    path, _ = _filled(tmp_path)
+    before = _records(path)
+    (tmp_path / "file").write_text("a file")
+    bad_keys = {tmp_path / "file" / "key.csv": "a part of its folder path is a file",
+                path / "key.csv": "inside the bank folder",
+                path / "bank.sqlite": "exists"}
+    for key, message in bad_keys.items():
+        with ExemplarBank.open(path) as b, pytest.raises(JRASError, match=message):
+            bank_tools.anonymise(b, "anon", key)
+        assert _records(path) == before
+
+    def full_disk(*args, **kwargs):
+        raise StorageError("Cannot write the pseudonym key: No space left on device")
+
+    monkeypatch.setattr(bank_tools, "atomic_write_bytes", full_disk)
+    key = tmp_path / "key.csv"
+    with ExemplarBank.open(path) as b, pytest.raises(StorageError, match="No space"):
+        bank_tools.anonymise(b, "anon", key)
+    assert _records(path) == before and not key.exists()
+    monkeypatch.undo()
+    with ExemplarBank.open(path) as b:
+        patients = bank_tools.anonymise(b, "anon", key)
+    assert key.read_text().splitlines()[1:] == [f"{k},{v}" for k, v in patients.items()]
+    assert {r["patient_id"] for r in _records(path)} == set(patients.values())
+    first_key = key.read_bytes()
+    with ExemplarBank.open(path) as b, pytest.raises(BankError, match="never overwritten"):
+        bank_tools.anonymise(b, "again", key)  # a second run would destroy the only key
+    assert key.read_bytes() == first_key
+
+
+def test_read_only_bank_with_unmerged_changes_is_refused_clearly(tmp_path, read_only_folder):
+    path, ids = _filled(tmp_path)
+    writer = sqlite3.connect(path / "bank.sqlite", isolation_level=None)
+    try:  # a copy taken while another process had changes in the WAL, without its -shm file
+        writer.execute("PRAGMA wal_autocheckpoint = 0")
+        writer.execute("UPDATE exemplars SET author = 'x'")
+        copy = Path(shutil.copytree(path, tmp_path / "copy"))
+    finally:
+        writer.close()
+    (copy / "bank.sqlite-shm").unlink()
+    assert (copy / "bank.sqlite-wal").stat().st_size
+    with read_only_folder(copy), pytest.raises(BankError, match="read-only and bank.sqlite-wal "
+                                                               "holds changes not yet merged"):
+        ExemplarBank.open(copy, read_only=True)
+    with ExemplarBank.open(copy, read_only=True) as b:  # writable again: the changes are there
+        assert {r["author"] for r in b.records()} == {"x"}

@@ -618,6 +618,135 @@ def bank_busy(ctx: Ctx) -> None:
         other.close()
 
 
+def _bank_rows(path: Path) -> list[tuple]:
+    """Every exemplar row (ids, provenance, embeddings) of a bank, read without opening it."""
+    db = sqlite3.connect(path / "bank.sqlite")
+    try:
+        return db.execute("SELECT * FROM exemplars ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
+@check("B13")
+def anonymise_key_cannot_be_written(ctx: Ctx) -> None:
+    path, _, _ = _bank(ctx)
+    before = _bank_rows(path)
+    (ctx.tmp / "file").write_text("a file, not a folder")
+    (ctx.tmp / "old_key.csv").write_text("patient_id,pseudonym\np0,patient-0001\n")
+    for key, message in ((ctx.tmp / "file" / "key.csv", "a part of its folder path is a file"),
+                         (path / "key.csv", "inside the bank folder"),
+                         (ctx.tmp / "old_key.csv", "exists: choose a new file")):
+        assert message in ctx.cli_error("bank", "anonymise", "--bank", path, "--key", key)
+        assert _bank_rows(path) == before
+    assert (ctx.tmp / "old_key.csv").read_text().endswith("p0,patient-0001\n")
+    from napari_jras.core import checkpoint as checkpoint_module  # writes the key
+
+    ctx.monkeypatch.setattr(checkpoint_module, "open", FullDisk, raising=False)
+    key = ctx.tmp / "keys" / "key.csv"
+    assert "No space left on device" in ctx.cli_error("bank", "anonymise", "--bank", path,
+                                                      "--key", key)
+    ctx.monkeypatch.undo()
+    assert _bank_rows(path) == before and folder_files(key.parent) == []
+    assert main(["bank", "anonymise", "--bank", str(path), "--key", str(key)]) == 0
+    assert key.read_text().count("patient-000") == 3
+
+
+@check("B14")
+def read_only_bank(ctx: Ctx) -> None:
+    run, image = ctx.run(), ctx.image_file()
+    bank = run / "bank"
+    ExemplarBank.open(bank).close()  # as a bank is shipped: closed, no -wal/-shm files
+    assert folder_files(bank) == ["bank.sqlite", "index.faiss", "pixels"]
+    before = {p: p.read_bytes() for p in bank.rglob("*") if p.is_file()}
+    with ctx.fixture("read_only_folder")(bank):
+        assert main(["predict", "--model", str(run), "--input", str(image), "--output",
+                     str(ctx.tmp / "out"), "--device", "cpu", "--quiet"]) == 0
+        ctx.capsys.readouterr()
+        assert main(["bank", "list", "--bank", str(bank), "--limit", "0"]) == 0
+        assert re.search(r"writable\s+False", ctx.capsys.readouterr().out)
+        for action in (["remove", "1"], ["anonymise"], ["rebuild"]):
+            line = ctx.cli_error("bank", action[0], "--bank", bank, *action[1:])
+            assert "is read-only" in line and "copy the bank to a writable folder" in line
+    assert {p: p.read_bytes() for p in bank.rglob("*") if p.is_file()} == before
+    with ExemplarBank.open(bank) as opened:  # embeddings of another retriever version
+        opened.set_embeddings(*opened.embeddings(), "older")
+    with ctx.fixture("read_only_folder")(bank):
+        line = ctx.cli_error("predict", "--model", run, "--input", image, "--output",
+                             ctx.tmp / "out", "--device", "cpu", "--quiet")
+        assert "is read-only and must be re-embedded" in line and "bank rebuild" in line
+
+
+def _damage_embedding(bank: Path, exemplar_id: int) -> None:
+    db = sqlite3.connect(bank / "bank.sqlite")
+    db.execute("UPDATE exemplars SET embedding = ? WHERE id = ?", (b"\0" * 7, exemplar_id))
+    db.commit()
+    db.close()
+
+
+@check("B15")
+def malformed_embedding_row(ctx: Ctx) -> None:
+    run, image = ctx.run(), ctx.image_file()
+    bank = run / "bank"
+    _damage_embedding(bank, 3)
+    predict = ["predict", "--model", run, "--input", image, "--output", ctx.tmp / "out",
+               "--device", "cpu", "--quiet"]
+    line = ctx.cli_error(*predict)
+    assert "damaged embedding (id 3)" in line and f"bank rebuild --bank {bank} --model RUN" in line
+    ctx.capsys.readouterr()
+    assert main(["bank", "list", "--bank", str(bank)]) == 0
+    assert "1 damaged embedding(s) (exemplar id 3)" in ctx.capsys.readouterr().out
+    assert main(["bank", "rebuild", "--bank", str(bank)]) == 0  # without a model: left out
+    out = ctx.capsys.readouterr().out
+    assert "Index rebuilt over 7 exemplars" in out and "left out of the index" in out
+    assert main(["bank", "rebuild", "--bank", str(bank), "--model", str(run),
+                 "--device", "cpu"]) == 0
+    assert "repaired 1 damaged embedding(s): exemplar id 3" in ctx.capsys.readouterr().out
+    assert main([str(a) for a in predict]) == 0
+    with ExemplarBank.open(bank) as opened:
+        assert opened.damaged_embeddings() == [] and len(opened) == 8
+
+
+@check("B16")
+def bank_paths_that_collide(ctx: Ctx) -> None:
+    run, data = ctx.run(), ctx.image_file().parent
+    (ctx.tmp / "file").write_text("a file")
+    add = ["bank", "add", "--model", run, "--device", "cpu", "--data"]
+    line = ctx.cli_error(*add, data, "--bank", ctx.tmp / "file")
+    assert "is a file, not a bank folder" in line
+    assert (ctx.tmp / "file").read_text() == "a file"
+    before = folder_files(data)
+    line = ctx.cli_error(*add, data, "--bank", data)  # the data folder itself
+    assert "not an exemplar bank" in line and "not empty" in line
+    assert folder_files(data) == before
+    bad = ctx.tmp / "bad"
+    pair(bad, "p9_slice0", np.ones((16, 16), np.uint8), np.full((16, 16), 9, np.uint8))
+    for source, message in ((ctx.tmp / "none", "not found"), (bad, "class value 9")):
+        (ctx.tmp / "empty").mkdir(exist_ok=True)
+        for target in (ctx.tmp / "new", ctx.tmp / "empty"):
+            assert message in ctx.cli_error(*add, source, "--bank", target)
+        assert not (ctx.tmp / "new").exists() and folder_files(ctx.tmp / "empty") == []
+
+
+@check("B17")
+def bank_option_ranges(ctx: Ctx) -> None:
+    path, ids, _ = _bank(ctx)
+    before = _bank_rows(path)
+    assert "--limit must be 0" in ctx.cli_error("bank", "list", "--bank", path, "--limit", "-1")
+    for prefix in ("", "a/b", "../x", "1st", "x" * 33):
+        line = ctx.cli_error("bank", "anonymise", "--bank", path, f"--prefix={prefix}")
+        assert "Invalid pseudonym prefix" in line
+    for bad_id in ("0", "-3"):
+        assert "whole numbers from 1" in ctx.cli_error("bank", "remove", "--bank", path, bad_id)
+    assert "No exemplar with id 99" in ctx.cli_error("bank", "remove", "--bank", path, "1", "99")
+    assert _bank_rows(path) == before  # nothing removed by a refused command
+    line = ctx.cli_error("bank", "rebuild", "--bank", path, "--model",
+                         ctx.fixture("tiny_baseline_run"))
+    assert "baseline model has no retriever" in line
+    ctx.capsys.readouterr()
+    assert main(["bank", "remove", "--bank", str(path), str(ids[0]), str(ids[0])]) == 0
+    assert "Removed 1 exemplar(s); 2 left" in ctx.capsys.readouterr().out
+
+
 # =========================================================================== model loading
 def _config(run: Path) -> dict:
     return json.loads((run / "config.json").read_text())
@@ -996,6 +1125,27 @@ def viewer_opens_a_damaged_file(ctx: Ctx) -> None:
         viewer.open(str(path), plugin="napari-jras")
     assert "Traceback" not in str(info.value)
     assert len(viewer.layers) == 0
+
+
+@check("W06")
+def demo_without_a_display(ctx: Ctx) -> None:
+    import napari
+
+    def no_viewer(*args, **kwargs):
+        raise AssertionError("a napari Viewer (Qt) was started without a display")
+
+    ctx.monkeypatch.setattr(napari, "Viewer", no_viewer)
+    for name in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        ctx.monkeypatch.delenv(name, raising=False)
+    for platform in (None, "xcb", "wayland;xcb"):
+        if platform:
+            ctx.monkeypatch.setenv("QT_QPA_PLATFORM", platform)
+        line = ctx.cli_error("demo", "--no-run")
+        assert "no display" in line and "QT_QPA_PLATFORM=offscreen" in line
+    for env, platform in (({"QT_QPA_PLATFORM": "offscreen"}, "linux"), ({"DISPLAY": ":0"}, "linux"),
+                          ({"WAYLAND_DISPLAY": "wayland-0"}, "linux"), ({}, "darwin"),
+                          ({}, "win32")):
+        cli_module._check_display(env, platform)  # a usable display: no refusal
 
 
 # =========================================================================== the test

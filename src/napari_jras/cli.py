@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,8 +151,24 @@ def cmd_bank(args: argparse.Namespace) -> int:
     return bank_tools.run(args)
 
 
+HEADLESS_QT_PLATFORMS = ("offscreen", "minimal", "vnc", "eglfs", "linuxfb", "vkkhrdisplay")
+
+
+def _check_display(env: Mapping[str, str] = os.environ, platform: str = sys.platform) -> None:
+    """Refuse to start napari where Qt has no display (Linux without X11/Wayland), which Qt
+    would otherwise answer by aborting the process."""
+    if not platform.startswith("linux") or env.get("DISPLAY") or env.get("WAYLAND_DISPLAY"):
+        return
+    requested = re.split(r"[;:]", env.get("QT_QPA_PLATFORM", ""))[0].strip()
+    if requested not in HEADLESS_QT_PLATFORMS:
+        raise JRASError("no display: napari needs a graphical session (DISPLAY or "
+                        "WAYLAND_DISPLAY is not set); run it on a desktop, through ssh -X, or "
+                        "set QT_QPA_PLATFORM=offscreen to run without showing a window")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Open napari with the bundled cardiac MRI sample (and the assistant when available)."""
+    _check_display()
     import napari
 
     viewer = napari.Viewer(title="napari-jras demo")

@@ -17,6 +17,13 @@ metadata that says which embeddings it reflects) happens inside one SQLite write
 :class:`BankError` "busy"), readers are never blocked by the WAL journal and each process notices
 the others' embedding changes before searching. Nothing stored in the bank is ever used as a
 path: pixel files are named after integer ids and retriever versions must be plain tokens.
+
+A bank on a read-only folder (a read-only mount, a shared archive) opens read-only
+(``open(..., read_only=True)``, or ``None``: read-only only when it cannot be written): searching
+and reading work, nothing is cleaned up or saved, and every change is refused with a
+:class:`BankError` saying the bank is read-only. A damaged embedding (not ``embed_dim`` finite
+float32 values) never stops a bank from opening: it is left out of the index, reported by
+:meth:`ExemplarBank.damaged_embeddings`, refused by search, and repaired by re-embedding.
 """
 
 from __future__ import annotations
@@ -26,13 +33,14 @@ import hashlib
 import io
 import json
 import operator
+import os
 import re
 import sqlite3
 import threading
 import uuid
 import warnings
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -111,10 +119,12 @@ class ExemplarBank:
     embeddings are L2-normalised ``embed_dim`` vectors, all made by one retriever version.
     """
 
-    def __init__(self, path: Path, db: sqlite3.Connection, use_gpu: bool | None) -> None:
+    def __init__(self, path: Path, db: sqlite3.Connection, use_gpu: bool | None,
+                 read_only: bool = False) -> None:
         self._path = path
         self._db: sqlite3.Connection | None = db
         self._use_gpu = use_gpu
+        self._read_only = read_only
         self._lock = threading.RLock()
         try:
             meta = dict(db.execute("SELECT key, value FROM meta"))
@@ -133,11 +143,13 @@ class ExemplarBank:
             raise BankError(f"The bank metadata in {path / DB_FILE} is damaged ({exc})") from exc
         if not (path / PIXELS_DIR).is_dir():
             raise BankError(f"The bank at {path} is damaged: its '{PIXELS_DIR}' folder is missing")
-        db.execute("PRAGMA journal_mode = WAL")  # only once the file is known to be a bank
         self._index: EmbeddingIndex | None = None
         self._index_token: str | None = None  # embeddings_token the cached index reflects
         self._index_dirty = False  # cached index is newer than index.faiss
-        self._clean_orphans()
+        self._damaged: list[int] = []  # exemplars whose embedding the cached index left out
+        if not read_only:
+            db.execute("PRAGMA journal_mode = WAL")  # only once the file is known to be a bank
+            self._clean_orphans()
         self._sync_index()
 
     # --- creating and opening -------------------------------------------------------------
@@ -178,19 +190,32 @@ class ExemplarBank:
         return cls(path, db, use_gpu)
 
     @classmethod
-    def open(cls, path: str | Path, *, use_gpu: bool | None = None) -> ExemplarBank:
-        """Open an existing bank folder (cleans up after interrupted writes, repairs the index)."""
+    def open(cls, path: str | Path, *, use_gpu: bool | None = None,
+             read_only: bool | None = False) -> ExemplarBank:
+        """Open an existing bank folder (cleans up after interrupted writes, repairs the index).
+
+        ``read_only=True`` never writes to the folder (changes raise :class:`BankError`);
+        ``None`` opens read-only only when the folder or database cannot be written; ``False``
+        (default) refuses such a bank with a clear message.
+        """
         path = Path(path)
         if not path.is_dir():
             raise BankError(f"No exemplar bank folder at {path}")
         if not (path / DB_FILE).is_file():
             raise BankError(f"{path} is not an exemplar bank (no {DB_FILE} in it)")
+        writable = is_writable(path)
+        if read_only is False and not writable:
+            raise BankError(f"The bank at {path} is read-only (its folder or {DB_FILE} cannot be "
+                            "written): changing it needs write access; copy the bank to a "
+                            "writable folder")
+        read_only = not writable if read_only is None else read_only
         try:
-            db = _connect(path / DB_FILE)
+            db = _connect_read_only(path / DB_FILE, writable) if read_only \
+                else _connect(path / DB_FILE)
         except sqlite3.Error as exc:
             raise BankError(f"Cannot open the bank at {path}: {exc} (is {DB_FILE} damaged?)") from exc
         try:
-            return cls(path, db, use_gpu)
+            return cls(path, db, use_gpu, read_only)
         except sqlite3.Error as exc:
             db.close()
             raise BankError(f"Cannot open the bank at {path}: {exc} (is {DB_FILE} damaged?)") from exc
@@ -221,6 +246,11 @@ class ExemplarBank:
     def path(self) -> Path:
         """The bank folder."""
         return self._path
+
+    @property
+    def read_only(self) -> bool:
+        """True when the bank was opened read-only (every change is refused)."""
+        return self._read_only
 
     @property
     def size(self) -> int:
@@ -316,6 +346,7 @@ class ExemplarBank:
         for i in embedded:
             self._pixel_file(i).unlink(missing_ok=True)
         if token is not None:
+            was_current = was_current and not set(gone) & set(self._damaged)  # else: rebuild
             if was_current:
                 self._index.remove(gone)
                 self._index = self._index if len(self._index) else None
@@ -357,8 +388,19 @@ class ExemplarBank:
     # --- embeddings -----------------------------------------------------------------------
     @_locked
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
-        """Stored embeddings: (ids int64, (N, D) float32), by id; exemplars without one are left out."""
-        return self._stored_embeddings()
+        """Stored embeddings: (ids int64, (N, D) float32), by id, without exemplars that have none.
+
+        Raises :class:`BankError` naming the exemplars whose embedding is damaged.
+        """
+        ids, vecs, damaged = self._read_embeddings()
+        if damaged:
+            raise self._damaged_error(damaged)
+        return ids, vecs
+
+    @_locked
+    def damaged_embeddings(self) -> list[int]:
+        """Ids of exemplars whose stored embedding is damaged (wrong length or type, NaN)."""
+        return self._read_embeddings()[2]
 
     @_locked
     def set_embeddings(self, ids: Iterable[int], embeddings: np.ndarray,
@@ -382,6 +424,7 @@ class ExemplarBank:
                            [(v.tobytes(), retriever_version, i) for i, v in zip(ids, vecs)])
             _, token = self._bump_token()
         self._index = EmbeddingIndex(ids, vecs, use_gpu=self._use_gpu) if ids else None
+        self._damaged = []
         self._changed_index(True, token)
         self._try_save_index()
 
@@ -393,39 +436,57 @@ class ExemplarBank:
             (retriever_version,)).fetchone()[0] > 0
 
     @_locked
-    def pseudonymise(self, prefix: str = "patient") -> dict[str, str]:
+    def pseudonymise(self, prefix: str = "patient",
+                     save_key: Callable[[dict[str, str]], None] | None = None) -> dict[str, str]:
         """Replace patient and case ids by pseudonyms; returns {old patient id: pseudonym}.
 
         Patients become ``<prefix>-0001``, ... (in order of their first exemplar) and each case
         ``<patient pseudonym>-case-001``, ...; ``source`` (the file name) and ``author`` are
         cleared. Slice index, origin, creation time and extra fields stay. The old values are
         wiped from the database file as well (secure delete, VACUUM, WAL truncated).
+
+        ``save_key`` receives the key ({old patient id: pseudonym}) under the write lock before
+        any id is replaced: when it raises, the bank is left unchanged (the key is never lost).
         """
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,31}", prefix):
-            raise BankError(f"Invalid pseudonym prefix {prefix!r}: use letters, digits, '-', '_'")
-        patients: dict[str, str] = {}
-        cases: dict[str, str] = {}
-        per_patient: dict[str, int] = {}
-        rows = []
-        for exemplar_id, case, patient in self._db.execute(
-                "SELECT id, case_id, patient_id FROM exemplars ORDER BY id").fetchall():
-            alias = patients.setdefault(patient, f"{prefix}-{len(patients) + 1:04d}")
-            if case not in cases:
-                per_patient[alias] = per_patient.get(alias, 0) + 1
-                cases[case] = f"{alias}-case-{per_patient[alias]:03d}"
-            rows.append((cases[case], alias, exemplar_id))
+            raise BankError(f"Invalid pseudonym prefix {prefix!r}: use letters, digits, '-', '_' "
+                            "and start with a letter (at most 32 characters)")
+        self._check_writable("pseudonymising it")
         self._db.execute("PRAGMA secure_delete = ON")
-        with self._transaction() as db:
+        with self._transaction() as db:  # the key matches the rows: no writer can come between
+            patients: dict[str, str] = {}
+            cases: dict[str, str] = {}
+            per_patient: dict[str, int] = {}
+            rows = []
+            for exemplar_id, case, patient in db.execute(
+                    "SELECT id, case_id, patient_id FROM exemplars ORDER BY id").fetchall():
+                alias = patients.setdefault(patient, f"{prefix}-{len(patients) + 1:04d}")
+                if case not in cases:
+                    per_patient[alias] = per_patient.get(alias, 0) + 1
+                    cases[case] = f"{alias}-case-{per_patient[alias]:03d}"
+                rows.append((cases[case], alias, exemplar_id))
+            if save_key is not None:
+                save_key(patients)
             db.executemany("UPDATE exemplars SET case_id = ?, patient_id = ?, source = '', "
                            "author = NULL WHERE id = ?", rows)
-        self._db.execute("VACUUM")
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        try:
+            self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            raise BankError(f"The bank at {self._path} was pseudonymised, but its database file "
+                            f"could not be compacted ({exc}): old ids may remain in unused parts "
+                            "of the file; free some space and run anonymise again") from exc
         return patients
 
     @_locked
-    def rebuild_index(self) -> None:
-        """Rebuild the search index from the stored embeddings and save it."""
+    def rebuild_index(self) -> list[int]:
+        """Rebuild the search index from the stored embeddings and save it.
+
+        Returns the ids of exemplars left out because their embedding is damaged.
+        """
+        self._check_writable("rebuilding its index")
         self._sync_index(rebuild=True)
+        return list(self._damaged)
 
     # --- search ---------------------------------------------------------------------------
     @_locked
@@ -460,6 +521,8 @@ class ExemplarBank:
         if embedded < total:
             raise BankError(f"{total - embedded} of {total} exemplars have no embedding: re-embed "
                             "the bank with the current retriever (`napari-jras bank rebuild`)")
+        if self._damaged:
+            raise self._damaged_error(self._damaged)
         stored = self._versions()
         if stored != [retriever_version]:
             raise BankError(
@@ -538,8 +601,14 @@ class ExemplarBank:
                 "(`napari-jras bank rebuild`) or embed the new exemplars with that version")
 
     # --- internals: storage ---------------------------------------------------------------
+    def _check_writable(self, action: str) -> None:
+        if self._read_only:
+            raise BankError(f"The bank at {self._path} is open read-only: {action} needs write "
+                            "access (copy the bank to a writable folder, or open it for writing)")
+
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._check_writable("changing it")
         with _transaction(self._db, self._path):
             yield self._db
 
@@ -618,15 +687,28 @@ class ExemplarBank:
                     file.unlink(missing_ok=True)
 
     # --- internals: search index ----------------------------------------------------------
-    def _stored_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
-        rows = self._db.execute(
-            "SELECT id, embedding FROM exemplars WHERE embedding IS NOT NULL ORDER BY id").fetchall()
-        data = b"".join(r[1] for r in rows)
-        if len(data) != len(rows) * self._embed_dim * 4:
-            raise BankError(f"The stored embeddings in {self._path / DB_FILE} are damaged: "
-                            "re-embed the bank (`napari-jras bank rebuild`)")
-        ids = np.asarray([r[0] for r in rows], dtype=np.int64)
-        return ids, np.frombuffer(data, dtype=np.float32).reshape(len(rows), self._embed_dim)
+    def _read_embeddings(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """(ids, (N, D) float32) of the well-formed stored embeddings and the ids of damaged ones
+        (not a blob of ``embed_dim`` float32 values, or holding NaN / infinity)."""
+        nbytes = self._embed_dim * 4
+        ids, blobs, damaged = [], [], []
+        for exemplar_id, blob in self._db.execute(
+                "SELECT id, embedding FROM exemplars WHERE embedding IS NOT NULL ORDER BY id"):
+            if isinstance(blob, bytes) and len(blob) == nbytes \
+                    and np.isfinite(np.frombuffer(blob, dtype=np.float32)).all():
+                ids.append(exemplar_id)
+                blobs.append(blob)
+            else:
+                damaged.append(exemplar_id)
+        vecs = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(ids), self._embed_dim)
+        return np.asarray(ids, dtype=np.int64), vecs, damaged
+
+    def _damaged_error(self, damaged: Sequence[int]) -> BankError:
+        shown = ", ".join(map(str, damaged[:5])) + (", ..." if len(damaged) > 5 else "")
+        return BankError(
+            f"{len(damaged)} exemplar(s) of the bank at {self._path} have a damaged embedding "
+            f"(id {shown}): re-embed the bank from its stored pixels with "
+            f"`napari-jras bank rebuild --bank {self._path} --model RUN`")
 
     def _bump_token(self) -> tuple[bool, str]:
         """Mark the stored embeddings as changed (call inside a transaction).
@@ -655,15 +737,17 @@ class ExemplarBank:
         token = self._meta("embeddings_token")
         if token == self._index_token and not rebuild:
             return False
-        index = None if rebuild else self._load_index_file(token)
-        stored = self._stored_embeddings() if index is None else None
-        if stored is not None and stored[0].size:
-            index = EmbeddingIndex(*stored, use_gpu=self._use_gpu)
+        ids, vecs, damaged = self._read_embeddings()
+        index = None if rebuild else self._load_index_file(token, len(ids))
+        rebuilt = index is None
+        if rebuilt and ids.size:
+            index = EmbeddingIndex(ids, vecs, use_gpu=self._use_gpu)
         self._index, self._index_token, self._index_dirty = index, token, False
-        return stored is not None
+        self._damaged = damaged
+        return rebuilt
 
-    def _load_index_file(self, token: str) -> EmbeddingIndex | None:
-        """The saved index when it matches the stored embeddings, else None."""
+    def _load_index_file(self, token: str, count: int) -> EmbeddingIndex | None:
+        """The saved index when it matches the ``count`` well-formed stored embeddings, or None."""
         file = self._path / INDEX_FILE
         try:
             before = _identity(file)
@@ -674,7 +758,6 @@ class ExemplarBank:
                 return None
         except (BankError, OSError):
             return None
-        count = self._db.execute("SELECT COUNT(embedding) FROM exemplars").fetchone()[0]
         return index if len(index) == count else None
 
     def _try_save_index(self) -> None:
@@ -684,6 +767,8 @@ class ExemplarBank:
         write lock, so that concurrent processes never mix or mislabel index files; a cached index
         that another process's change made stale is not saved.
         """
+        if self._read_only:
+            return  # the index lives in memory only
         file = self._path / INDEX_FILE
         try:
             with self._transaction() as db:
@@ -706,6 +791,42 @@ def _connect(file: Path) -> sqlite3.Connection:
                          check_same_thread=False)
     db.execute("PRAGMA synchronous = FULL")  # a committed change survives a power cut
     return db
+
+
+def is_writable(folder: str | Path) -> bool:
+    """True when a bank folder and its database can be written (not a read-only mount)."""
+    folder = Path(folder)
+    pixels = folder / PIXELS_DIR
+    return os.access(folder, os.W_OK) and os.access(folder / DB_FILE, os.W_OK) \
+        and (not pixels.is_dir() or os.access(pixels, os.W_OK))
+
+
+def _connect_read_only(file: Path, writable: bool) -> sqlite3.Connection:
+    """A connection that never writes to the database (or, on a read-only folder, its folder).
+
+    SQLite needs the ``-wal``/``-shm`` files of a WAL database; in a folder that cannot be
+    written they cannot be created, so a database without pending changes is opened as
+    immutable. Pending changes in a ``-wal`` file that cannot be read that way are refused.
+    """
+    if writable:  # a plain connection removes its -wal/-shm files on close; mode=ro leaves them
+        db = _connect(file)
+        db.execute("PRAGMA query_only = ON")
+        return db
+    uri = f"{file.resolve().as_uri()}?mode=ro"
+    db = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                         check_same_thread=False)
+    try:
+        db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return db
+    except sqlite3.OperationalError:
+        db.close()
+    wal = file.with_name(f"{file.name}-wal")
+    if wal.exists() and wal.stat().st_size:
+        raise BankError(f"The bank at {file.parent} is read-only and {wal.name} holds changes "
+                        "not yet merged into the database: open it once where it can be written "
+                        "(or copy the folder to a writable place)")
+    return sqlite3.connect(f"{uri}&immutable=1", uri=True, isolation_level=None,
+                           check_same_thread=False)
 
 
 @contextmanager

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 
-from .bank import ExemplarBank
+from .bank import DB_FILE, ExemplarBank, is_writable
 from .checkpoint import atomic_write_bytes, load_model
 from .data import load_slices
 from .engine import InferenceEngine
 from .errors import BankError
 from .io import find_cases
+from .model import JRASModel
 from .pipeline import provenance_of
 
 
 def summary(bank: ExemplarBank) -> dict:
-    """Counts per origin and the bank's settings."""
+    """Counts per origin, the bank's settings, whether its folder can be written, and the ids of
+    damaged embeddings."""
     records = bank.records()
     origins: dict[str, int] = {}
     for r in records:
@@ -26,39 +31,106 @@ def summary(bank: ExemplarBank) -> dict:
     return {"path": str(bank.path), "exemplars": len(records), "size": bank.size,
             "num_classes": bank.num_classes, "class_names": bank.class_names,
             "embed_dim": bank.embed_dim, "retriever_version": bank.retriever_version,
-            "patients": len({r.get("patient_id") for r in records}), "origins": origins}
+            "patients": len({r.get("patient_id") for r in records}), "origins": origins,
+            "writable": is_writable(bank.path), "damaged_embeddings": bank.damaged_embeddings()}
+
+
+def _check_new_bank_folder(path: Path) -> None:
+    """Refuse a path where a new bank cannot go, before anything is loaded or written."""
+    if path.is_file():
+        raise BankError(f"{path} is a file, not a bank folder: give an existing bank or a new "
+                        "folder for one")
+    if path.is_dir() and any(path.iterdir()):
+        raise BankError(f"{path} is a folder that is not an exemplar bank (no {DB_FILE} in it) "
+                        "and not empty: give an existing bank or a new folder for one")
 
 
 def add_cases(bank_dir: str | Path, model_dir: str | Path, data: str | Path,
               origin: str = "import", device: str = "auto",
               patient_regex: str | None = None) -> tuple[ExemplarBank, list[int]]:
-    """Add every slice of the labelled cases under ``data``, embedded by the model's retriever."""
+    """Add every slice of the labelled cases under ``data``, embedded by the model's retriever.
+
+    The bank is created when ``bank_dir`` holds none; if adding fails, a bank created here is
+    removed again, so a failed command leaves nothing behind.
+    """
     model = load_model(model_dir)
     if model.retriever is None:
         raise BankError("A baseline model has no retriever: use a J-RAS model to embed exemplars")
-    bank_dir = Path(bank_dir)
-    if (bank_dir / "bank.sqlite").exists():
+    bank_dir, cfg = Path(bank_dir), model.config
+    existed, created = bank_dir.exists(), False
+    if (bank_dir / DB_FILE).exists():
         bank = ExemplarBank.open(bank_dir)
     else:
-        cfg = model.config
-        bank = ExemplarBank.create(bank_dir, size=cfg.size, num_classes=cfg.num_classes,
-                                   embed_dim=model.retriever.embed_dim, class_names=cfg.class_names)
-    engine = InferenceEngine(model, bank, device=device)
-    if len(bank):
-        engine.ensure_bank_embeddings()
-    samples = load_slices(find_cases(data, patient_regex), size=bank.size,
-                          modality=model.config.modality)
-    images = np.stack([s.image for s in samples])
-    ids = bank.add(images, np.stack([s.label for s in samples]),
-                   [provenance_of(s, origin) for s in samples],
-                   embeddings=engine.embed_for_bank(images), retriever_version=engine.version)
+        _check_new_bank_folder(bank_dir)
+        bank = None
+    try:
+        if bank is not None:  # refuse a bank of another model before reading any data
+            engine = InferenceEngine(model, bank, device=device)
+            if len(bank):
+                engine.ensure_bank_embeddings()
+        samples = load_slices(find_cases(data, patient_regex),
+                              size=cfg.size if bank is None else bank.size, modality=cfg.modality)
+        if bank is None:
+            bank = ExemplarBank.create(bank_dir, size=cfg.size, num_classes=cfg.num_classes,
+                                       embed_dim=model.retriever.embed_dim,
+                                       class_names=cfg.class_names)
+            created = True
+            engine = InferenceEngine(model, bank, device=device)
+        images = np.stack([s.image for s in samples])
+        ids = bank.add(images, np.stack([s.label for s in samples]),
+                       [provenance_of(s, origin) for s in samples],
+                       embeddings=engine.embed_for_bank(images), retriever_version=engine.version)
+    except BaseException:
+        if bank is not None:
+            bank.close()
+        if created:  # nothing of the failed command stays; a given empty folder stays empty
+            shutil.rmtree(bank_dir, ignore_errors=True)
+            if existed:
+                bank_dir.mkdir()
+        raise
     return bank, ids
 
 
-def write_key(path: Path, patients: dict[str, str]) -> None:
-    """Write the pseudonym key (``patient_id,pseudonym`` lines) atomically."""
-    lines = ["patient_id,pseudonym"] + [f"{old},{new}" for old, new in patients.items()]
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+def write_key(path: Path, patients: dict[str, str], bank_dir: Path | None = None) -> None:
+    """Write the pseudonym key (``patient_id,pseudonym`` lines) atomically and durably.
+
+    An existing file is never replaced (it may be the only key of an earlier anonymisation),
+    and a key inside the bank folder ``bank_dir`` is refused (it would travel with the bank).
+    """
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        raise BankError(f"{path} exists: choose a new file for the pseudonym key (an existing "
+                        "key is never overwritten)")
+    if bank_dir is not None:
+        inside = Path(bank_dir).resolve()
+        if inside == path.resolve() or inside in path.resolve().parents:
+            raise BankError(f"The key {path} would be inside the bank folder {bank_dir}: keep "
+                            "the key apart from the bank (it undoes the pseudonyms)")
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows([("patient_id", "pseudonym"),
+                                                     *patients.items()])
+    atomic_write_bytes(path, text.getvalue().encode(), what="the pseudonym key")
+
+
+def anonymise(bank: ExemplarBank, prefix: str = "patient",
+              key: str | Path | None = None) -> dict[str, str]:
+    """Pseudonymise ``bank``; with ``key``, the key file is written (and synced) first.
+
+    When the key cannot be written (its folder is a file, disk full, file exists, inside the
+    bank) nothing in the bank changes.
+    """
+    if key is None:
+        return bank.pseudonymise(prefix)
+    return bank.pseudonymise(prefix, save_key=lambda patients: write_key(Path(key), patients,
+                                                                         bank.path))
+
+
+def _distinct_ids(ids: list[int]) -> list[int]:
+    """Distinct ids in the given order; refuses ids below 1 (exemplar ids start at 1)."""
+    bad = [i for i in ids if i < 1]
+    if bad:
+        raise BankError(f"Exemplar ids are whole numbers from 1, got {bad[0]}")
+    return list(dict.fromkeys(ids))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,40 +139,68 @@ def run(args: argparse.Namespace) -> int:
     if action == "add":
         bank, ids = add_cases(args.bank, args.model, args.data, args.origin, args.device,
                               args.patient_regex)
-        print(f"Added {len(ids)} exemplars; the bank now holds {len(bank)}")
+        with bank:
+            print(f"Added {len(ids)} exemplars; the bank now holds {len(bank)}")
         return 0
-    bank = ExemplarBank.open(args.bank)
-    if action == "list":
-        info = summary(bank)
-        records = bank.records()[: args.limit] if args.limit else []
-        if args.json:
-            print(json.dumps({**info, "records": records}, indent=2, default=str))
+    if action == "list" and args.limit < 0:
+        raise BankError(f"--limit must be 0 (summary only) or more, got {args.limit}")
+    ids = _distinct_ids(args.ids) if action == "remove" else []
+    model = load_model(args.model) if action == "rebuild" and args.model else None
+    if model is not None and model.retriever is None:
+        raise BankError("A baseline model has no retriever: give the J-RAS model whose "
+                        "retriever embeds this bank")
+    with ExemplarBank.open(args.bank, read_only=action == "list") as bank:
+        if action == "list":
+            return _list(bank, args.limit, args.json)
+        if action == "rebuild":
+            return _rebuild(bank, model, args.device)
+        if action == "remove":
+            bank.remove(ids)
+            print(f"Removed {len(ids)} exemplar(s); {len(bank)} left")
             return 0
-        for key, value in info.items():
-            print(f"{key:18s} {value}")
-        for r in records:
-            print(f"  #{r['id']:<6} {r.get('origin', ''):10s} {r.get('case_id', '')} "
-                  f"slice {r.get('slice_index', '')}  {r.get('created', '')}")
-        return 0
-    if action == "rebuild":
-        if args.model:
-            engine = InferenceEngine(load_model(args.model), bank, device=args.device)
-            changed = engine.ensure_bank_embeddings()
-            print("Re-embedded the bank" if changed else "Embeddings were already current")
-        bank.rebuild_index()
-        print(f"Index rebuilt over {len(bank)} exemplars")
-        return 0
-    if action == "remove":
-        bank.remove(args.ids)
-        print(f"Removed {len(args.ids)} exemplar(s); {len(bank)} left")
-        return 0
-    if action == "anonymise":
-        if args.key and Path(args.key).exists():
-            raise BankError(f"{args.key} exists: choose a new file for the pseudonym key")
-        patients = bank.pseudonymise(args.prefix)
-        if args.key:
-            write_key(Path(args.key), patients)
-        print(f"Pseudonymised {len(patients)} patient(s) in {len(bank)} exemplars"
-              + (f"; the key is in {args.key}: keep it apart from the bank" if args.key else ""))
-        return 0
+        if action == "anonymise":
+            patients = anonymise(bank, args.prefix, args.key)
+            kept = f"; the key is in {args.key}: keep it apart from the bank" if args.key else ""
+            print(f"Pseudonymised {len(patients)} patient(s) in {len(bank)} exemplars{kept}")
+            return 0
     raise BankError(f"Unknown bank action {action}")
+
+
+def _damaged_note(bank: ExemplarBank, damaged: list[int]) -> str:
+    shown = ", ".join(map(str, damaged[:10])) + (", ..." if len(damaged) > 10 else "")
+    return (f"{len(damaged)} damaged embedding(s) (exemplar id {shown}): re-embed the bank from "
+            f"its pixels with `napari-jras bank rebuild --bank {bank.path} --model RUN`")
+
+
+def _list(bank: ExemplarBank, limit: int, as_json: bool) -> int:
+    info = summary(bank)
+    records = bank.records()[:limit] if limit else []
+    if as_json:
+        print(json.dumps({**info, "records": records}, indent=2, default=str))
+        return 0
+    for key, value in info.items():
+        print(f"{key:18s} {value}")
+    for r in records:
+        print(f"  #{r['id']:<6} {r.get('origin', ''):10s} {r.get('case_id', '')} "
+              f"slice {r.get('slice_index', '')}  {r.get('created', '')}")
+    if info["damaged_embeddings"]:
+        print("warning: " + _damaged_note(bank, info["damaged_embeddings"]))
+    return 0
+
+
+def _rebuild(bank: ExemplarBank, model: JRASModel | None, device: str) -> int:
+    """Re-embed with ``model`` (always when some embedding is damaged), then rebuild the index."""
+    damaged = bank.damaged_embeddings()
+    if model is not None:
+        engine = InferenceEngine(model, bank, device=device)
+        if engine.ensure_bank_embeddings(force=bool(damaged)):
+            repaired = f" (repaired {len(damaged)} damaged embedding(s): exemplar id " \
+                       f"{', '.join(map(str, damaged))})" if damaged else ""
+            print(f"Re-embedded the bank from its stored pixels{repaired}")
+        else:
+            print("Embeddings were already current")
+    left_out = bank.rebuild_index()
+    print(f"Index rebuilt over {len(bank) - len(left_out)} exemplars")
+    if left_out:
+        print("warning: left out of the index: " + _damaged_note(bank, left_out))
+    return 0

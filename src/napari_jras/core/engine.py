@@ -104,15 +104,16 @@ class InferenceEngine:
         """Load a run folder's model and its bank (``run_dir/bank`` unless ``bank`` is given).
 
         ``faiss_gpu=False`` keeps the bank's search index on the CPU (``None``: GPU if possible).
+        A bank that cannot be written (a read-only folder) is opened read-only.
         """
         run_dir = Path(run_dir)
         model = load_model(run_dir, "cpu")
         if isinstance(bank, (str, Path)):
-            bank = ExemplarBank.open(bank, use_gpu=faiss_gpu)
+            bank = ExemplarBank.open(bank, use_gpu=faiss_gpu, read_only=None)
         elif bank is None and model.config.use_retrieval:
             if not (run_dir / BANK_DIR).exists():
                 raise BankError(f"{run_dir} has no bank folder; give one with --bank")
-            bank = ExemplarBank.open(run_dir / BANK_DIR, use_gpu=faiss_gpu)
+            bank = ExemplarBank.open(run_dir / BANK_DIR, use_gpu=faiss_gpu, read_only=None)
         return cls(model, bank, device=device, **kwargs)
 
     # --- device placement, compilation, warnings -------------------------------------------
@@ -189,14 +190,21 @@ class InferenceEngine:
         self.version = retriever_version(model.retriever) if model.retriever is not None else None
         self._cache.clear()
 
-    def ensure_bank_embeddings(self, progress: Callable[[int, int], None] | None = None) -> bool:
-        """Embed the bank with the current retriever if needed; True when it was re-embedded."""
+    def ensure_bank_embeddings(self, progress: Callable[[int, int], None] | None = None,
+                               force: bool = False) -> bool:
+        """Embed the bank with the current retriever if needed (always with ``force``, e.g. to
+        repair damaged embeddings); True when it was re-embedded."""
         if self.bank is None or self.model.retriever is None:
             return False
         if len(self.bank) == 0:
             raise BankError("The exemplar bank is empty: add annotated exemplars first")
-        if not self.bank.needs_embedding(self.version):
+        if not force and not self.bank.needs_embedding(self.version):
             return False
+        if self.bank.read_only:
+            raise BankError(
+                f"The bank at {self.bank.path} is read-only and must be re-embedded for this "
+                "model's retriever: re-embed a writable copy (`napari-jras bank rebuild --bank "
+                "COPY --model RUN`) and use that")
         ids, images, _ = self.bank.load_all()
         imgs = torch.from_numpy(resize_images(images, (self.model.config.size,) * 2))
         chunks = []
