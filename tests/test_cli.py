@@ -94,6 +94,20 @@ def test_train_writes_a_complete_run_folder(runs):
         assert len(bank) == 8 and bank.num_classes == 4
 
 
+def test_a_run_trained_with_every_default_loads(acdc_slices_dir, tmp_path, capsys):
+    """Default options (U-Net, size 128) wrote a header of 9600 bytes (first byte 0x80) that
+    was refused as a pickle: train, then evaluate and predict with the run."""
+    run = tmp_path / "run"
+    assert cli("train", "--data", acdc_slices_dir, "--out", run, "--steps", "3", "--quiet") == 0
+    assert json.loads((run / "config.json").read_text())["size"] == 128
+    assert cli("evaluate", "--model", run, "--data", acdc_slices_dir, "--report",
+               tmp_path / "r.json", "--quiet") == 0, capsys.readouterr().err
+    assert _strict_json(tmp_path / "r.json")["data"]["cases"] == 8
+    assert cli("predict", "--model", run, "--input", acdc_slices_dir / "p0_slice0_image.tif",
+               "--output", tmp_path / "pred", "--quiet") == 0, capsys.readouterr().err
+    assert (tmp_path / "pred" / "p0_slice0_label.tif").is_file()
+
+
 @pytest.mark.parametrize("baseline", [False, True], ids=["jras", "baseline"])
 def test_train_transunet(acdc_slices_dir, tmp_path, baseline, capsys):
     out = tmp_path / "run"
