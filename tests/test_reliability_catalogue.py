@@ -171,8 +171,8 @@ def one_d_or_empty(ctx: Ctx) -> None:
 
 @check("R03")
 def rgb_image(ctx: Ctx) -> None:
-    path = pair(ctx.tmp / "d", "c", np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32), np.uint8),
-                ext=".png")
+    colour = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    path = pair(ctx.tmp / "d", "c", colour, np.zeros((32, 32), np.uint8), ext=".png")
     with pytest.raises(DataError, match="RGB"):
         read_layers(path)
 
@@ -415,7 +415,7 @@ def disk_full_writing_predictions(ctx: Ctx) -> None:
     before = old.read_bytes()
     ctx.monkeypatch.setattr(tifffile, "imwrite", disk_full_after(10))
     line = ctx.cli_error("predict", "--model", ctx.run(), "--input", image, "--output", out,
-                         "--device", "cpu", "--quiet")
+                         "--device", "cpu", "--quiet", "--overwrite")
     assert "No space left on device" in line
     assert old.read_bytes() == before and folder_files(out) == ["p9_slice0_label.tif"]
 

@@ -134,7 +134,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .core.pipeline import predict_files
 
     written = predict_files(args.model, args.input, args.output, bank=args.bank,
-                            device=args.device, ext=args.format,
+                            device=args.device, ext=args.format, overwrite=args.overwrite,
                             progress=_progress_printer(args.quiet), **_engine_options(args))
     print(f"Wrote {len(written)} label file(s) to {args.output}")
     return 0
@@ -277,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for <name>_label files")
     p.add_argument("--bank", help="exemplar bank (default: the run folder's bank)")
     p.add_argument("--format", default=".tif", choices=[".tif", ".nii.gz"], help="output format")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace label files of an earlier prediction in --output (a label file "
+                        "next to an input image is never replaced)")
     _add_inference(p)
     _add_common(p)
     p.set_defaults(func=cmd_predict)
