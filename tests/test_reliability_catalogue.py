@@ -413,8 +413,9 @@ def disk_full_writing_predictions(ctx: Ctx) -> None:
     out = ctx.tmp / "out"
     old = write_volume(out / "p9_slice0_label.tif", np.ones((4, 4), np.uint8))
     before = old.read_bytes()
+    run = ctx.run()  # before the disk fills (the run fixture writes TIFFs)
     ctx.monkeypatch.setattr(tifffile, "imwrite", disk_full_after(10))
-    line = ctx.cli_error("predict", "--model", ctx.run(), "--input", image, "--output", out,
+    line = ctx.cli_error("predict", "--model", run, "--input", image, "--output", out,
                          "--device", "cpu", "--quiet", "--overwrite")
     assert "No space left on device" in line
     assert old.read_bytes() == before and folder_files(out) == ["p9_slice0_label.tif"]
