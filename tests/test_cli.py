@@ -298,6 +298,26 @@ def test_predict_a_grey_png_with_alpha_writes_a_2d_label(runs, data_dir, tmp_pat
     assert read_volume(tmp_path / "out" / "us_label.tif").data.shape == (grey.height, grey.width)
 
 
+def test_evaluate_report_never_replaces_other_files(runs, acdc_slices_dir, tmp_path, capsys):
+    """A mistyped --report (a label file, the model's config.json) was overwritten by JSON."""
+    data = tmp_path / "data"
+    shutil.copytree(acdc_slices_dir, data)
+    model = tmp_path / "model"
+    shutil.copytree(runs["base"], model)
+    for victim in (data / "p0_slice0_label.tif", model / "config.json", model):
+        before = _tree(tmp_path)
+        assert cli("evaluate", "--model", model, "--data", data, "--report", victim,
+                   "--quiet") == 2
+        line = one_error_line(capsys, "evaluate")
+        assert ("is a folder" if victim.is_dir() else "is not an evaluation report") in line
+        assert _tree(tmp_path) == before
+    report = model / "eval.json"
+    for _ in range(2):  # an earlier report is replaced
+        assert cli("evaluate", "--model", model, "--data", data, "--report", report,
+                   "--quiet") == 0
+    assert _strict_json(report)["data"]["cases"] == 8
+
+
 # --- bank -----------------------------------------------------------------------------------
 def test_bank_list_add_rebuild_remove(runs, acdc_slices_dir, tmp_path, capsys):
     bank_dir = tmp_path / "bank"

@@ -86,7 +86,8 @@ def _dataset(src, dst, relabel) -> None:
 
 def test_training_on_0_255_masks_gives_a_binary_model(acdc_slices_dir, tmp_path):
     """0/255 masks made a 256-class model (then evaluated at Dice 0.9 from absent classes)."""
-    _dataset(acdc_slices_dir, tmp_path / "d", lambda lbl: np.where(lbl > 0, 255, 0).astype(np.uint8))
+    _dataset(acdc_slices_dir, tmp_path / "d",
+             lambda lbl: np.where(lbl > 0, 255, 0).astype(np.uint8))
     with pytest.warns(DataWarning, match="0/255"):
         assert main(["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "run"),
                      *TINY]) == 0

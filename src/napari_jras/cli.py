@@ -116,8 +116,9 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a model on labelled cases and write the JSON report."""
     from .core.checkpoint import atomic_write_json
-    from .core.pipeline import evaluate_run
+    from .core.pipeline import check_report_path, evaluate_run
 
+    check_report_path(args.report)
     report = evaluate_run(args.model, args.data, bank=args.bank, device=args.device,
                           patient_regex=args.patient_regex,
                           progress=_progress_printer(args.quiet), **_engine_options(args))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import shutil
 import time
@@ -182,6 +183,33 @@ def evaluate_run(model_dir: str | Path, data: str | Path, bank: str | Path | Non
         "summary": summarize(results),
         "cases": results,
     }
+
+
+REPORT_KEYS = ("summary", "cases")
+_MAX_REPORT_BYTES = 256 << 20
+
+
+def check_report_path(path: str | Path) -> None:
+    """Refuse an evaluation report path before evaluating: an existing file is replaced only
+    when it is an earlier report (a JSON object with ``summary`` and ``cases``), so that a
+    mistyped ``--report`` never overwrites a label file or a model's ``config.json``."""
+    path = Path(path)
+    blocker = next((f for f in path.parents if f.exists() and not f.is_dir()), None)
+    if blocker is not None:
+        raise DataError(f"Cannot write {path}: a part of its folder path is a file, not a folder")
+    if path.is_dir():
+        raise DataError(f"--report {path} is a folder: give a file name, e.g. "
+                        f"{path / 'report.json'}")
+    if not path.exists():
+        return
+    try:
+        old = (json.loads(path.read_bytes()) if path.stat().st_size <= _MAX_REPORT_BYTES
+               else None)
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        old = None
+    if not (isinstance(old, dict) and all(k in old for k in REPORT_KEYS)):
+        raise DataError(f"--report {path} exists and is not an evaluation report: napari-jras "
+                        "replaces only earlier reports; choose another file name")
 
 
 def output_name(image_path: Path, ext: str = ".tif") -> str:
