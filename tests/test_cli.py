@@ -94,6 +94,20 @@ def test_train_writes_a_complete_run_folder(runs):
         assert len(bank) == 8 and bank.num_classes == 4
 
 
+def test_a_run_trained_with_every_default_loads(acdc_slices_dir, tmp_path, capsys):
+    """Default options (U-Net, size 128) wrote a header of 9600 bytes (first byte 0x80) that
+    was refused as a pickle: train, then evaluate and predict with the run."""
+    run = tmp_path / "run"
+    assert cli("train", "--data", acdc_slices_dir, "--out", run, "--steps", "3", "--quiet") == 0
+    assert json.loads((run / "config.json").read_text())["size"] == 128
+    assert cli("evaluate", "--model", run, "--data", acdc_slices_dir, "--report",
+               tmp_path / "r.json", "--quiet") == 0, capsys.readouterr().err
+    assert _strict_json(tmp_path / "r.json")["data"]["cases"] == 8
+    assert cli("predict", "--model", run, "--input", acdc_slices_dir / "p0_slice0_image.tif",
+               "--output", tmp_path / "pred", "--quiet") == 0, capsys.readouterr().err
+    assert (tmp_path / "pred" / "p0_slice0_label.tif").is_file()
+
+
 @pytest.mark.parametrize("baseline", [False, True], ids=["jras", "baseline"])
 def test_train_transunet(acdc_slices_dir, tmp_path, baseline, capsys):
     out = tmp_path / "run"
@@ -186,6 +200,123 @@ def test_predict_keeps_subfolders_apart(runs, acdc_slices_dir, tmp_path):
                tmp_path / "out", "--quiet") == 0
     assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.tif")) \
         == ["a/x_label.tif", "b/x_label.tif"]
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_predict_never_overwrites_input_labels(runs, acdc_slices_dir, tmp_path, capsys):
+    """--output = the input folder replaced q_label.tif (ground truth) silently."""
+    data = tmp_path / "data"
+    shutil.copytree(acdc_slices_dir, data)
+    before = _tree(data)
+    for extra in ([], ["--overwrite"], ["--format", ".nii.gz"]):
+        assert cli("predict", "--model", runs["base"], "--input", data, "--output", data,
+                   "--quiet", *extra) == 2
+        line = one_error_line(capsys, "predict")
+        assert "p0_slice0_label.tif" in line and "choose another --output folder" in line
+        assert ("add a second label file" in line) == ("--format" in extra)
+        assert _tree(data) == before
+    one = data / "p0_slice0_image.tif"
+    assert cli("predict", "--model", runs["base"], "--input", one, "--output", data,
+               "--overwrite", "--quiet") == 2
+    assert "would overwrite" in one_error_line(capsys, "predict") and _tree(data) == before
+    # images without labels: predicting into their folder is fine, once
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(one, bare / "q.tif")
+    assert cli("predict", "--model", runs["base"], "--input", bare, "--output", bare,
+               "--quiet") == 0
+    assert sorted(_tree(bare)) == ["q.tif", "q_label.tif"]
+
+
+def test_predict_replaces_earlier_predictions_only_with_overwrite(runs, acdc_slices_dir,
+                                                                  tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "p1_slice0_label.tif").write_bytes(b"earlier")
+    argv = ["predict", "--model", runs["base"], "--input", acdc_slices_dir, "--output", out,
+            "--quiet"]
+    assert cli(*argv) == 2
+    line = one_error_line(capsys, "predict")
+    assert "1 output file(s) already exist" in line and "--overwrite" in line
+    assert _tree(out) == {"p1_slice0_label.tif": b"earlier"}  # nothing else written either
+    assert cli(*argv, "--overwrite") == 0
+    assert len(_tree(out)) == 8 and read_volume(out / "p1_slice0_label.tif").data.ndim == 2
+
+
+def test_predict_checks_every_output_path_before_writing(runs, acdc_slices_dir, tmp_path,
+                                                         capsys):
+    image = acdc_slices_dir / "p1_slice0_image.tif"
+    for sub in ("a", "b"):
+        (tmp_path / "in" / sub).mkdir(parents=True)
+        shutil.copy(image, tmp_path / "in" / sub / "x_image.tif")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b").write_text("a file where a folder goes")
+    argv = ["predict", "--model", runs["base"], "--input", tmp_path / "in", "--quiet"]
+    assert cli(*argv, "--output", out, "--overwrite") == 2
+    assert "is a file, not a folder" in one_error_line(capsys, "predict")
+    assert _tree(out) == {"b": b"a file where a folder goes"}  # a/x_label.tif not written
+    (out / "b").unlink()
+    (out / "b" / "x_label.tif").mkdir(parents=True)
+    assert cli(*argv, "--output", out, "--overwrite") == 2
+    assert "a folder of that name is in the way" in one_error_line(capsys, "predict")
+    assert cli(*argv, "--output", image) == 2
+    assert "is a file: give a folder" in one_error_line(capsys, "predict")
+
+
+@pytest.mark.parametrize("names", [("a_image.tif", "a_image.nii.gz"), ("a.tif", "a.png")])
+def test_predict_refuses_two_images_of_one_name(runs, acdc_slices_dir, tmp_path, capsys, names):
+    """a_image.tif + a_image.nii.gz: '2 files written', one over the other."""
+    from napari_jras.core.io import write_volume
+
+    pixels = read_volume(acdc_slices_dir / "p1_slice0_image.tif").data
+    for name in names:
+        if name.endswith(".png"):
+            import imageio.v3 as iio
+
+            iio.imwrite(tmp_path / "in" / name, (pixels // 4).astype(np.uint8))
+        else:
+            write_volume(tmp_path / "in" / name, pixels)
+    assert cli("predict", "--model", runs["base"], "--input", tmp_path / "in", "--output",
+               tmp_path / "out", "--quiet") == 2
+    line = one_error_line(capsys, "predict")
+    assert " and ".join(sorted(names)) in line and "keep one file per case" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_a_grey_png_with_alpha_writes_a_2d_label(runs, data_dir, tmp_path):
+    """A grey + alpha PNG became a 2-slice volume and a (H, W, 2) label file."""
+    from PIL import Image
+
+    grey = Image.open(data_dir / "busi" / "benign_100_image.png")
+    grey.convert("LA").save(tmp_path / "us.png")
+    assert cli("predict", "--model", runs["base"], "--input", tmp_path / "us.png", "--output",
+               tmp_path / "out", "--quiet") == 0
+    assert read_volume(tmp_path / "out" / "us_label.tif").data.shape == (grey.height, grey.width)
+
+
+def test_evaluate_report_never_replaces_other_files(runs, acdc_slices_dir, tmp_path, capsys):
+    """A mistyped --report (a label file, the model's config.json) was overwritten by JSON."""
+    data = tmp_path / "data"
+    shutil.copytree(acdc_slices_dir, data)
+    model = tmp_path / "model"
+    shutil.copytree(runs["base"], model)
+    for victim in (data / "p0_slice0_label.tif", model / "config.json", model):
+        before = _tree(tmp_path)
+        assert cli("evaluate", "--model", model, "--data", data, "--report", victim,
+                   "--quiet") == 2
+        line = one_error_line(capsys, "evaluate")
+        assert ("is a folder" if victim.is_dir() else "is not an evaluation report") in line
+        assert _tree(tmp_path) == before
+    report = model / "eval.json"
+    for _ in range(2):  # an earlier report is replaced
+        assert cli("evaluate", "--model", model, "--data", data, "--report", report,
+                   "--quiet") == 0
+    assert _strict_json(report)["data"]["cases"] == 8
 
 
 # --- bank -----------------------------------------------------------------------------------

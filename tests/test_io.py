@@ -391,13 +391,85 @@ def test_4d_input(tmp_path):
         load_case(case)
 
 
-def test_rgb_image(tmp_path):
-    import imageio.v3 as iio
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_rgb_image(tmp_path, mode):
+    from PIL import Image
 
-    iio.imwrite(tmp_path / "photo_image.png", np.zeros((32, 40, 3), np.uint8))
+    colour = np.random.default_rng(0).integers(0, 256, (32, 40, len(mode)), dtype=np.uint8)
+    Image.fromarray(colour, mode).save(tmp_path / "photo_image.png")
     (case,) = find_cases(tmp_path / "photo_image.png", require_labels=False)
     with pytest.raises(DataError, match="looks like an RGB/RGBA image .* convert it to grey"):
         load_case(case)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P"])
+def test_grey_png_with_alpha_or_colour_channels_reads_as_one_slice(tmp_path, mode):
+    """A grey + alpha PNG was read as a 2-slice volume (and a (H, W, 2) label file written)."""
+    from PIL import Image
+
+    grey = np.random.default_rng(1).integers(0, 256, (24, 30), dtype=np.uint8)
+    alpha = np.full_like(grey, 200)
+    layers = {"L": [grey], "LA": [grey, alpha], "RGB": [grey] * 3, "RGBA": [grey] * 3 + [alpha]}
+    if mode == "P":  # a palette of greys, as some tools save 8-bit images
+        img = Image.fromarray(grey, "L").convert("P")
+        img.putpalette([v for i in range(256) for v in (i, i, i)])
+    else:
+        img = Image.fromarray(np.stack(layers[mode], -1) if mode != "L" else grey, mode)
+    img.save(tmp_path / "scan_image.png")
+    img.save(tmp_path / "scan_label.png")
+    assert Image.open(tmp_path / "scan_image.png").mode == mode
+    data = read_volume(tmp_path / "scan_image.png").data
+    assert data.shape == (24, 30) and np.array_equal(data, grey)
+    image, label = load_case(find_cases(tmp_path)[0])
+    assert image.data.shape == label.shape == (24, 30)
+
+
+def test_same_case_in_two_formats_is_refused(tmp_path):
+    """a_image.tif next to a_image.nii.gz: training silently dropped one, predict wrote one
+    label file twice."""
+    for ext in (".tif", ".nii.gz"):
+        write_volume(tmp_path / "d" / f"a_image{ext}", _volume())
+        write_volume(tmp_path / "d" / f"a_label{ext}", np.zeros((4, 12, 10), np.uint8))
+    write_volume(tmp_path / "d" / "b_image.tif", _volume())
+    write_volume(tmp_path / "d" / "b_label.tif", np.zeros((4, 12, 10), np.uint8))
+    with pytest.raises(DataError, match=r"1 case name\(s\) .* more than one file: "
+                                        r"a_image.nii.gz and a_image.tif; keep one"):
+        find_cases(tmp_path / "d")
+    (tmp_path / "d" / "a_image.nii.gz").unlink()
+    with pytest.raises(DataError, match="a_label.nii.gz and a_label.tif"):
+        find_cases(tmp_path / "d")
+    (tmp_path / "d" / "a_label.nii.gz").unlink()
+    assert [c.case_id for c in find_cases(tmp_path / "d")] == ["a", "b"]
+    # the same name in two subfolders is two cases
+    write_volume(tmp_path / "d" / "sub" / "a_image.tif", _volume())
+    write_volume(tmp_path / "d" / "sub" / "a_label.tif", np.zeros((4, 12, 10), np.uint8))
+    assert len(find_cases(tmp_path / "d")) == 3
+
+
+def test_nnunet_case_in_two_formats_is_refused(tmp_path):
+    for ext in (".nii", ".nii.gz"):
+        write_volume(tmp_path / "imagesTr" / f"x_0000{ext}", _volume())
+        write_volume(tmp_path / "labelsTr" / f"x{ext}", np.zeros((4, 12, 10), np.uint8))
+    with pytest.raises(DataError, match="imagesTr/x_0000.nii and imagesTr/x_0000.nii.gz"):
+        find_cases(tmp_path)
+    (tmp_path / "imagesTr" / "x_0000.nii").unlink()
+    assert [c.case_id for c in find_cases(tmp_path)] == ["x"]
+
+
+def test_binary_0_255_masks_read_as_classes_0_and_1(tmp_path):
+    from napari_jras.core.errors import DataWarning
+
+    mask = np.zeros((4, 12, 10), np.uint8)
+    mask[1:3, 2:6, 3:7] = 255
+    write_volume(tmp_path / "a_image.tif", _volume())
+    write_volume(tmp_path / "a_label.tif", mask)
+    with pytest.warns(DataWarning, match="0/255 are read as classes 0 .* and 1"):
+        _, label = load_case(find_cases(tmp_path)[0])
+    assert np.array_equal(label, mask // 255) and label.dtype == np.uint8
+    mask[0, 0, 0] = 2  # not a binary mask: left alone (training then refuses the values)
+    write_volume(tmp_path / "a_label.tif", mask)
+    _, label = load_case(find_cases(tmp_path)[0])
+    assert sorted(np.unique(label)) == [0, 2, 255]
 
 
 def test_other_bad_images():

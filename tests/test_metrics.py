@@ -14,6 +14,7 @@ from napari_jras.core.metrics import (
     dice_per_class,
     evaluate_case,
     hausdorff_per_class,
+    mean_dice,
     summarize,
 )
 
@@ -76,7 +77,7 @@ def test_hd95_matches_brute_force_on_random_blobs():
 def test_empty_class_conventions():
     gt = square()
     empty = np.zeros_like(gt)
-    assert dice_per_class(empty, empty, 2)[0] == 1.0
+    assert math.isnan(dice_per_class(empty, empty, 2)[0])  # absent class: no score
     assert dice_per_class(empty, gt, 2)[0] == 0.0
     assert dice_per_class(gt, empty, 2)[0] == 0.0
     hd95, hd = hausdorff_per_class(empty, empty, 2)
@@ -104,8 +105,9 @@ def test_evaluate_case_structure_and_means():
     assert result["per_class"]["a"]["dice"] == pytest.approx(0.8)
     assert result["per_class"]["a"]["hd"] == pytest.approx(2.0)
     assert result["per_class"]["b"] == {"dice": 1.0, "hd95": 0.0, "hd": 0.0}
-    assert result["per_class"]["c"] == {"dice": 1.0, "hd95": 0.0, "hd": 0.0}  # both empty
-    assert result["mean"]["dice"] == pytest.approx((0.8 + 1 + 1) / 3)
+    c = result["per_class"]["c"]  # both empty: Dice undefined (NaN), distances 0
+    assert math.isnan(c["dice"]) and c["hd95"] == 0.0 and c["hd"] == 0.0
+    assert result["mean"]["dice"] == pytest.approx((0.8 + 1) / 2)
     assert result["mean"]["hd"] == pytest.approx(2.0 / 3)
     unnamed = evaluate_case(pred, gt, 3)
     assert unnamed["units"] == "pixels" and list(unnamed["per_class"]) == ["class_1", "class_2"]
@@ -118,6 +120,23 @@ def test_evaluate_case_mean_ignores_nan():
     assert math.isnan(result["per_class"]["class_2"]["hd"])
     assert result["mean"]["hd"] == 0.0
     assert result["mean"]["dice"] == pytest.approx(0.5)
+
+
+def test_classes_absent_from_both_masks_never_raise_a_mean():
+    """A 0/255 mask read as 256 classes scored mean Dice 0.9 from 254 absent classes."""
+    gt = square(value=255)
+    pred = square(left=12, value=255)  # shifted by 2 of 10 pixels: Dice 0.8
+    result = evaluate_case(pred, gt, 256)
+    dice = [v["dice"] for v in result["per_class"].values()]
+    assert sum(not math.isnan(d) for d in dice) == 1
+    assert result["mean"]["dice"] == pytest.approx(result["per_class"]["class_255"]["dice"])
+    assert result["mean"]["dice"] == pytest.approx(0.8)
+    assert mean_dice(pred, gt, 256) == pytest.approx(0.8)
+    assert math.isnan(mean_dice(np.zeros_like(gt), np.zeros_like(gt), 3))
+    summary = summarize([result, evaluate_case(np.zeros_like(gt), np.zeros_like(gt), 256)])
+    assert summary["mean"]["dice"]["mean"] == pytest.approx(result["mean"]["dice"])
+    assert summary["mean"]["dice"]["n_nan"] == 1
+    assert summary["per_class"]["class_1"]["dice"]["n_nan"] == 2
 
 
 def test_summarize_mean_std_and_nan_counts():

@@ -171,8 +171,8 @@ def one_d_or_empty(ctx: Ctx) -> None:
 
 @check("R03")
 def rgb_image(ctx: Ctx) -> None:
-    path = pair(ctx.tmp / "d", "c", np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32), np.uint8),
-                ext=".png")
+    colour = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    path = pair(ctx.tmp / "d", "c", colour, np.zeros((32, 32), np.uint8), ext=".png")
     with pytest.raises(DataError, match="RGB"):
         read_layers(path)
 
@@ -381,6 +381,160 @@ def writer_given_non_labels(ctx: Ctx) -> None:
     assert not (ctx.tmp / "x.tif").exists()
 
 
+# ---------------------------------------------------------------- data and prediction outputs
+TRAIN_TINY = ("--backbone-options", '{"base_channels": 4, "depth": 2}', "--retriever-options",
+              '{"width": 4, "input_size": 32}', "--embed-dim", "16", "--size", "32", "--steps",
+              "1", "--quiet", "--device", "cpu")
+
+
+def _relabelled(ctx: Ctx, relabel: Callable[[np.ndarray], np.ndarray], n: int = 2) -> Path:
+    """``n`` real slices of two patients with their labels passed through ``relabel``."""
+    folder = ctx.tmp / "relabelled"
+    image = read_volume(f"{ACDC}_image.tif").data
+    label = read_volume(f"{ACDC}_label.tif").data.astype(np.uint8)
+    for z in range(n):
+        write_volume(folder / f"p{z}_slice0_image.tif", image[3 + z])
+        write_volume(folder / f"p{z}_slice0_label.tif", relabel(label[3 + z]))
+    return folder
+
+
+@check("R21")
+def predict_into_the_input_folder(ctx: Ctx) -> None:
+    image = ctx.image_file()
+    truth = image.with_name("p9_slice0_label.tif")
+    before = truth.read_bytes()
+    for extra in ((), ("--overwrite",)):
+        line = ctx.cli_error("predict", "--model", ctx.run(), "--input", image.parent,
+                             "--output", image.parent, "--device", "cpu", "--quiet", *extra)
+        assert "would overwrite" in line and "choose another --output folder" in line
+    assert truth.read_bytes() == before
+    assert folder_files(image.parent) == ["p9_slice0_image.tif", "p9_slice0_label.tif"]
+
+
+@check("R22")
+def predict_output_paths_in_the_way(ctx: Ctx) -> None:
+    image = ctx.image_file()
+    out = ctx.tmp / "out"
+    old = write_volume(out / "p9_slice0_label.tif", np.ones((4, 4), np.uint8))
+    before = old.read_bytes()
+    argv = ("predict", "--model", ctx.run(), "--input", image, "--device", "cpu", "--quiet")
+    line = ctx.cli_error(*argv, "--output", out)
+    assert "1 output file(s) already exist" in line and "--overwrite" in line
+    assert old.read_bytes() == before
+    assert "is a file, not a folder" in ctx.cli_error(*argv, "--output", old / "sub")
+    assert "is a file: give a folder" in ctx.cli_error(*argv, "--output", old)
+    assert main([str(a) for a in (*argv, "--output", out, "--overwrite")]) == 0
+    assert read_volume(old).data.shape == read_volume(image).data.shape
+
+
+@check("R23")
+def one_case_in_two_files(ctx: Ctx) -> None:
+    image = ctx.image_file()
+    for suffix in ("_image", "_label"):
+        path = image.with_name(f"p9_slice0{suffix}.tif")
+        write_volume(image.with_name(f"p9_slice0{suffix}.nii.gz"), read_volume(path).data)
+    for argv in (("train", "--data", image.parent, "--out", ctx.tmp / "run2", *TRAIN_TINY),
+                 ("evaluate", "--model", ctx.run(), "--data", image.parent, "--report",
+                  ctx.tmp / "r.json", "--device", "cpu"),
+                 ("predict", "--model", ctx.run(), "--input", image.parent, "--output",
+                  ctx.tmp / "out", "--device", "cpu")):
+        line = ctx.cli_error(*argv)
+        assert "p9_slice0_image.nii.gz and p9_slice0_image.tif" in line, line
+        assert "keep one file per case" in line
+    assert not any((ctx.tmp / name).exists() for name in ("run2", "r.json", "out"))
+
+
+@check("R24")
+def binary_masks_stored_as_0_255(ctx: Ctx) -> None:
+    from napari_jras.core.data import load_slices, num_classes_of
+    from napari_jras.core.errors import DataWarning
+    from napari_jras.core.io import find_cases
+
+    folder = _relabelled(ctx, lambda lbl: np.where(lbl == 3, 255, 0).astype(np.uint8))
+    with pytest.warns(DataWarning, match="0/255 are read as classes 0 .* and 1"):
+        samples = load_slices(find_cases(folder), size=32)
+        assert num_classes_of(samples) == 2  # not a 256-class model
+        assert main(["evaluate", "--model", str(ctx.run()), "--data", str(folder), "--report",
+                     str(ctx.tmp / "r.json"), "--device", "cpu", "--quiet"]) == 0
+    report = json.loads((ctx.tmp / "r.json").read_text())
+    assert report["summary"]["per_class"]["RV"]["dice"]["n_nan"] == 0  # class 1 is in the truth
+
+
+@check("R25")
+def label_values_that_are_no_classes(ctx: Ctx) -> None:
+    folder = _relabelled(ctx, lambda lbl: np.choose(lbl, [0, 7, 200, 200]).astype(np.uint8))
+    line = ctx.cli_error("train", "--data", folder, "--out", ctx.tmp / "run2", *TRAIN_TINY)
+    assert "label values {0, 7, 200} are not the consecutive classes 0..200" in line
+    assert "--num-classes" in line and not (ctx.tmp / "run2").exists()
+    line = ctx.cli_error("train", "--data", folder, "--out", ctx.tmp / "run2", *TRAIN_TINY,
+                         "--num-classes", "8")
+    assert "hold class 200 but --num-classes/--class-names declare 8 classes" in line
+
+
+@check("R26")
+def no_foreground_in_any_label(ctx: Ctx) -> None:
+    folder = _relabelled(ctx, np.zeros_like)
+    line = ctx.cli_error("train", "--data", folder, "--out", ctx.tmp / "run2", *TRAIN_TINY)
+    assert "No training label has any foreground" in line
+    assert not (ctx.tmp / "run2").exists()
+
+
+@check("R27")
+def label_values_above_255(ctx: Ctx) -> None:
+    from napari_jras.core.data import load_slices
+    from napari_jras.core.io import find_cases
+
+    folder = _relabelled(ctx, lambda lbl: lbl.astype(np.uint16) * 150)  # 0, 150, 300, 450
+    samples = load_slices(find_cases(folder), size=32)
+    assert set().union(*(np.unique(s.label).tolist() for s in samples)) == {0, 150, 300, 450}
+
+
+@check("R28")
+def grey_png_with_alpha(ctx: Ctx) -> None:
+    from PIL import Image
+
+    grey = (read_volume(f"{ACDC}_image.tif").data[4] // 4).astype(np.uint8)
+    label = read_volume(f"{ACDC}_label.tif").data[4].astype(np.uint8)
+    folder = ctx.tmp / "png"
+    folder.mkdir()
+    Image.fromarray(np.stack([grey, np.full_like(grey, 255)], -1), "LA").save(
+        folder / "c_image.png")
+    Image.fromarray(np.stack([label] * 3 + [np.full_like(label, 255)], -1), "RGBA").save(
+        folder / "c_label.png")
+    layers = read_layers(folder / "c_image.png")
+    assert [np.asarray(layer[0]).shape for layer in layers] == [grey.shape, grey.shape]
+    assert main(["predict", "--model", str(ctx.run()), "--input", str(folder / "c_image.png"),
+                 "--output", str(ctx.tmp / "out"), "--device", "cpu", "--quiet"]) == 0
+    assert read_volume(ctx.tmp / "out" / "c_label.tif").data.shape == grey.shape
+
+
+@check("R29")
+def report_path_naming_another_file(ctx: Ctx) -> None:
+    image = ctx.image_file()
+    run = ctx.run()
+    for victim in (image.with_name("p9_slice0_label.tif"), run / "config.json"):
+        before = victim.read_bytes()
+        line = ctx.cli_error("evaluate", "--model", run, "--data", image.parent, "--report",
+                             victim, "--device", "cpu", "--quiet")
+        assert "exists and is not an evaluation report" in line
+        assert victim.read_bytes() == before
+
+
+@check("R30")
+def classes_absent_from_both_masks(ctx: Ctx) -> None:
+    from napari_jras.core.metrics import evaluate_case, summarize
+
+    truth = np.zeros((16, 16), np.uint8)
+    truth[4:12, 4:12] = 255
+    pred = np.roll(truth, 2, axis=1)
+    result = evaluate_case(pred, truth, 256)  # what a 0/255 mask made: 254 absent classes
+    assert result["mean"]["dice"] == pytest.approx(0.75)
+    assert np.isnan(result["per_class"]["class_1"]["dice"])
+    summary = summarize([result])
+    assert summary["per_class"]["class_1"]["dice"]["n_nan"] == 1
+    assert summary["mean"]["dice"]["mean"] == pytest.approx(0.75)
+
+
 # =========================================================================== command line
 @check("C01")
 def unexpected_exception(ctx: Ctx) -> None:
@@ -413,9 +567,10 @@ def disk_full_writing_predictions(ctx: Ctx) -> None:
     out = ctx.tmp / "out"
     old = write_volume(out / "p9_slice0_label.tif", np.ones((4, 4), np.uint8))
     before = old.read_bytes()
+    run = ctx.run()  # before the disk fills (the run fixture writes TIFFs)
     ctx.monkeypatch.setattr(tifffile, "imwrite", disk_full_after(10))
-    line = ctx.cli_error("predict", "--model", ctx.run(), "--input", image, "--output", out,
-                         "--device", "cpu", "--quiet")
+    line = ctx.cli_error("predict", "--model", run, "--input", image, "--output", out,
+                         "--device", "cpu", "--quiet", "--overwrite")
     assert "No space left on device" in line
     assert old.read_bytes() == before and folder_files(out) == ["p9_slice0_label.tif"]
 
@@ -1024,6 +1179,22 @@ def no_pickle_loading_in_the_code(ctx: Ctx) -> None:
             assert "weights_only=True" in call, f"{path}: {call}"
         assert "allow_pickle=True" not in code, path
         assert not re.search(r"\bpickle\.loads?\(|\bjoblib\.load\(|\bdill\.", code), path
+
+
+@check("U09")
+def safetensors_that_starts_like_a_pickle(ctx: Ctx) -> None:
+    run = ctx.run()
+    weights = run / "model.safetensors"
+    state = load_tensors(weights)
+    pad = 0
+    while True:  # pad the metadata until the header length is 128 mod 256 (first byte 0x80)
+        save_tensors(weights, state, {"format": "napari-jras", "pad": "x" * pad})
+        if weights.read_bytes()[0] == 0x80:
+            break
+        pad += 1
+    load_model(run)
+    assert main(["predict", "--model", str(run), "--input", str(ctx.image_file()), "--output",
+                 str(ctx.tmp / "out"), "--device", "cpu", "--quiet"]) == 0
 
 
 # =========================================================================== widgets (napari)

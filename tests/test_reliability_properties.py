@@ -153,9 +153,14 @@ def mask_pairs(draw) -> tuple[np.ndarray, np.ndarray, int]:
 def test_dice_is_symmetric_bounded_and_one_for_identical_masks(pair):
     a, b, classes = pair
     ab, ba = dice_per_class(a, b, classes), dice_per_class(b, a, classes)
-    np.testing.assert_allclose(ab, ba)
-    assert np.all((ab >= 0) & (ab <= 1))
-    np.testing.assert_array_equal(dice_per_class(a, a, classes), np.ones(classes - 1))
+    np.testing.assert_allclose(ab, ba, equal_nan=True)
+    absent = np.array([not ((a == c).any() or (b == c).any()) for c in range(1, classes)])
+    np.testing.assert_array_equal(np.isnan(ab), absent)  # undefined exactly where absent
+    assert np.all((ab[~absent] >= 0) & (ab[~absent] <= 1))
+    present = np.array([(a == c).any() for c in range(1, classes)])
+    same = dice_per_class(a, a, classes)
+    np.testing.assert_array_equal(same[present], 1.0)
+    assert np.isnan(same[~present]).all()
 
 
 @SETTINGS

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from napari_jras.core.io import find_cases, load_case
-from napari_jras.core.metrics import dice_per_class
+from napari_jras.core.metrics import dice_per_class, mean_dice
 from napari_jras.core.workspace import BUILTIN, Workspace
 
 SETTINGS = {  # name: (model, accept corrections, fine-tune)
@@ -94,7 +94,8 @@ def run_setting(name: str, source: str, cases: list, every: int, steps: int,
             predict_s = time.perf_counter() - t0
             dice = dice_per_class(pred, label, ws.num_classes)
             rows.append({"case": case.case_id, "accepted_before": n if accept else 0,
-                         "dice": float(dice.mean()), "dice_per_class": dice.tolist(),
+                         "dice": mean_dice(pred, label, ws.num_classes),
+                         "dice_per_class": dice.tolist(),
                          "corrected_pixels": int((pred != label).sum()),
                          "foreground_pixels": int((label > 0).sum()), "predict_s": predict_s,
                          **extra})

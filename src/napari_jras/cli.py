@@ -120,8 +120,9 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a model on labelled cases and write the JSON report."""
     from .core.checkpoint import atomic_write_json
-    from .core.pipeline import evaluate_run
+    from .core.pipeline import check_report_path, evaluate_run
 
+    check_report_path(args.report)
     report = evaluate_run(args.model, args.data, bank=args.bank, device=args.device,
                           patient_regex=args.patient_regex, guide_source=args.guide_source,
                           progress=_progress_printer(args.quiet), **_engine_options(args))
@@ -138,7 +139,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .core.pipeline import predict_files
 
     written = predict_files(args.model, args.input, args.output, bank=args.bank,
-                            device=args.device, ext=args.format,
+                            device=args.device, ext=args.format, overwrite=args.overwrite,
                             progress=_progress_printer(args.quiet), **_engine_options(args))
     print(f"Wrote {len(written)} label file(s) to {args.output}")
     return 0
@@ -317,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for <name>_label files")
     p.add_argument("--bank", help="exemplar bank (default: the run folder's bank)")
     p.add_argument("--format", default=".tif", choices=[".tif", ".nii.gz"], help="output format")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace label files of an earlier prediction in --output (a label file "
+                        "next to an input image is never replaced)")
     _add_inference(p)
     _add_common(p)
     p.set_defaults(func=cmd_predict)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from .model import JRASModel, ModelConfig
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+_MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers too
+_PICKLE_PROTOCOLS = (b"\x02", b"\x03", b"\x04", b"\x05")
 _PICKLE_REFUSED = ("napari-jras never loads pickle files (.pt, .pth, .bin, .ckpt), which can run "
                    "code when opened: use a run folder with config.json + model.safetensors")
 
@@ -107,16 +110,44 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelError(f"Missing weights file {path}")
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(9)
+        kind = weights_format(path)
     except OSError as exc:
         raise ModelError(f"Cannot read the weights file {path}: {exc.strerror or exc}") from exc
-    if head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save zip archive / raw pickle stream
+    if kind == "pickle":
         raise ModelError(f"{path} is a pickle (PyTorch) file, not safetensors: {_PICKLE_REFUSED}")
+    if kind == "damaged":
+        raise ModelError(f"The weights file {path} is damaged or not a safetensors file (its "
+                         "first bytes are not a safetensors header)")
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for damaged headers
         raise ModelError(f"The weights file {path} is damaged or not a safetensors file ({exc})") from exc
+
+
+def weights_format(path: Path) -> str:
+    """``"safetensors"``, ``"pickle"`` or ``"damaged"``: what the file at ``path`` holds.
+
+    A safetensors file starts with an 8-byte little-endian header length N followed by N bytes
+    of JSON object, so any first byte is possible (a header of 9600 bytes starts with 0x80, the
+    pickle PROTO opcode). The file is called a pickle only when it is *not* safetensors (N does
+    not fit in the file or the header is no JSON object) and it starts like a ``torch.save`` zip
+    archive (``PK\\x03\\x04``) or a pickle stream of protocol 2-5 (``\\x80`` + version).
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        size = os.fstat(fh.fileno()).st_size
+        if len(head) == 8:
+            length = struct.unpack("<Q", head)[0]
+            if 2 <= length <= min(size - 8, _MAX_HEADER):
+                try:
+                    header = json.loads(fh.read(length))
+                except (UnicodeDecodeError, ValueError):
+                    header = None
+                if isinstance(header, dict):
+                    return "safetensors"
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in _PICKLE_PROTOCOLS):
+        return "pickle"
+    return "damaged"
 
 
 def save_model(run_dir: str | Path, model: JRASModel, weights_name: str = WEIGHTS_FILE) -> Path:

@@ -48,11 +48,17 @@ def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of (N, H, W) label maps to (N, *size)."""
+    """Nearest-neighbour resize of (N, H, W) label maps to (N, *size), values kept exactly.
+
+    Labels that fit in uint8 are resized as uint8; larger values go through float64 (exact for
+    integers below 2^53): a uint8 cast turned class 300 into class 44.
+    """
     labels = np.asarray(labels)
     if labels.shape[-2:] == tuple(size):
         return labels
-    t = torch.from_numpy(np.ascontiguousarray(labels.astype(np.uint8)))[:, None]
+    fits_uint8 = not labels.size or (labels.min() >= 0 and labels.max() <= 255)
+    work = labels.astype(np.uint8 if fits_uint8 else np.float64)
+    t = torch.from_numpy(np.ascontiguousarray(work))[:, None]
     out = F.interpolate(t, size=tuple(size), mode="nearest-exact")
     return out[:, 0].numpy().astype(labels.dtype, copy=False)
 
@@ -103,10 +109,40 @@ def patient_split(cases: Sequence[Case], val_fraction: float = 0.2,
     return train, val
 
 
-def num_classes_of(samples: Iterable[SliceSample]) -> int:
-    """Number of classes (max label value + 1, at least 2) over labelled samples."""
-    top = 0
+MAX_INFERRED_CLASSES = 128
+
+
+def num_classes_of(samples: Iterable[SliceSample], declared: int | None = None) -> int:
+    """Number of classes (background included) of labelled training samples, checked.
+
+    With ``declared`` (``--num-classes`` / ``--class-names``) every label value must be below
+    it. Without it the values must be the consecutive classes 0..C-1, each present, with C at
+    most :data:`MAX_INFERRED_CLASSES`: values like {0, 7, 200} are no class indices (a 0/255
+    mask read as classes made a 256-class model). Raises :class:`DataError` when no label holds
+    any foreground: a model would learn a class it never saw.
+    """
+    values: set[int] = set()
     for s in samples:
         if s.label is not None and s.label.size:
-            top = max(top, int(s.label.max()))
-    return max(2, top + 1)
+            values.update(int(v) for v in np.unique(s.label))
+    if not values - {0}:
+        raise DataError("No training label has any foreground (every label value is 0): there "
+                        "is nothing to learn; check that the label files hold the masks")
+    top = max(values)
+    if declared is not None:
+        if top >= declared:
+            raise DataError(f"The labels hold class {top} but --num-classes/--class-names "
+                            f"declare {declared} classes (0..{declared - 1})")
+        return declared
+    shown = ", ".join(str(v) for v in sorted(values)[:8]) + (", ..." if len(values) > 8 else "")
+    if len(values) != top + 1:
+        missing = min(set(range(top + 1)) - values)
+        raise DataError(f"The label values {{{shown}}} are not the consecutive classes 0..{top} "
+                        f"(e.g. {missing} is absent): relabel them as 0, 1, 2, ..., or give "
+                        "--num-classes / --class-names when some classes are absent from this "
+                        "data")
+    if top + 1 > MAX_INFERRED_CLASSES:
+        raise DataError(f"The labels hold {top + 1} different values ({{{shown}}}), more than "
+                        f"{MAX_INFERRED_CLASSES} classes: are they intensities or instance ids? "
+                        "Give --num-classes if you mean that many classes")
+    return top + 1

@@ -33,3 +33,7 @@ class StorageError(JRASError, OSError):
         error = cls(f"Cannot {action} {path}: {exc.strerror or exc}")
         error.errno = exc.errno
         return error
+
+
+class DataWarning(UserWarning):
+    """Input accepted after a change the user should know about (e.g. 0/255 masks as 0/1)."""

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, DataWarning
 
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".tiff", ".tif", ".png")
 DEFAULT_PATIENT_REGEX = r"^(.*?)(?:_frame\d+|_slice\d+)?$"
@@ -111,7 +112,28 @@ def _read_png(path: Path) -> Volume:
             check_size((img.height, img.width), path)
     except Image.DecompressionBombError as exc:
         raise DataError(f"{path} is too large to load ({exc})") from exc
-    return Volume(np.asarray(iio.imread(path)))
+    return Volume(_png_grey(np.asarray(iio.imread(path)), path))
+
+
+def _png_grey(data: np.ndarray, path: Path) -> np.ndarray:
+    """A PNG's pixels as one grey 2-D array: alpha dropped, grey stored as RGB taken once.
+
+    A PNG holds one 2-D image, so a third axis is always colour (grey + alpha, RGB, RGBA):
+    read as a 2-slice or 3-slice volume it made (H, W, 2) label files. A colour image (RGB
+    channels that differ) is refused: napari-jras segments greyscale images.
+    """
+    if data.ndim != 3:
+        return data
+    if data.shape[-1] in (2, 4):  # LA, RGBA: the alpha channel holds no image data
+        data = data[..., :-1]
+    if data.shape[-1] == 3:
+        if not (np.array_equal(data[..., 0], data[..., 1])
+                and np.array_equal(data[..., 1], data[..., 2])):
+            raise DataError(f"{path.name} looks like an RGB/RGBA image (a colour PNG, shape "
+                            f"{data.shape}); napari-jras segments greyscale images: convert it "
+                            "to grey first")
+        data = data[..., :1]
+    return data[..., 0]
 
 
 def _read_tiff(path: Path) -> Volume:
@@ -346,15 +368,17 @@ def find_cases(root: str | Path, patient_regex: str | None = None,
         return [_single_file_case(root, patient_regex, require_labels)]
     if (root / "imagesTr").is_dir():
         return _find_nnunet(root, patient_regex, require_labels)
-    images: dict[str, Path] = {}
-    labels: dict[str, Path] = {}
+    images: dict[str, list[Path]] = {}
+    labels: dict[str, list[Path]] = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file() and is_supported(p)):
         stem, _ = split_extension(path)
         rel = str(path.parent.relative_to(root))
         if stem.endswith("_image"):
-            images[f"{rel}/{stem[:-6]}"] = path
+            images.setdefault(f"{rel}/{stem[:-6]}", []).append(path)
         elif stem.endswith("_label"):
-            labels[f"{rel}/{stem[:-6]}"] = path
+            labels.setdefault(f"{rel}/{stem[:-6]}", []).append(path)
+    refuse_same_names(images, root)
+    refuse_same_names(labels, root)
     if not images:
         hint = " (found label files without images)" if labels else ""
         raise DataError(
@@ -363,8 +387,8 @@ def find_cases(root: str | Path, patient_regex: str | None = None,
         )
     cases = []
     missing = []
-    for key, image_path in sorted(images.items()):
-        label_path = labels.get(key)
+    for key, (image_path,) in sorted(images.items()):
+        label_path = labels.get(key, [None])[0]
         if label_path is None:
             missing.append(image_path.name)
         case_id = key.split("/")[-1]
@@ -374,6 +398,21 @@ def find_cases(root: str | Path, patient_regex: str | None = None,
             f"{len(missing)} image(s) under {root} have no matching '_label' file, e.g. {missing[0]}"
         )
     return cases
+
+
+def refuse_same_names(groups: dict[str, list[Path]], root: Path) -> None:
+    """Refuse files that would be one case (same folder and name, other extensions).
+
+    ``groups`` maps a case key to its files. ``a_image.tif`` next to ``a_image.nii.gz`` made
+    training silently drop one of them and ``predict`` write both to one ``a_label`` file.
+    """
+    same = [sorted(paths, key=str) for paths in groups.values() if len(paths) > 1]
+    if same:
+        listed = "; ".join(" and ".join(str(p.relative_to(root)) for p in paths)
+                           for paths in same[:3])
+        more = f" (and {len(same) - 3} more)" if len(same) > 3 else ""
+        raise DataError(f"{len(same)} case name(s) under {root} belong to more than one file: "
+                        f"{listed}{more}; keep one file per case (rename or move the others)")
 
 
 def _single_file_case(path: Path, patient_regex: str | None, require_labels: bool) -> Case:
@@ -391,11 +430,16 @@ def _single_file_case(path: Path, patient_regex: str | None, require_labels: boo
 def _find_nnunet(root: Path, patient_regex: str | None, require_labels: bool) -> list[Case]:
     labels_dir = root / "labelsTr"
     cases = []
+    firsts: dict[str, list[Path]] = {}
     for path in sorted(p for p in (root / "imagesTr").iterdir() if is_supported(p)):
         stem, ext = split_extension(path)
         case_id = re.sub(r"_\d{4}$", "", stem)
         if stem != case_id and not stem.endswith("_0000"):
             continue  # extra modality channels of a case: only the first is used
+        firsts.setdefault(case_id, []).append(path)
+    refuse_same_names(firsts, root)
+    for case_id, (path,) in firsts.items():
+        ext = split_extension(path)[1]
         label = labels_dir / f"{case_id}{ext}"
         if require_labels and not label.exists():
             raise DataError(f"nnU-Net case {case_id} has no label {label}")
@@ -407,11 +451,28 @@ def _find_nnunet(root: Path, patient_regex: str | None, require_labels: bool) ->
 
 
 def load_case(case: Case) -> tuple[Volume, np.ndarray | None]:
-    """Read and validate a case's image and label (shapes must match)."""
+    """Read and validate a case's image and label (shapes must match).
+
+    A binary mask stored as 0/255 is returned as classes 0/1 (:func:`binary_255_as_classes`).
+    """
     image = read_volume(case.image_path)
     check_image(image.data, source=str(case.image_path.name))
     label = None
     if case.label_path is not None:
         raw = read_volume(case.label_path).data
-        label = check_label(raw, image.data.shape, source=str(case.label_path.name))
+        label = binary_255_as_classes(
+            check_label(raw, image.data.shape, source=str(case.label_path.name)))
     return image, label
+
+
+def binary_255_as_classes(label: np.ndarray) -> np.ndarray:
+    """A label map holding only 0 and 255 (a binary mask exported as an 8-bit image) as 0/1.
+
+    Read as class indices it made a 256-class model; a :class:`DataWarning` says it was mapped.
+    Any other label map is returned unchanged.
+    """
+    if not label.size or label.max() != 255 or not ((label == 0) | (label == 255)).all():
+        return label
+    warnings.warn(DataWarning("Label files holding a binary mask stored as 0/255 are read as "
+                              "classes 0 (background) and 1 (foreground)"), stacklevel=2)
+    return (label == 255).astype(np.uint8)

@@ -2,12 +2,14 @@
 
 Conventions for a foreground class c (label maps are 2-D or 3-D class indices):
 
-* Dice: both masks empty -> 1.0; exactly one empty -> 0.0.
+* Dice: exactly one mask empty -> 0.0; both empty (the class is absent from the case) -> NaN,
+  so that absent classes never raise a mean (a 1.0 for each of them made a 0/255 mask read as
+  256 classes score 0.9).
 * Hausdorff (HD, HD95): symmetric distances between the surface (boundary) voxels of the two
   masks, in the units of ``spacing`` (millimetres) or pixels when it is None. HD is the maximum
   and HD95 the 95th percentile of the pooled distances of both directions (as MedPy's ``hd95``).
-  Both empty -> 0.0; exactly one empty -> NaN (undefined). Means over classes and cases ignore
-  NaNs, and :func:`summarize` reports how many there were.
+  Both empty -> 0.0; exactly one empty -> NaN (undefined).
+* Means over classes and cases ignore NaNs, and :func:`summarize` reports how many there were.
 * std is the population standard deviation (``ddof=0``).
 
 The NaNs are plain floats: turn them into ``null`` when writing strict JSON.
@@ -51,9 +53,14 @@ def _check_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, .
 
 
 def dice_per_class(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
-    """Dice of each foreground class 1..C-1, shape (C-1,); 1.0 when both masks are empty."""
+    """Dice of each foreground class 1..C-1, shape (C-1,); NaN when both masks are empty."""
     pred, gt = _check_pair(pred, gt, num_classes)
     return _dice_all(pred, gt, num_classes)
+
+
+def mean_dice(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> float:
+    """Mean Dice over the foreground classes present in ``pred`` or ``gt`` (NaN if none is)."""
+    return _nanmean(dice_per_class(pred, gt, num_classes))
 
 
 def _dice_all(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
@@ -62,7 +69,7 @@ def _dice_all(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+    return float("nan") if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def hausdorff_per_class(pred: np.ndarray, gt: np.ndarray, num_classes: int,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import shutil
 import time
@@ -20,12 +21,14 @@ from .data import SliceSample, load_slices, num_classes_of
 from .engine import BANK_DIR, load_engine
 from .errors import DataError, JRASError, ModelError
 from .io import (
+    IMAGE_EXTENSIONS,
     Case,
     check_image,
     find_cases,
     is_supported,
     load_case,
     read_volume,
+    refuse_same_names,
     split_extension,
     write_volume,
 )
@@ -122,7 +125,8 @@ def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
         steps = max(1, -(-epochs * len(samples) // train_config.batch_size))
         train_config = replace(train_config, steps=steps)
     config = dict(model_config)
-    config.setdefault("num_classes", num_classes_of(samples))
+    declared = config.get("num_classes") or len(config.get("class_names") or []) or None
+    config["num_classes"] = num_classes_of(samples, declared)
     seed_everything(train_config.seed)
     model = JRASModel(ModelConfig(**config))
     train_set = SliceSet(samples, model.num_classes)
@@ -193,6 +197,33 @@ def evaluate_run(model_dir: str | Path, data: str | Path, bank: str | Path | Non
     }
 
 
+REPORT_KEYS = ("summary", "cases")
+_MAX_REPORT_BYTES = 256 << 20
+
+
+def check_report_path(path: str | Path) -> None:
+    """Refuse an evaluation report path before evaluating: an existing file is replaced only
+    when it is an earlier report (a JSON object with ``summary`` and ``cases``), so that a
+    mistyped ``--report`` never overwrites a label file or a model's ``config.json``."""
+    path = Path(path)
+    blocker = next((f for f in path.parents if f.exists() and not f.is_dir()), None)
+    if blocker is not None:
+        raise DataError(f"Cannot write {path}: a part of its folder path is a file, not a folder")
+    if path.is_dir():
+        raise DataError(f"--report {path} is a folder: give a file name, e.g. "
+                        f"{path / 'report.json'}")
+    if not path.exists():
+        return
+    try:
+        old = (json.loads(path.read_bytes()) if path.stat().st_size <= _MAX_REPORT_BYTES
+               else None)
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        old = None
+    if not (isinstance(old, dict) and all(k in old for k in REPORT_KEYS)):
+        raise DataError(f"--report {path} exists and is not an evaluation report: napari-jras "
+                        "replaces only earlier reports; choose another file name")
+
+
 def output_name(image_path: Path, ext: str = ".tif") -> str:
     """``<stem>_label<ext>`` for an input ``<stem>_image.<ext>`` or ``<stem>.<ext>``."""
     stem, _ = split_extension(image_path)
@@ -202,27 +233,76 @@ def output_name(image_path: Path, ext: str = ".tif") -> str:
 
 def predict_files(model_dir: str | Path, inputs: str | Path, output: str | Path,
                   bank: str | Path | None = None, device: str = "auto", ext: str = ".tif",
-                  progress: ProgressFn | None = None, **engine_options: Any) -> list[Path]:
+                  progress: ProgressFn | None = None, overwrite: bool = False,
+                  **engine_options: Any) -> list[Path]:
     """Segment one image file or every image under a folder; writes ``<stem>_label<ext>`` files.
 
     Images in subfolders of a folder input are written to the same subfolders of ``output``.
+    Every output path is checked before anything is written (:func:`plan_outputs`): an existing
+    file is replaced only with ``overwrite``, and an input of the run never.
     ``engine_options`` go to :class:`InferenceEngine` (``batch_size``, ``compile``, ...).
     """
+    plan = plan_outputs(inputs, output, ext, overwrite)
     engine = load_engine(model_dir, bank=bank, device=device, **engine_options)
-    files = find_images(inputs)
     written = []
-    for i, path in enumerate(files):
+    for i, (path, target) in enumerate(plan):
         image = read_volume(path)
         pred = engine.predict(check_image(image.data, path.name))
-        folder = Path(output) / (path.parent.relative_to(inputs) if Path(inputs).is_dir() else "")
-        written.append(write_volume(folder / output_name(path, ext), pred.labels, image.spacing))
+        written.append(write_volume(target, pred.labels, image.spacing))
         if progress is not None:
-            progress({"step": i + 1, "total": len(files), "phase": "predict", "case": path.name})
+            progress({"step": i + 1, "total": len(plan), "phase": "predict", "case": path.name})
     return written
 
 
+def plan_outputs(inputs: str | Path, output: str | Path, ext: str = ".tif",
+                 overwrite: bool = False) -> list[tuple[Path, Path]]:
+    """(image, label file to write) for every image to predict, all checked before any write.
+
+    Refused: an ``output`` that is a file; writing next to an input image that already has a
+    label file (of any format: its ground truth; predicting into the input folder replaced
+    ``q_label.tif``), whatever ``overwrite`` says; an existing file without ``overwrite``; an
+    existing folder; a folder path that runs through a file. Two images that would write the
+    same file are refused by :func:`find_images`.
+    """
+    inputs, output = Path(inputs), Path(output)
+    files = find_images(inputs)
+    if output.exists() and not output.is_dir():
+        raise DataError(f"--output {output} is a file: give a folder for the label files")
+    plan = [(path, output / (path.parent.relative_to(inputs) if inputs.is_dir() else "")
+             / output_name(path, ext)) for path in files]
+    existing = []
+    for path, target in plan:
+        if target.parent.resolve() == path.parent.resolve():  # writing into the input folder
+            labels = (path.with_name(output_name(path, e)) for e in IMAGE_EXTENSIONS)
+            truth = next((label for label in labels if label.exists()), None)
+            if truth is not None:
+                verb = ("overwrite" if truth.resolve() == target.resolve()
+                        else "add a second label file next to")
+                raise DataError(f"Predicting {path.name} into its own folder would {verb} "
+                                f"{truth}, the label file of that image (its ground truth?): "
+                                "predictions "
+                                "never replace or double input labels, even with --overwrite; "
+                                "choose another --output folder")
+        if target.is_dir():
+            raise DataError(f"Cannot write {target}: a folder of that name is in the way")
+        if target.exists():
+            existing.append(target)
+        blocker = next((f for f in target.parents if f.exists() and not f.is_dir()), None)
+        if blocker is not None:
+            raise DataError(f"Cannot write {target}: {blocker} is a file, not a folder")
+    if existing and not overwrite:
+        raise DataError(f"{len(existing)} output file(s) already exist (e.g. {existing[0]}): "
+                        "use --overwrite to replace earlier predictions, or another --output "
+                        "folder")
+    return plan
+
+
 def find_images(path: str | Path) -> list[Path]:
-    """Images to predict: one file, or a folder's ``*_image.*`` files (else every image file)."""
+    """Images to predict: one file, or a folder's ``*_image.*`` files (else every image file).
+
+    Refuses a folder where two images would give the same label file (``a_image.tif`` and
+    ``a_image.nii.gz``, or ``a.tif`` and ``a.png``).
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"Input not found: {path}")
@@ -235,4 +315,8 @@ def find_images(path: str | Path) -> list[Path]:
     images = images or [p for p in files if not split_extension(p)[0].endswith("_label")]
     if not images:
         raise DataError(f"No image files (.tif, .png, .nii.gz, ...) found under {path}")
+    groups: dict[Path, list[Path]] = {}
+    for image in images:
+        groups.setdefault(image.with_name(output_name(image, "")), []).append(image)
+    refuse_same_names(groups, path)
     return images

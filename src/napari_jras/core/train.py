@@ -40,7 +40,7 @@ from .data import SliceSample
 from .device import autocast
 from .errors import DataError, JRASError
 from .fusion import Guide, make_guide, shift_exemplars, soft_topk_guide
-from .metrics import dice_per_class
+from .metrics import mean_dice
 from .model import JRASModel
 from .readout import readout_loss
 from .retrieval import embed_images, retriever_version
@@ -642,15 +642,19 @@ class JointTrainer:
         return names.index(name) if name in names else -1
 
     def validate(self) -> float:
-        """Mean foreground Dice over validation cases (slices regrouped into volumes)."""
+        """Mean foreground Dice over validation cases (slices regrouped into volumes).
+
+        Classes absent from a case (prediction and truth) do not count; NaN when no case has any.
+        """
         pred = self.predict_set(self.val_set).numpy()
         gt = self.val_set.labels.numpy()
         cases: dict[str, list[int]] = {}
         for j, s in enumerate(self.val_set.samples):
             cases.setdefault(s.case_id, []).append(j)
-        scores = [float(np.mean(dice_per_class(pred[ix], gt[ix], self.model.num_classes)))
-                  for ix in cases.values()]
-        return float(np.mean(scores))
+        scores = np.array([mean_dice(pred[ix], gt[ix], self.model.num_classes)
+                           for ix in cases.values()])
+        scores = scores[~np.isnan(scores)]  # cases without any foreground, predicted or true
+        return float(scores.mean()) if scores.size else float("nan")
 
     # -- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self, keep: int = 2) -> Path:
