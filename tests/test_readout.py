@@ -188,3 +188,20 @@ def test_training_steps_with_the_curriculum_reach_every_part():
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history if "loss" in h)
     # the readout's injections have left zero: exemplars now change the prediction
     assert float(model.readout.to_skip.weight.abs().sum()) > 0
+
+
+def test_image_dropout_zeroes_deep_features_of_chosen_queries_only():
+    seed_everything(0)
+    model = _model(options={**TINY_UNET, "depth": 3})
+    with torch.no_grad():  # a readout that is not zero, so the guided path is visible
+        model.readout.to_skip.weight.normal_()
+    x = torch.rand(2, 1, 32, 32)
+    guide = _guide(torch.rand(2, 2, 32, 32), torch.randint(0, 3, (2, 2, 32, 32)))
+    model.eval()
+    with torch.no_grad():
+        full, _ = model.forward_readout(x, guide)
+        dropped, _ = model.forward_readout(x, guide, torch.tensor([True, False]))
+    assert not torch.allclose(full[0], dropped[0])
+    torch.testing.assert_close(full[1], dropped[1])
+    with pytest.raises(JRASError, match="image_dropout"):
+        TrainConfig(image_dropout=1.0)

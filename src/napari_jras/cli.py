@@ -95,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         retriever_warmup_steps=args.warmup_steps, freeze_retriever=args.freeze_retriever,
         guide_dropout=args.guide_dropout, neighbour_guides=args.neighbour_guides,
         own_guides=args.own_guides, class_sampling=args.class_sampling,
-        readout_weight=args.readout_weight,
+        readout_weight=args.readout_weight, image_dropout=args.image_dropout,
         checkpoint_every=args.checkpoint_every, val_every=args.val_every,
         log_every=args.log_every, augment=not args.no_augment)
     with distributed_session(args.device):  # a no-op outside torchrun
@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "foreground class")
     t.add_argument("--readout-weight", type=float, default=0.5,
                    help="weight of the readout fusion's loss on its propagated mask")
+    t.add_argument("--image-dropout", type=float, default=0.3,
+                   help="readout fusion: fraction of queries with exemplars trained without "
+                        "their deep image features, in [0, 1)")
     t.add_argument("--no-augment", action="store_true")
     t.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     t.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")

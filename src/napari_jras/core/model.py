@@ -146,12 +146,16 @@ class JRASModel(nn.Module):
             return self.segmenter(query, guide.image, guide.mask)
         return self.segmenter(query)
 
-    def forward_readout(self, query: torch.Tensor, guide: Guide | None
+    def forward_readout(self, query: torch.Tensor, guide: Guide | None,
+                        drop_deep: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits and the propagated soft mask ``P_read`` (None without exemplars).
 
         The exemplars pass through the segmenter's encoder without gradient; the keys, the
-        query's encoder and the zero-initialised injections are trained.
+        query's encoder and the zero-initialised injections are trained. ``drop_deep`` (B,)
+        bool (training only, image-path dropout): those queries' encoder features below the
+        readout scale are zeroed before decoding, so the decoder must take the structures'
+        identity and place from the readout; the keys still see the whole query.
         """
         seg, readout = self.segmenter, self.readout
         height, width = query.shape[-2:]
@@ -171,6 +175,9 @@ class JRASModel(nn.Module):
                                               guide.present, guide.weights)
             skip, logit_residual = readout.inject(p_read, confidence)
             features[READOUT_LEVEL] = features[READOUT_LEVEL] + skip.to(features[0].dtype)
+            if drop_deep is not None and bool(drop_deep.any()):
+                keep = (~drop_deep).to(features[0].dtype).view(-1, 1, 1, 1)
+                features[READOUT_LEVEL + 1:] = [f * keep for f in features[READOUT_LEVEL + 1:]]
         logits = seg.decode(features)
         if logit_residual is not None:
             logits = logits + F.interpolate(logit_residual.to(logits.dtype),

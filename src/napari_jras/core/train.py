@@ -71,7 +71,10 @@ class TrainConfig:
     None takes the model's fusion's defaults (:data:`CURRICULUM`, see :meth:`resolved`).
     ``class_sampling`` is the fraction of each batch drawn from slices that contain a
     foreground class chosen at random (rare classes are seen in every batch);
-    ``readout_weight`` weighs the readout fusion's own loss on its propagated mask.
+    ``readout_weight`` weighs the readout fusion's own loss on its propagated mask;
+    ``image_dropout`` is the fraction of queries with exemplars whose deep image features are
+    dropped in a readout step (:meth:`JRASModel.forward_readout`), so the decoder learns to
+    rely on the readout where the image path alone would not know.
     """
 
     steps: int = 2000
@@ -91,6 +94,7 @@ class TrainConfig:
     own_guides: float | None = None
     class_sampling: float = 0.33
     readout_weight: float = 0.5
+    image_dropout: float = 0.3
     augment: bool = True
     amp: bool = True
     seed: int = 0
@@ -109,6 +113,8 @@ class TrainConfig:
             raise JRASError(f"class_sampling must be in [0, 1], got {self.class_sampling}")
         if not self.readout_weight >= 0.0:
             raise JRASError(f"readout_weight must be >= 0, got {self.readout_weight}")
+        if not 0.0 <= self.image_dropout < 1.0:
+            raise JRASError(f"image_dropout must be in [0, 1), got {self.image_dropout}")
         for name in ("guide_dropout", "neighbour_guides", "own_guides"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
@@ -454,21 +460,28 @@ class JointTrainer:
         neighbours_of = torch.where(keep & (draw < cut), idx, torch.full_like(idx, -1))
         own = (draw >= cut) & (draw < cut + cfg.own_guides)
         own_pair = corrupted_copy(x, y, self.generator) if bool(own.any()) else None
+        drop_deep = None
+        if self.model.readout is not None and cfg.image_dropout > 0:
+            drop_deep = keep & (torch.rand(len(idx), generator=self.generator) < cfg.image_dropout)
         idx, x, y = ddp.shard(idx), ddp.shard(x), ddp.shard(y)
         keep, neighbours_of, own = ddp.shard(keep), ddp.shard(neighbours_of), ddp.shard(own)
+        if drop_deep is not None:
+            drop_deep = ddp.shard(drop_deep).to(self.device)
         if own_pair is not None:
             own_pair = (ddp.shard(own_pair[0]), ddp.shard(own_pair[1]))
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._runner(self._supervised_loss, x, y, self.train_set.patients[idx], keep,
-                            neighbours_of if cfg.neighbour_guides > 0 else None, own, own_pair)
+                            neighbours_of if cfg.neighbour_guides > 0 else None, own, own_pair,
+                            drop_deep)
         self._backward(loss)
         return float(loss.detach())
 
     def _supervised_loss(self, x: torch.Tensor, y: torch.Tensor, patients: torch.Tensor,
                          keep: torch.Tensor, neighbours_of: torch.Tensor | None,
                          own: torch.Tensor,
-                         own_pair: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+                         own_pair: tuple[torch.Tensor, torch.Tensor] | None,
+                         drop_deep: torch.Tensor | None = None) -> torch.Tensor:
         with autocast(self.device, self.config.amp):
             guide = self.guide_for(x, patients, neighbours_of) if self.use_retrieval else None
             if guide is not None and own_pair is not None and bool(own.any()):
@@ -478,7 +491,7 @@ class JointTrainer:
                 guide = drop_guides(guide, keep.to(self.device))
             if self.model.readout is None:
                 return segmentation_loss(self.model(x[:, None], guide), y)
-            logits, p_read = self.model.forward_readout(x[:, None], guide)
+            logits, p_read = self.model.forward_readout(x[:, None], guide, drop_deep)
             loss = segmentation_loss(logits, y)
             if p_read is not None and self.config.readout_weight > 0:
                 loss = loss + self.config.readout_weight * readout_loss(p_read, y, guide.present)
