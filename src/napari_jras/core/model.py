@@ -11,12 +11,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .backbones import build_backbone
+from .backbones import backbone_class, build_backbone, check_backbone_options
+from .backbones.base import MAX_CLASSES
 from .errors import ModelError
 from .fusion import Guide, check_k_tau
-from .retrieval import Retriever, build_retriever
+from .normalize import MODALITIES
+from .ranges import check_bool, check_choice, check_int, check_number
+from .retrieval import Retriever, build_retriever, check_retriever_options
 
 FORMAT_VERSION = 1
+MIN_SIZE, MAX_SIZE = 16, 2048  # working image size in pixels
 
 
 @dataclass
@@ -38,19 +42,25 @@ class ModelConfig:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if self.num_classes < 2:
-            raise ModelError(f"num_classes must be at least 2 (background + 1), got {self.num_classes}")
-        if self.use_retrieval:
-            check_k_tau(self.k, self.tau)
+        """Check every field's type and range (docs/cli.md) before anything is built."""
+        check_int(self.num_classes, "num_classes", 2, MAX_CLASSES)
+        check_backbone_options(self.backbone, self.backbone_options)
+        check_bool(self.use_retrieval, "use_retrieval")
+        check_k_tau(self.k, self.tau)
+        check_number(self.align_shift, "align_shift", 0.0, 0.5)
+        check_int(self.size, "size", MIN_SIZE, MAX_SIZE)
+        check_choice(self.modality, "modality", MODALITIES)
         if not self.class_names:
             self.class_names = ["background"] + [f"class {i}" for i in range(1, self.num_classes)]
-        if len(self.class_names) != self.num_classes:
-            raise ModelError(
-                f"{len(self.class_names)} class names given for {self.num_classes} classes")
-        if self.size < 16:
-            raise ModelError(f"size must be at least 16 pixels, got {self.size}")
-        if not 0.0 <= self.align_shift <= 0.5:
-            raise ModelError(f"align_shift must be between 0 and 0.5, got {self.align_shift}")
+        if not isinstance(self.class_names, list) or len(self.class_names) != self.num_classes:
+            count = len(self.class_names) if isinstance(self.class_names, list) else "no list of"
+            raise ModelError(f"{count} class names given for {self.num_classes} classes")
+        if not all(isinstance(n, str) and n.strip() for n in self.class_names):
+            raise ModelError(f"class names must be non-empty text, got {self.class_names!r}")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ModelError(f"class names must differ from each other, got {self.class_names!r}")
+        check_retriever_options(self.retriever)
+        check_int(self.format_version, "format_version", 1, FORMAT_VERSION)
 
     @property
     def max_shift(self) -> int:
@@ -67,7 +77,7 @@ class ModelConfig:
         if not isinstance(data, dict):
             raise ModelError("config.json must hold a JSON object")
         version = data.get("format_version", FORMAT_VERSION)
-        if version > FORMAT_VERSION:
+        if isinstance(version, int) and version > FORMAT_VERSION:
             raise ModelError(
                 f"This model was saved by a newer napari-jras (format {version}); please upgrade")
         known = set(cls.__dataclass_fields__)
@@ -93,9 +103,11 @@ class JRASModel(nn.Module):
             build_retriever(retriever_options) if config.use_retrieval else None)
         if self.retriever is not None:
             self.config.retriever = self.retriever.config()
+        options = {**backbone_class(config.backbone).task_options(config.size,
+                                                                 config.backbone_options),
+                   **config.backbone_options}
         self.segmenter = build_backbone(config.backbone, num_classes=config.num_classes,
-                                        use_retrieval=config.use_retrieval,
-                                        **config.backbone_options)
+                                        use_retrieval=config.use_retrieval, **options)
         # the backbone's resolved options (defaults, the architecture of pretrained weights)
         # let a saved run rebuild offline, without the pretrained checkpoint
         self.config.backbone_options = {

@@ -12,11 +12,21 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..errors import ModelError
 from . import register_backbone
 from .base import Backbone, check_choice, check_fraction, check_int
 
 NORMS = ("group", "instance", "batch")
+MAX_DEPTH = 6
+MAX_CHANNELS = 2048  # widest feature map of the conv backbones (the U-Net default has 512)
 UPSAMPLING = ("bilinear", "transpose")
+
+
+def check_widest(channels: int, what: str) -> None:
+    """Refuse a conv backbone whose widest feature map would exceed :data:`MAX_CHANNELS`."""
+    if channels > MAX_CHANNELS:
+        raise ModelError(f"{what} = {channels} channels is more than {MAX_CHANNELS}: lower "
+                         "option 'base_channels' (or 'depth')")
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
@@ -109,8 +119,9 @@ class UNet(Backbone):
                  dropout: float = 0.0):
         super().__init__(num_classes, use_retrieval, base_channels=base_channels, depth=depth,
                          norm=norm, upsample=upsample, dropout=dropout)
-        check_int(base_channels, "base_channels")
-        check_int(depth, "depth")
+        check_int(base_channels, "base_channels", 1, MAX_CHANNELS)
+        check_int(depth, "depth", 1, MAX_DEPTH)
+        check_widest(base_channels * 2**depth, "base_channels * 2**depth")
         check_choice(norm, "norm", NORMS)
         check_choice(upsample, "upsample", UPSAMPLING)
         dropout = check_fraction(dropout, "dropout")
