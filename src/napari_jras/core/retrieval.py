@@ -24,7 +24,7 @@ OPTIONS = ("encoder", "embed_dim", "width", "pretrained", "trainable_blocks", "i
            "center")
 MAX_EMBED_DIM = 2048
 MAX_WIDTH = 256  # the CNN's widest layer has 8 x width channels
-MAX_INPUT_SIZE = 1024
+MAX_INPUT_SIZE = 2048  # the largest model size (the default input_size is the model size)
 
 
 def check_retriever_options(options: Any) -> dict[str, Any]:

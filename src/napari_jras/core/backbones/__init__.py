@@ -35,10 +35,8 @@ def backbone_class(name: str) -> type[Backbone]:
 
 
 def check_backbone_options(name: str, options: Any) -> type[Backbone]:
-    """Refuse an unknown backbone or option names it does not take (listing the valid ones).
-
-    The option values are checked by the backbone's constructor, before it builds any layer.
-    """
+    """Refuse an unknown backbone, option names it does not take (listing the valid ones) and
+    option values out of range (:meth:`Backbone.check_options`); builds nothing."""
     cls = backbone_class(name)
     if not isinstance(options, dict):
         raise ModelError(f"backbone_options must be a JSON object, got {type(options).__name__}")
@@ -52,6 +50,9 @@ def check_backbone_options(name: str, options: Any) -> type[Backbone]:
                 f"Unknown option(s) {', '.join(unknown)} for backbone '{cls.name}'; "
                 f"valid options: {', '.join(allowed) or 'none'}"
             )
+    bound = inspect.signature(cls.__init__).bind_partial(**options)
+    bound.apply_defaults()
+    cls.check_options({k: v for k, v in bound.arguments.items() if k not in _FIXED_ARGS})
     return cls
 
 

@@ -47,6 +47,13 @@ class Backbone(nn.Module):
         self._options = dict(options)
 
     @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Refuse option values out of range (``options``: every keyword option, defaults filled).
+
+        Runs before anything is built: from :class:`ModelConfig` and from the constructor.
+        """
+
+    @classmethod
     def task_options(cls, size: int, options: dict[str, Any]) -> dict[str, Any]:
         """Defaults that follow the model's working ``size``, for options ``options`` leaves unset.
 

@@ -102,12 +102,7 @@ class SAM(Backbone):
         super().__init__(num_classes, use_retrieval, variant=variant, pretrained=pretrained,
                          image_size=image_size, freeze_image_encoder=freeze_image_encoder,
                          hf_config=hf_config)
-        check_source(variant, pretrained, hf_config, tuple(VARIANTS))
-        if image_size is not None:
-            check_int(image_size, "image_size", 16, MAX_IMAGE_SIZE)
-        if not isinstance(freeze_image_encoder, bool):
-            raise ModelError(f"option 'freeze_image_encoder' must be true or false, got "
-                             f"{freeze_image_encoder!r}")
+        self.check_options(self._options)
         from transformers import SamModel
 
         if hf_config is not None:
@@ -132,6 +127,17 @@ class SAM(Backbone):
             CLASS_TOKEN_STD * torch.randn(num_classes - 1, prompt.hidden_size))
         self.register_state_dict_post_hook(_drop_tied_copy)
         self.register_load_state_dict_pre_hook(_restore_tied_copy)
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Architecture source, ``image_size`` 16..2048, ``freeze_image_encoder`` a bool."""
+        check_source(options["variant"], options["pretrained"], options["hf_config"],
+                     tuple(VARIANTS))
+        if options["image_size"] is not None:
+            check_int(options["image_size"], "image_size", 16, MAX_IMAGE_SIZE)
+        if not isinstance(options["freeze_image_encoder"], bool):
+            raise ModelError(f"option 'freeze_image_encoder' must be true or false, got "
+                             f"{options['freeze_image_encoder']!r}")
 
     @classmethod
     def task_options(cls, size: int, options: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ InstanceNorm it still works when a deep feature map shrinks to 1x1 on small inpu
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -119,17 +120,23 @@ class UNet(Backbone):
                  dropout: float = 0.0):
         super().__init__(num_classes, use_retrieval, base_channels=base_channels, depth=depth,
                          norm=norm, upsample=upsample, dropout=dropout)
-        check_int(base_channels, "base_channels", 1, MAX_CHANNELS)
-        check_int(depth, "depth", 1, MAX_DEPTH)
-        check_widest(base_channels * 2**depth, "base_channels * 2**depth")
-        check_choice(norm, "norm", NORMS)
-        check_choice(upsample, "upsample", UPSAMPLING)
-        dropout = check_fraction(dropout, "dropout")
+        self.check_options(self._options)
+        dropout = float(dropout)
         channels = [base_channels * 2**level for level in range(depth + 1)]
         self.size_multiple = 2**depth
         self.encoder = ConvEncoder(self.in_channels, channels, norm, dropout)
         self.decoder = ConvDecoder(channels, norm, upsample, dropout)
         self.head = nn.Conv2d(channels[0], num_classes, 1)
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """``base_channels`` 1..2048, ``depth`` 1..6, widest map <= 2048 channels, ..."""
+        check_int(options["base_channels"], "base_channels", 1, MAX_CHANNELS)
+        check_int(options["depth"], "depth", 1, MAX_DEPTH)
+        check_widest(options["base_channels"] * 2 ** options["depth"], "base_channels * 2**depth")
+        check_choice(options["norm"], "norm", NORMS)
+        check_choice(options["upsample"], "upsample", UPSAMPLING)
+        check_fraction(options["dropout"], "dropout")
 
     def segment(self, x: Tensor) -> Tensor:
         return self.head(self.decoder(self.encoder(x)))
