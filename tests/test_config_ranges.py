@@ -23,7 +23,8 @@ TINY = {"num_classes": 3, "size": 32, "backbone_options": TINY_UNET,
         "retriever": dict(TINY_RETRIEVER)}
 
 BAD_MODEL = [
-    ({"num_classes": 10**9}, "num_classes must be a whole number between 2 and 256, got 1000000000"),
+    ({"num_classes": 10**9},
+     "num_classes must be a whole number between 2 and 256, got 1000000000"),
     ({"num_classes": 3.0}, "num_classes must be a whole number"),
     ({"num_classes": True}, "num_classes must be a whole number"),
     ({"size": 10**5}, "size must be a whole number between 16 and 2048, got 100000"),
@@ -135,7 +136,8 @@ BAD_TRAIN = [
     ({"seed": -1}, "seed must be a whole number between 0"),
     ({"guide_dropout": 1.5}, r"guide_dropout must be a number in \[0, 1\)"),
     ({"guide_dropout": 1.0}, "guide_dropout must be a number in"),
-    ({"guide_dropout": 0.5, "neighbour_guides": 0.6}, r"neighbour_guides must be a number in \[0, 0.5\]"),
+    ({"guide_dropout": 0.5, "neighbour_guides": 0.6},
+     r"neighbour_guides must be a number in \[0, 0.5\]"),
     ({"amp": "no"}, "amp must be true or false"),
     ({"augment": 1}, "augment must be true or false"),
     ({"device": 3}, "device must be a name"),

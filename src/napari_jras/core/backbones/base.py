@@ -138,7 +138,7 @@ def _check_tensor(t: Tensor, label: str, channels: int | None) -> None:
 
 
 def check_int(value: Any, option: str, minimum: int = 1, maximum: int = 4096) -> int:
-    """Return ``value`` if it is an integer in ``[minimum, maximum]``, else raise :class:`ModelError`."""
+    """Return ``value`` if it is an integer in ``[minimum, maximum]``; else :class:`ModelError`."""
     return ranges.check_int(value, f"option '{option}'", minimum, maximum)
 
 

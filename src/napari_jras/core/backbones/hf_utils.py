@@ -94,7 +94,7 @@ HF_MAX_LIST = 64
 
 
 def _check_sizes(value: Any, where: str) -> None:
-    """Refuse numbers (layer sizes, counts) and lists in an architecture record beyond the bounds."""
+    """Refuse numbers (layer sizes, counts) and lists of an architecture record out of bounds."""
     if isinstance(value, dict):
         for key, item in value.items():
             _check_sizes(item, f"{where}.{key}")
