@@ -125,10 +125,21 @@ def test_unknown_option(name):
 
 @pytest.mark.parametrize("name,options,message", [
     ("unet", {"norm": "layer"}, "option 'norm' must be one of"),
-    ("unet", {"depth": 0}, "option 'depth' must be an integer >= 1"),
+    ("unet", {"depth": 0}, "option 'depth' must be a whole number between 1 and 6"),
     ("unet", {"dropout": 1.5}, "option 'dropout' must be a number in"),
     ("transunet", {"hidden_size": 30, "num_heads": 4}, "divisible by num_heads"),
-    ("transunet", {"img_size": 8}, "option 'img_size' must be an integer >= 16"),
+    ("transunet", {"img_size": 8}, "option 'img_size' must be a whole number between 16 and"),
+    # bounded: these exhausted the memory while the network was built (depth 40 was killed)
+    ("unet", {"depth": 40}, "option 'depth' must be a whole number between 1 and 6, got 40"),
+    ("unet", {"base_channels": 10**6}, "option 'base_channels' must be a whole number between"),
+    ("unet", {"base_channels": 256, "depth": 4}, "4096 channels is more than 2048"),
+    ("unet", {"base_channels": 16.0}, "option 'base_channels' must be a whole number"),
+    ("unet", {"depth": True}, "option 'depth' must be a whole number"),
+    ("unet", {"depth": "4"}, "option 'depth' must be a whole number"),
+    ("transunet", {"num_layers": 10**4}, "option 'num_layers' must be a whole number between"),
+    ("transunet", {"hidden_size": 10**6}, "option 'hidden_size' must be a whole number between"),
+    ("transunet", {"mlp_ratio": float("nan")}, "option 'mlp_ratio' must be a number in"),
+    ("transunet", {"img_size": 10**5}, "option 'img_size' must be a whole number between"),
 ])
 def test_invalid_option_values(name, options, message):
     with pytest.raises(ModelError, match=message):
@@ -138,6 +149,8 @@ def test_invalid_option_values(name, options, message):
 def test_num_classes_must_be_at_least_two():
     with pytest.raises(ModelError, match="num_classes must be an integer >= 2"):
         build_backbone("unet", 1, True)
+    with pytest.raises(ModelError, match="<= 256, got 1000000000"):
+        build_backbone("unet", 10**9, True)
 
 
 @pytest.mark.parametrize("options", [{"norm": "batch"}, {"norm": "instance"},

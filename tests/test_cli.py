@@ -366,7 +366,7 @@ def test_bad_training_inputs_exit_2_with_one_line(acdc_slices_dir, tmp_path, cap
         (["--data", tmp_path / "missing"], "not found"),
         (["--data", tmp_path / "empty"], "_image"),
         (["--data", acdc_slices_dir, "--k", "9"], "K must be between 1 and 8"),
-        (["--data", acdc_slices_dir, "--align-shift", "0.9"], "align_shift must be between"),
+        (["--data", acdc_slices_dir, "--align-shift", "0.9"], "align_shift must be a number in"),
         (["--data", acdc_slices_dir, "--num-classes", "2"], "class 3"),
         (["--data", acdc_slices_dir, "--backbone-options", "{bad"], "--backbone-options"),
         (["--data", acdc_slices_dir, "--retriever-options", "[1]"], "--retriever-options"),
@@ -378,6 +378,90 @@ def test_bad_training_inputs_exit_2_with_one_line(acdc_slices_dir, tmp_path, cap
         assert cli("train", "--out", out, *TINY, *extra) == 2, extra
         assert expected in one_error_line(capsys, "train"), extra
     assert not (out / "model.safetensors").exists()
+
+
+BAD_TRAIN_OPTIONS = [
+    # ended in "unexpected ZeroDivisionError / ValueError / TypeError" (exit 1)
+    (["--log-every", "-1"], "log_every must be a whole number between 0 and"),
+    (["--checkpoint-every", "-5"], "checkpoint_every must be a whole number between 0 and"),
+    (["--lr", "nan"], r"lr must be a number in (0, 1], got nan"),
+    (["--lr", "-1"], "lr must be a number in (0, 1], got -1.0"),
+    (["--steps", "-1"], "steps must be a whole number between 1 and"),
+    (["--batch-size", "0"], "batch_size must be a whole number between 1 and 4096, got 0"),
+    (["--guide-dropout", "1.5"], "guide_dropout must be a number in [0, 1), got 1.5"),
+    (["--neighbour-guides", "-0.1"], "neighbour_guides must be a number in"),
+    (["--contrastive-every", "-1"], "contrastive_every must be a whole number between 0"),
+    (["--warmup-steps", "-1"], "retriever_warmup_steps must be a whole number"),
+    (["--val-every", "-1"], "val_every must be a whole number"),
+    (["--seed", "-3"], "seed must be a whole number between 0"),
+    (["--k", "0"], "K must be between 1 and 8"),
+    (["--tau", "1e-6"], "tau must be a number in [0.01, 10], got 1e-06"),
+    (["--tau", "inf"], "tau must be a number in"),
+    (["--size", "100000"], "size must be a whole number between 16 and 2048, got 100000"),
+    (["--size", "8"], "size must be a whole number between 16 and 2048"),
+    (["--backbone-options", '{"depth": 40}'], "option 'depth' must be a whole number between 1 "
+                                              "and 6, got 40"),
+    (["--backbone-options", '{"base_channels": 16.5}'], "option 'base_channels' must be a whole"),
+    (["--backbone-options", '{"widht": 3}'], "Unknown option(s) widht for backbone 'unet'; "
+                                             "valid options: base_channels, depth"),
+    (["--retriever-options", '{"width": 100000}'], "retriever option 'width' must be a whole"),
+    (["--retriever-options", '{"colour": 1}'], "Unknown retriever option(s) colour; valid: "),
+    # accepted until the bank was built after the last step: the run folder had no bank and
+    # a corrected rerun refused to resume it
+    (["--embed-dim", "0"], "retriever option 'embed_dim' must be a whole number between 2"),
+    (["--num-classes", "300"], "num_classes must be a whole number between 2 and 256, got 300"),
+    (["--class-names", "background,RV,,LV"], "class names must be non-empty text"),
+    (["--class-names", "background,RV,RV,LV"], "class names must differ"),
+    (["--epochs", "10000000000"], "steps must be a whole number between 1 and"),
+]
+
+
+@pytest.mark.parametrize("extra,expected", BAD_TRAIN_OPTIONS,
+                         ids=[" ".join(e) for e, _ in BAD_TRAIN_OPTIONS])
+def test_bad_train_options_exit_2_before_anything_is_written(extra, expected, acdc_slices_dir,
+                                                             tmp_path, capsys, monkeypatch):
+    from napari_jras.core.train import JointTrainer
+
+    monkeypatch.setattr(JointTrainer, "fit", lambda self: pytest.fail("training started"))
+    out = tmp_path / "out"
+    tiny = [a for a in TINY if a not in ("--steps", "3")] if "--epochs" in extra else TINY
+    assert cli("train", "--data", acdc_slices_dir, "--out", out, *tiny, *extra) == 2
+    assert expected in one_error_line(capsys, "train")
+    assert not out.exists()
+
+
+def test_zero_log_and_checkpoint_periods_mean_at_the_end(acdc_slices_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli("train", "--data", acdc_slices_dir, "--out", out, *TINY, "--log-every", "0",
+               "--checkpoint-every", "0") == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["phase"] == "train"] == [3]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000003"]
+
+
+def test_single_patient_training_says_why(acdc_slices_dir, tmp_path, capsys):
+    one = tmp_path / "one"
+    one.mkdir()
+    for path in acdc_slices_dir.glob("p0_*"):
+        shutil.copy(path, one / path.name)
+    out = tmp_path / "out"
+    assert cli("train", "--data", one, "--out", out, *TINY) == 2
+    line = one_error_line(capsys, "train")
+    assert "needs slices of at least 2 patients, found only 1 (p0)" in line
+    assert "--no-retrieval" in line and "empty bank" not in line and not out.exists()
+    assert cli("train", "--data", one, "--out", out, *TINY, "--no-retrieval") == 0
+
+
+@pytest.mark.parametrize("size", ["0", "-2", "5000"])
+def test_inference_batch_size_is_bounded(size, runs, acdc_slices_dir, tmp_path, capsys):
+    assert cli("predict", "--model", runs["jras"], "--input", acdc_slices_dir, "--output",
+               tmp_path / "pred", "--batch-size", size, "--quiet") == 2
+    assert "batch_size must be a whole number between 1 and 1024" in one_error_line(capsys,
+                                                                                   "predict")
+    assert not (tmp_path / "pred").exists()
+    assert cli("evaluate", "--model", runs["jras"], "--data", acdc_slices_dir, "--report",
+               tmp_path / "r.json", "--batch-size", size, "--quiet") == 2
+    assert "batch_size must be" in one_error_line(capsys, "evaluate")
 
 
 def test_train_epochs_must_be_positive(acdc_slices_dir, tmp_path, capsys):

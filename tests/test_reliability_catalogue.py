@@ -33,6 +33,7 @@ from napari_jras.core.engine import InferenceEngine
 from napari_jras.core.errors import BankError, DataError, ModelError, StorageError
 from napari_jras.core.io import (MAX_VOXELS_ENV, check_image, check_label, read_volume,
                                  write_volume)
+from napari_jras.core.model import ModelConfig
 from napari_jras.core.normalize import normalize
 from napari_jras.core.workspace import Workspace
 
@@ -939,7 +940,7 @@ def damaged_config(ctx: Ctx) -> None:
 def invalid_config_values(ctx: Ctx) -> None:
     run = ctx.run()
     original = _config(run)
-    for changes, message in (({"num_classes": "four"}, "value of the wrong type"),
+    for changes, message in (({"num_classes": "four"}, "num_classes must be a whole number"),
                              ({"k": 9}, "K must be between 1 and 8"),
                              ({"colour": "red"}, "unknown keys"),
                              ({"backbone_options": {"depth": -3}}, "cannot be built|depth")):
@@ -1003,6 +1004,7 @@ def damaged_training_checkpoint(ctx: Ctx) -> None:
 
 def _resume_training(ctx: Ctx, run: Path) -> str:
     """The error line of ``napari-jras train`` resuming the tiny run's checkpoints."""
+    ctx.image_file("p8_slice0_image.tif")  # J-RAS trains on 2 patients at least
     return ctx.cli_error("train", "--data", ctx.image_file().parent, "--out", run, "--steps", "5",
                          "--quiet", "--backbone-options", '{"base_channels": 4, "depth": 2}',
                          "--retriever-options", '{"width": 4, "input_size": 32}',
@@ -1195,6 +1197,143 @@ def safetensors_that_starts_like_a_pickle(ctx: Ctx) -> None:
     load_model(run)
     assert main(["predict", "--model", str(run), "--input", str(ctx.image_file()), "--output",
                  str(ctx.tmp / "out"), "--device", "cpu", "--quiet"]) == 0
+
+
+# =========================================================================== settings and options
+TINY_TRAIN = ["--steps", "1", "--quiet", "--device", "cpu", "--size", "32",
+              "--backbone-options", '{"base_channels": 4, "depth": 2}',
+              "--retriever-options", '{"width": 4}', "--embed-dim", "16"]
+
+
+def _train_error(ctx: Ctx, *extra: object) -> str:
+    """The error line of a tiny ``napari-jras train`` with ``extra`` options; nothing in --out."""
+    out = ctx.tmp / "out"
+    options = list(TINY_TRAIN)
+    for flag in ("--backbone-options", "--retriever-options", "--embed-dim", "--size"):
+        if flag in extra and flag in options:  # the check's own value replaces the tiny one
+            i = options.index(flag)
+            del options[i:i + 2]
+    line = ctx.cli_error("train", "--data", ctx.image_file().parent, "--out", out, *options,
+                         *extra)
+    assert not out.exists()
+    return line
+
+
+@check("V01")
+def sizes_that_exhaust_memory(ctx: Ctx) -> None:
+    for extra, message in (
+            (["--backbone-options", '{"depth": 40}'], "option 'depth' must be a whole number "
+                                                      "between 1 and 6, got 40"),
+            (["--num-classes", "1000000000"], "num_classes must be a whole number between 2 "
+                                              "and 256"),
+            (["--size", "100000"], "size must be a whole number between 16 and 2048"),
+            (["--backbone", "sam", "--backbone-options", '{"image_size": 100000}'],
+             "option 'image_size' must be a whole number between 16 and 2048"),
+            (["--retriever-options", '{"width": 100000}'], "retriever option 'width'")):
+        assert message in _train_error(ctx, *extra)
+    run = ctx.run()
+    original = _config(run)
+    for changes, message in (({"size": 100000}, "size must be"),
+                             ({"num_classes": 10**9}, "num_classes must be"),
+                             ({"backbone_options": {"base_channels": 4, "depth": 40}}, "depth")):
+        (run / "config.json").write_text(json.dumps({**original, **changes}))
+        with pytest.raises(ModelError, match=message):
+            load_model(run)
+    with pytest.raises(ModelError, match="hf_config.vision_config.num_hidden_layers"):
+        ModelConfig(num_classes=2, backbone="sam",
+                    backbone_options={"hf_config": {"vision_config": {"num_hidden_layers": 10**9}}})
+
+
+@check("V02")
+def wrong_types_in_settings(ctx: Ctx) -> None:
+    run = ctx.run()
+    original = _config(run)
+    for changes, message in (({"size": 64.5}, "size must be a whole number between 16 and 2048, "
+                                              "got 64.5"),
+                             ({"k": "2"}, "K must be between 1 and 8"),
+                             ({"use_retrieval": "yes"}, "use_retrieval must be true or false"),
+                             ({"class_names": "bg,RV,myo,LV"}, "class names given"),
+                             ({"retriever": {**original["retriever"], "embed_dim": 16.0}},
+                              "retriever option 'embed_dim' must be a whole number")):
+        (run / "config.json").write_text(json.dumps({**original, **changes}))
+        with pytest.raises(ModelError, match=message):
+            load_model(run)
+    assert "option 'depth' must be a whole number" in _train_error(
+        ctx, "--backbone-options", '{"depth": true}')
+
+
+@check("V03")
+def unknown_option_keys(ctx: Ctx) -> None:
+    assert ("Unknown option(s) widht for backbone 'unet'; valid options: base_channels, depth, "
+            "norm, upsample, dropout") in _train_error(ctx, "--backbone-options", '{"widht": 3}')
+    assert ("Unknown retriever option(s) colour; valid: encoder, embed_dim, width"
+            in _train_error(ctx, "--retriever-options", '{"colour": "red"}'))
+
+
+@check("V04")
+def tiny_temperature(ctx: Ctx) -> None:
+    from napari_jras.core.fusion import fusion_weights
+
+    assert "tau must be a number in [0.01, 10], got 1e-06" in _train_error(ctx, "--tau", "1e-6")
+    run = ctx.run()
+    _set_config(run, tau=1e-6)
+    with pytest.raises(ModelError, match=r"tau must be a number in \[0.01, 10\]"):
+        load_model(run)
+    import torch
+
+    for tau in (1e-6, 1e-45):  # the softmax itself stays finite for any positive tau
+        weights = fusion_weights(torch.tensor([[0.9, 0.8, 0.1]]), tau)
+        assert torch.equal(weights, torch.tensor([[1.0, 0.0, 0.0]]))
+
+
+@check("V05")
+def late_class_and_embedding_errors(ctx: Ctx) -> None:
+    for extra, message in ((["--class-names", "background,,LV"], "non-empty"),
+                           (["--class-names", "background,LV,LV"], "must differ"),
+                           (["--num-classes", "300"], "between 2 and 256, got 300"),
+                           (["--embed-dim", "0"], "'embed_dim' must be a whole number between 2")):
+        assert message in _train_error(ctx, *extra)
+
+
+@check("V06")
+def training_options_out_of_range(ctx: Ctx) -> None:
+    for extra, message in ((["--log-every", "-1"], "log_every must be a whole number between 0"),
+                           (["--checkpoint-every", "-1"], "checkpoint_every must be"),
+                           (["--lr", "nan"], "lr must be a number in (0, 1], got nan"),
+                           (["--lr", "-1"], "lr must be a number in (0, 1]"),
+                           (["--steps", "0"], "steps must be a whole number between 1"),
+                           (["--batch-size", "0"], "batch_size must be a whole number between 1"),
+                           (["--guide-dropout", "1.5"], "guide_dropout must be a number in [0, 1)"),
+                           (["--k", "0"], "K must be between 1 and 8")):
+        assert message in _train_error(ctx, *extra)
+
+
+@check("V07")
+def inference_batch_size_out_of_range(ctx: Ctx) -> None:
+    image = ctx.image_file()
+    for size in ("0", "5000"):
+        line = ctx.cli_error("predict", "--model", ctx.run(), "--input", image, "--output",
+                             ctx.tmp / "pred", "--batch-size", size, "--device", "cpu")
+        assert "batch_size must be a whole number between 1 and 1024" in line
+    assert not (ctx.tmp / "pred").exists()
+
+
+@check("V08")
+def training_that_will_not_fit(ctx: Ctx) -> None:
+    from napari_jras.core import memory
+
+    ctx.image_file("p8_slice0_image.tif")  # a second patient: J-RAS can train
+    ctx.monkeypatch.setattr(memory, "available_memory", lambda device: 16 * memory.GIB)
+    line = _train_error(ctx, "--size", "2048", "--batch-size", "64")
+    assert re.search(r"needs about \d+\.\d GiB more memory .* CPU has 16\.0 GiB free: lower "
+                     r"--batch-size or --size", line), line
+
+
+@check("V09")
+def one_patient_for_jras(ctx: Ctx) -> None:
+    line = _train_error(ctx)
+    assert "J-RAS training needs slices of at least 2 patients, found only 1 (p9)" in line
+    assert "--no-retrieval" in line and "empty bank" not in line
 
 
 # =========================================================================== widgets (napari)

@@ -57,7 +57,7 @@ BUDGETS = {
         "transunet": {"base_channels": 32, "hidden_size": 384, "num_layers": 8, "num_heads": 6,
                       "img_size": 256},
         "segformer": {"variant": "b2"},
-        "sam": {"variant": "vit_b"},
+        "sam": {"variant": "vit_b", "image_size": 1024},  # SAM's own input size
     }, "retriever": {"width": 32, "input_size": 128}, "embed_dim": 128},
 }
 ABLATIONS = {  # name: extra train flags (ACDC, U-Net, J-RAS)

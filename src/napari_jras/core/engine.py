@@ -32,11 +32,13 @@ from .fusion import Guide, align_exemplars, empty_guide, fusion_weights, make_gu
 from .io import check_image
 from .model import JRASModel
 from .normalize import NormalizedSlices, intensity_map
+from .ranges import check_int
 from .retrieval import embed_images, retriever_version
 from .volume_memory import GUIDE_SOURCES, VolumeMemory
 
 log = logging.getLogger(__name__)
 BANK_DIR = "bank"
+MAX_BATCH_SIZE = 1024  # slices per network pass (predict/evaluate --batch-size)
 
 
 @dataclass
@@ -80,10 +82,10 @@ class InferenceEngine:
                  device: str | torch.device = "auto", amp: bool = True, batch_size: int = 16,
                  channels_last: bool | None = None, compile_model: bool = False,
                  on_warning: Callable[[str], None] | None = None):
+        self.batch_size = check_int(batch_size, "batch_size", 1, MAX_BATCH_SIZE, JRASError)
         self.device = select_device(device)
         self.model = model
         self.amp = amp
-        self.batch_size = max(1, int(batch_size))
         self.channels_last = channels_last
         self.compile_model = compile_model
         self.on_warning = on_warning

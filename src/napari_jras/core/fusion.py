@@ -7,14 +7,17 @@ them (the bank side is detached; bank embeddings are refreshed on a schedule).
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .errors import ModelError
+from .ranges import check_number
 
 MAX_K = 8
+MIN_TAU, MAX_TAU = 0.01, 10.0
 
 
 @dataclass
@@ -58,19 +61,27 @@ def empty_guide(batch: int, size: tuple[int, int], num_classes: int,
 
 
 def check_k_tau(k: int, tau: float) -> None:
-    """Validate the fusion hyper-parameters (1 <= K <= 8, tau > 0)."""
-    if not 1 <= int(k) <= MAX_K:
-        raise ModelError(f"K must be between 1 and {MAX_K}, got {k}")
-    if not tau > 0:
-        raise ModelError(f"tau must be positive, got {tau}")
+    """Validate the fusion hyper-parameters (whole 1 <= K <= 8, 0.01 <= tau <= 10)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= MAX_K:
+        raise ModelError(f"K must be between 1 and {MAX_K} (a whole number), got {k!r}")
+    check_number(tau, "tau", MIN_TAU, MAX_TAU)
 
 
 def fusion_weights(scores: torch.Tensor, tau: float) -> torch.Tensor:
-    """Softmax of ``scores / tau`` over the last axis; -inf scores (missing exemplars) get 0."""
+    """Softmax of ``scores / tau`` over the last axis; -inf scores (missing exemplars) get 0.
+
+    Computed in float32 from the scores minus their row maximum, so the best exemplar's logit
+    is exactly 0: the weights stay finite for any positive ``tau``, however small (a tiny tau
+    turns the soft top-K into the nearest exemplar), and under mixed precision.
+    """
     valid = torch.isfinite(scores)
     if not valid.any(dim=-1).all():
-        raise ModelError("No exemplar could be retrieved for at least one query (empty bank?)")
-    logits = torch.where(valid, scores / tau, torch.full_like(scores, -torch.inf))
+        raise ModelError("No exemplar could be retrieved for at least one query: the bank is "
+                         "empty, or holds only exemplars of the query's own patient (which are "
+                         "never retrieved)")
+    scores = scores.float()
+    best = scores.masked_fill(~valid, -torch.inf).amax(dim=-1, keepdim=True)
+    logits = torch.where(valid, (scores - best) / tau, torch.full_like(scores, -torch.inf))
     return torch.softmax(logits, dim=-1)
 
 

@@ -15,13 +15,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbones import build_backbone
+from .backbones import backbone_class, build_backbone, check_backbone_options
+from .backbones.base import MAX_CLASSES
 from .errors import ModelError
 from .fusion import Guide, check_k_tau
+from .normalize import MODALITIES
+from .ranges import check_bool, check_choice, check_int, check_number
 from .readout import READOUT_LEVEL, MemoryReadout
-from .retrieval import Retriever, build_retriever
+from .retrieval import Retriever, build_retriever, check_retriever_options
 
 FORMAT_VERSION = 1
+MIN_SIZE, MAX_SIZE = 16, 2048  # working image size in pixels
 FUSIONS = ("auto", "concat", "readout")
 READOUT_BACKBONES = ("unet", "transunet")  # "auto" fusion: readout for these, concat otherwise
 
@@ -46,21 +50,26 @@ class ModelConfig:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if self.num_classes < 2:
-            raise ModelError(f"num_classes must be at least 2 (background + 1), got {self.num_classes}")
-        if self.use_retrieval:
-            check_k_tau(self.k, self.tau)
+        """Check every field's type and range (docs/cli.md) before anything is built."""
+        check_int(self.num_classes, "num_classes", 2, MAX_CLASSES)
+        check_backbone_options(self.backbone, self.backbone_options)
+        check_bool(self.use_retrieval, "use_retrieval")
+        check_k_tau(self.k, self.tau)
+        check_number(self.align_shift, "align_shift", 0.0, 0.5)
+        check_int(self.size, "size", MIN_SIZE, MAX_SIZE)
+        check_choice(self.modality, "modality", MODALITIES)
         if not self.class_names:
             self.class_names = ["background"] + [f"class {i}" for i in range(1, self.num_classes)]
-        if len(self.class_names) != self.num_classes:
-            raise ModelError(
-                f"{len(self.class_names)} class names given for {self.num_classes} classes")
-        if self.size < 16:
-            raise ModelError(f"size must be at least 16 pixels, got {self.size}")
-        if not 0.0 <= self.align_shift <= 0.5:
-            raise ModelError(f"align_shift must be between 0 and 0.5, got {self.align_shift}")
-        if self.fusion not in FUSIONS:
-            raise ModelError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        if not isinstance(self.class_names, list) or len(self.class_names) != self.num_classes:
+            count = len(self.class_names) if isinstance(self.class_names, list) else "no list of"
+            raise ModelError(f"{count} class names given for {self.num_classes} classes")
+        if not all(isinstance(n, str) and n.strip() for n in self.class_names):
+            raise ModelError(f"class names must be non-empty text, got {self.class_names!r}")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ModelError(f"class names must differ from each other, got {self.class_names!r}")
+        check_retriever_options(self.retriever)
+        check_int(self.format_version, "format_version", 1, FORMAT_VERSION)
+        check_choice(self.fusion, "fusion", FUSIONS)
         if self.fusion == "auto":
             self.fusion = "readout" if self.backbone in READOUT_BACKBONES else "concat"
 
@@ -84,7 +93,7 @@ class ModelConfig:
         if not isinstance(data, dict):
             raise ModelError("config.json must hold a JSON object")
         version = data.get("format_version", FORMAT_VERSION)
-        if version > FORMAT_VERSION:
+        if isinstance(version, int) and version > FORMAT_VERSION:
             raise ModelError(
                 f"This model was saved by a newer napari-jras (format {version}); please upgrade")
         data = {"fusion": "concat", **data}  # run folders from before the readout fusion
@@ -111,9 +120,12 @@ class JRASModel(nn.Module):
             build_retriever(retriever_options) if config.use_retrieval else None)
         if self.retriever is not None:
             self.config.retriever = self.retriever.config()
+        options = {**backbone_class(config.backbone).task_options(config.size,
+                                                                 config.backbone_options),
+                   **config.backbone_options}
         self.segmenter = build_backbone(config.backbone, num_classes=config.num_classes,
                                         use_retrieval=config.use_retrieval and not config.uses_readout,
-                                        **config.backbone_options)
+                                        **options)
         self.readout: MemoryReadout | None = None
         if config.uses_readout:
             channels = getattr(self.segmenter, "feature_channels", None)

@@ -107,8 +107,12 @@ def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
     run folder; the function returns on every rank once it is complete.
     """
     out = Path(out)
+    # every field checked before the data are read at that size (num_classes, when absent,
+    # comes from the labels: a stand-in here)
+    ModelConfig(**{"num_classes": max(2, len(model_config.get("class_names") or ())),
+                   **model_config})
     cases = find_cases(data, patient_regex)
-    size = int(model_config.get("size", 128))
+    size = model_config.get("size", 128)
     modality = model_config.get("modality", "auto")
     samples = load_slices(cases, size=size, modality=modality)
     val_samples = None

@@ -16,9 +16,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import ranges
 from .errors import ModelError
 
 ENCODERS = ("cnn", "hf")
+OPTIONS = ("encoder", "embed_dim", "width", "pretrained", "trainable_blocks", "input_size",
+           "center")
+MAX_EMBED_DIM = 2048
+MAX_WIDTH = 256  # the CNN's widest layer has 8 x width channels
+MAX_INPUT_SIZE = 2048  # the largest model size (the default input_size is the model size)
+
+
+def check_retriever_options(options: Any) -> dict[str, Any]:
+    """Refuse unknown retriever options and values out of their documented ranges."""
+    ranges.check_keys(options, "retriever option(s)", OPTIONS)
+    name = "retriever option '{}'".format
+    if "encoder" in options:
+        ranges.check_choice(options["encoder"], name("encoder"), ENCODERS)
+    for key, low, high in (("embed_dim", 2, MAX_EMBED_DIM), ("width", 1, MAX_WIDTH),
+                           ("trainable_blocks", 0, 1000), ("input_size", 16, MAX_INPUT_SIZE)):
+        if key in options:
+            ranges.check_int(options[key], name(key), low, high)
+    if "center" in options:
+        ranges.check_bool(options["center"], name("center"))
+    pretrained = options.get("pretrained")
+    if pretrained is not None and not (isinstance(pretrained, str) and pretrained):
+        raise ModelError(f"{name('pretrained')} must be a folder or hub id, got {pretrained!r}")
+    return options
 
 
 class SmallCNNEncoder(nn.Module):
@@ -136,8 +160,9 @@ class Retriever(nn.Module):
                  pretrained: str | None = None, trainable_blocks: int = 1,
                  input_size: int = 128, center: bool = False):
         super().__init__()
-        if encoder not in ENCODERS:
-            raise ModelError(f"Unknown retriever encoder '{encoder}'; choose one of {ENCODERS}")
+        check_retriever_options({"encoder": encoder, "embed_dim": embed_dim, "width": width,
+                                 "pretrained": pretrained, "trainable_blocks": trainable_blocks,
+                                 "input_size": input_size, "center": center})
         if encoder == "hf" and not pretrained:
             raise ModelError("The 'hf' retriever encoder needs --pretrained (a folder or hub id)")
         self._config = {"encoder": encoder, "embed_dim": embed_dim, "width": width,
@@ -181,10 +206,7 @@ class Retriever(nn.Module):
 
 def build_retriever(config: dict[str, Any]) -> Retriever:
     """Rebuild a retriever from :meth:`Retriever.config` output."""
-    try:
-        return Retriever(**config)
-    except TypeError as exc:
-        raise ModelError(f"Invalid retriever configuration {config}: {exc}") from exc
+    return Retriever(**check_retriever_options(config))
 
 
 def retriever_version(retriever: nn.Module) -> str:

@@ -39,15 +39,18 @@ from .checkpoint import atomic_write_json, load_tensors, save_model, save_tensor
 from .data import SliceSample
 from .device import autocast
 from .errors import DataError, JRASError
-from .fusion import Guide, make_guide, shift_exemplars, soft_topk_guide
+from .fusion import MAX_TAU, MIN_TAU, Guide, make_guide, shift_exemplars, soft_topk_guide
+from .memory import RELEVANCE_SIZE, check_training_memory
 from .metrics import mean_dice
 from .model import JRASModel
+from .ranges import check_bool, check_int, check_number
 from .readout import readout_loss
 from .retrieval import embed_images, retriever_version
 
 ProgressFn = Callable[[dict[str, Any]], None]
 CancelFn = Callable[[], bool]
-RELEVANCE_SIZE = 32
+MAX_STEPS = 10_000_000
+MAX_BATCH = 4096
 NEIGHBOUR_RANGE = 2  # neighbour guides: slices at most this far from the query, same volume
 
 
@@ -105,27 +108,41 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise JRASError("steps and batch_size must be at least 1")
-        if self.contrastive_every < 0:
-            raise JRASError("contrastive_every must be >= 0 (0 disables the contrastive step)")
-        if not 0.0 <= self.class_sampling <= 1.0:
-            raise JRASError(f"class_sampling must be in [0, 1], got {self.class_sampling}")
-        if not self.readout_weight >= 0.0:
-            raise JRASError(f"readout_weight must be >= 0, got {self.readout_weight}")
-        if not 0.0 <= self.image_dropout < 1.0:
-            raise JRASError(f"image_dropout must be in [0, 1), got {self.image_dropout}")
-        for name in ("guide_dropout", "neighbour_guides", "own_guides"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise JRASError(f"{name} must be in [0, 1], got {value}")
-        if self.guide_dropout is not None and not self.guide_dropout < 1.0:
-            raise JRASError(f"guide_dropout must be in [0, 1), got {self.guide_dropout}")
+        """Check every field's type and range (docs/cli.md) before anything is built."""
+        for name, low, high in (
+                ("steps", 1, MAX_STEPS), ("batch_size", 1, MAX_BATCH),
+                ("contrastive_every", 0, MAX_STEPS), ("contrastive_candidates", 2, MAX_BATCH),
+                ("contrastive_positives", 1, MAX_BATCH), ("retriever_warmup_steps", 0, MAX_STEPS),
+                ("refresh_every", 0, MAX_STEPS), ("seed", 0, 2**63 - 1),
+                ("log_every", 0, MAX_STEPS), ("checkpoint_every", 0, MAX_STEPS),
+                ("val_every", 0, MAX_STEPS)):
+            check_int(getattr(self, name), name, low, high, JRASError)
+        if self.contrastive_positives >= self.contrastive_candidates:
+            raise JRASError(f"contrastive_positives ({self.contrastive_positives}) must be "
+                            f"fewer than contrastive_candidates ({self.contrastive_candidates})")
+        check_number(self.lr, "lr", 0.0, 1.0, JRASError, open_low=True)
+        check_number(self.weight_decay, "weight_decay", 0.0, 1.0, JRASError)
+        check_number(self.warmup_fraction, "warmup_fraction", 0.0, 1.0, JRASError)
+        check_number(self.contrastive_tau, "contrastive_tau", MIN_TAU, MAX_TAU, JRASError)
+        for name in ("guide_dropout", "neighbour_guides", "own_guides"):  # None: the fusion's
+            if getattr(self, name) is not None:
+                check_number(getattr(self, name), name, 0.0, 1.0, JRASError,
+                             open_high=name == "guide_dropout")
         given = [v for v in (self.guide_dropout, self.neighbour_guides, self.own_guides)
                  if v is not None]
         if sum(given) > 1.0 + 1e-9:
             raise JRASError("guide_dropout + neighbour_guides + own_guides must not exceed 1, "
                             f"got {sum(given):.3g}")
+        check_number(self.class_sampling, "class_sampling", 0.0, 1.0, JRASError)
+        check_number(self.readout_weight, "readout_weight", 0.0, 100.0, JRASError)
+        check_number(self.image_dropout, "image_dropout", 0.0, 1.0, JRASError, open_high=True)
+        for name in ("freeze_retriever", "augment", "amp"):
+            check_bool(getattr(self, name), name, JRASError)
+        if not isinstance(self.device, str) or not self.device:
+            raise JRASError(f"device must be a name such as auto, cpu or cuda, got {self.device!r}")
+        if not isinstance(self.extra, dict):
+            raise JRASError(f"extra must be a JSON object, got {type(self.extra).__name__}")
+
 
     def resolved(self, fusion: str) -> "TrainConfig":
         """This config with the curriculum fractions left at None set for ``fusion``.
@@ -140,6 +157,11 @@ class TrainConfig:
         scale = (1.0 - sum(given.values())) / rest if rest > 0 else 0.0
         return replace(self, **{k: given.get(k, round(v * scale, 6))
                                 for k, v in defaults.items()})
+
+
+def every(step: int, period: int) -> bool:
+    """Whether something done every ``period`` steps happens at ``step`` (never when 0)."""
+    return period > 0 and step % period == 0
 
 
 class SliceSet:
@@ -237,6 +259,15 @@ def with_own_exemplar(guide: Guide, own: torch.Tensor, images: torch.Tensor,
     return replace(fused, present=guide.present)
 
 
+def relevance_masks(labels: torch.Tensor, num_classes: int, chunk: int = 64) -> torch.Tensor:
+    """One-hot (N,C,32,32) area-downsampled masks of labels (N,H,W), made ``chunk`` at a time
+    (the full-resolution one-hot of every slice at once would take N*H*W*C*8 bytes)."""
+    parts = [F.interpolate(F.one_hot(labels[i:i + chunk], num_classes).permute(0, 3, 1, 2).float(),
+                           size=(RELEVANCE_SIZE, RELEVANCE_SIZE), mode="area")
+             for i in range(0, len(labels), chunk)]
+    return torch.cat(parts)
+
+
 def mask_relevance(query_masks: torch.Tensor, cand_masks: torch.Tensor) -> torch.Tensor:
     """Mean foreground Dice between (B,C,h,w) and (M,C,h,w) one-hot masks -> (B, M).
 
@@ -308,11 +339,19 @@ class JointTrainer:
         config = config.resolved(model.config.fusion if model.config.use_retrieval else "concat")
         self.config = config
         self.device = ddp.training_device(config.device)
-        self.model = model.to(self.device)
         self.world_size = ddp.world_size()
         if config.batch_size < self.world_size:
             raise JRASError(f"batch_size {config.batch_size} is the global batch, split across "
                             f"{self.world_size} processes: it must be at least {self.world_size}")
+        if model.config.use_retrieval and len(train.patient_names) < 2:
+            raise DataError(
+                f"J-RAS training needs slices of at least 2 patients, found only "
+                f"{len(train.patient_names)} ({train.patient_names[0]}): a query never retrieves "
+                "exemplars of its own patient. Add patients (check --patient-regex), or train "
+                "the baseline with --no-retrieval")
+        check_training_memory(model, -(-config.batch_size // self.world_size), self.device,
+                              config.contrastive_candidates, len(train))
+        self.model = model.to(self.device)
         self.train_set = train
         self.val_set = val
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -349,10 +388,9 @@ class JointTrainer:
         self.bank_cases = train.cases.to(self.device)
         self.bank_slices = train.slice_indices.to(self.device)
         self.bank_emb: torch.Tensor | None = None
-        small = F.interpolate(F.one_hot(train.labels, train.num_classes).permute(0, 3, 1, 2).float(),
-                              size=(RELEVANCE_SIZE, RELEVANCE_SIZE), mode="area")
-        self.relevance_masks = small.to(self.device)
-        present = F.one_hot(train.labels, train.num_classes).flatten(1, 2).any(1)  # N,C
+        self.relevance_masks = relevance_masks(train.labels, train.num_classes).to(self.device)
+        present = torch.stack([(train.labels == c).flatten(1).any(1)
+                               for c in range(train.num_classes)], 1)  # N,C
         self.class_slices = [torch.nonzero(present[:, c]).flatten()
                              for c in range(1, train.num_classes) if bool(present[:, c].any())]
         steps_per_epoch = max(1, len(train) // config.batch_size)
@@ -557,7 +595,7 @@ class JointTrainer:
         if self.use_retrieval and not cfg.freeze_retriever and self.step == 0:
             for i in range(cfg.retriever_warmup_steps):
                 loss = self.warmup_step()
-                if (i + 1) % cfg.log_every == 0:
+                if every(i + 1, cfg.log_every):
                     [loss] = ddp.mean_over_ranks([loss])
                     self._log({"phase": "warmup", "warmup_step": i + 1, "loss_warmup": loss})
                 if ddp.any_rank(self.cancel()):
@@ -570,15 +608,15 @@ class JointTrainer:
                 self._log({"phase": "cancelled"})
                 break
             sup_acc += self.supervised_step()
-            if (self.use_retrieval and cfg.contrastive_every and not cfg.freeze_retriever
-                    and self.step % cfg.contrastive_every == 0):
+            if (self.use_retrieval and not cfg.freeze_retriever
+                    and every(self.step, cfg.contrastive_every)):
                 con_acc += self.contrastive_step()
             n_acc += 1
             self.scheduler.step()
             self.step += 1
             if self.use_retrieval and self.step % self.refresh_every == 0:
                 self.refresh_embeddings()
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+            if every(self.step, cfg.log_every) or self.step == cfg.steps:
                 sup, con = ddp.mean_over_ranks([sup_acc / n_acc, con_acc / n_acc])
                 record = {"phase": "train", "loss": sup, "lr": self.scheduler.get_last_lr()[0]}
                 if self.use_retrieval and cfg.contrastive_every and not cfg.freeze_retriever:
@@ -588,12 +626,12 @@ class JointTrainer:
                 record["eta_s"] = elapsed / max(done, 1) * (cfg.steps - self.step)
                 if self.world_size > 1:
                     record["world_size"] = self.world_size
-                if (self.val_set is not None and cfg.val_every and self.step % cfg.val_every == 0
+                if (self.val_set is not None and every(self.step, cfg.val_every)
                         and ddp.is_main()):
                     record["val_dice"] = self.validate()
                 self._log(record)
                 sup_acc, con_acc, n_acc = 0.0, 0.0, 0
-            if self.run_dir is not None and self.step % cfg.checkpoint_every == 0:
+            if self.run_dir is not None and every(self.step, cfg.checkpoint_every):
                 self._checkpoint()
         if self.step >= cfg.steps:
             self.refresh_embeddings()

@@ -26,14 +26,20 @@ def register_backbone(cls: type[Backbone]) -> type[Backbone]:
     return cls
 
 
-def build_backbone(name: str, num_classes: int, use_retrieval: bool, **options: Any) -> Backbone:
-    """Build the backbone registered as ``name``; ``build_backbone(**model.config())`` rebuilds it.
-
-    Raises :class:`ModelError` for an unknown name or option, or an invalid option value.
-    """
+def backbone_class(name: str) -> type[Backbone]:
+    """The backbone class registered as ``name``; :class:`ModelError` for an unknown name."""
     cls = BACKBONES.get(str(name).lower())
     if cls is None:
         raise ModelError(f"Unknown backbone '{name}'; available: {', '.join(sorted(BACKBONES))}")
+    return cls
+
+
+def check_backbone_options(name: str, options: Any) -> type[Backbone]:
+    """Refuse an unknown backbone, option names it does not take (listing the valid ones) and
+    option values out of range (:meth:`Backbone.check_options`); builds nothing."""
+    cls = backbone_class(name)
+    if not isinstance(options, dict):
+        raise ModelError(f"backbone_options must be a JSON object, got {type(options).__name__}")
     params = inspect.signature(cls.__init__).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         allowed = [n for n, p in params.items() if n not in _FIXED_ARGS and p.kind in
@@ -44,6 +50,18 @@ def build_backbone(name: str, num_classes: int, use_retrieval: bool, **options: 
                 f"Unknown option(s) {', '.join(unknown)} for backbone '{cls.name}'; "
                 f"valid options: {', '.join(allowed) or 'none'}"
             )
+    bound = inspect.signature(cls.__init__).bind_partial(**options)
+    bound.apply_defaults()
+    cls.check_options({k: v for k, v in bound.arguments.items() if k not in _FIXED_ARGS})
+    return cls
+
+
+def build_backbone(name: str, num_classes: int, use_retrieval: bool, **options: Any) -> Backbone:
+    """Build the backbone registered as ``name``; ``build_backbone(**model.config())`` rebuilds it.
+
+    Raises :class:`ModelError` for an unknown name or option, or an invalid option value.
+    """
+    cls = check_backbone_options(name, options)
     return cls(num_classes, use_retrieval, **options)
 
 
@@ -60,4 +78,4 @@ from .transunet import TransUNet  # noqa: E402
 from .unet import UNet  # noqa: E402
 
 __all__ = ["BACKBONES", "SAM", "Backbone", "SegFormer", "TransUNet", "UNet", "accepts_pretrained",
-           "build_backbone", "register_backbone"]
+           "backbone_class", "build_backbone", "check_backbone_options", "register_backbone"]

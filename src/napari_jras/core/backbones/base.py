@@ -15,7 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ranges
 from ..errors import ModelError
+
+
+MAX_CLASSES = 256  # labels are stored as 8-bit values
 
 
 class Backbone(nn.Module):
@@ -32,14 +36,31 @@ class Backbone(nn.Module):
 
     def __init__(self, num_classes: int, use_retrieval: bool, **options: Any) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        if (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                or not 2 <= num_classes <= MAX_CLASSES):
             raise ModelError(
-                f"num_classes must be an integer >= 2 (background + at least one class), "
-                f"got {num_classes!r}"
+                f"num_classes must be an integer >= 2 (background + at least one class) and "
+                f"<= {MAX_CLASSES}, got {num_classes!r}"
             )
         self.num_classes = num_classes
         self.use_retrieval = bool(use_retrieval)
         self._options = dict(options)
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Refuse option values out of range (``options``: every keyword option, defaults filled).
+
+        Runs before anything is built: from :class:`ModelConfig` and from the constructor.
+        """
+
+    @classmethod
+    def task_options(cls, size: int, options: dict[str, Any]) -> dict[str, Any]:
+        """Defaults that follow the model's working ``size``, for options ``options`` leaves unset.
+
+        Empty here; e.g. SAM's encoder input side follows ``size`` instead of the 1024 of the
+        published model.
+        """
+        return {}
 
     @property
     def in_channels(self) -> int:
@@ -116,11 +137,9 @@ def _check_tensor(t: Tensor, label: str, channels: int | None) -> None:
         raise ModelError(f"{label} must be a floating-point tensor, got {t.dtype}")
 
 
-def check_int(value: Any, option: str, minimum: int = 1) -> int:
-    """Return ``value`` if it is an integer >= ``minimum``, else raise :class:`ModelError`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ModelError(f"option '{option}' must be an integer >= {minimum}, got {value!r}")
-    return value
+def check_int(value: Any, option: str, minimum: int = 1, maximum: int = 4096) -> int:
+    """Return ``value`` if it is an integer in ``[minimum, maximum]``; else :class:`ModelError`."""
+    return ranges.check_int(value, f"option '{option}'", minimum, maximum)
 
 
 def check_fraction(value: Any, option: str) -> float:

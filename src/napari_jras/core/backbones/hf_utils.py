@@ -83,6 +83,28 @@ def check_source(variant: str | None, pretrained: str | None,
                          "recorded in 'hf_config'), not both")
     if hf_config is not None and not isinstance(hf_config, dict):
         raise ModelError(f"option 'hf_config' must be a JSON object, got {type(hf_config).__name__}")
+    if hf_config is not None:
+        _check_sizes(hf_config, "hf_config")
+
+
+#: bounds on every whole number and list length in an ``hf_config`` record: generous for the
+#: published architectures, far below what exhausts a machine's memory while it is built
+HF_MAX_INT = 16384
+HF_MAX_LIST = 64
+
+
+def _check_sizes(value: Any, where: str) -> None:
+    """Refuse numbers (layer sizes, counts) and lists of an architecture record out of bounds."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_sizes(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        if len(value) > HF_MAX_LIST:
+            raise ModelError(f"option {where} has {len(value)} entries, more than {HF_MAX_LIST}")
+        for item in value:
+            _check_sizes(item, where)
+    elif isinstance(value, int) and not isinstance(value, bool) and not -1 <= value <= HF_MAX_INT:
+        raise ModelError(f"option {where} must be between -1 and {HF_MAX_INT}, got {value}")
 
 
 def grey_adapter(in_channels: int) -> nn.Conv2d:

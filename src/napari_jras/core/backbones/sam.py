@@ -55,6 +55,15 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "mask_decoder_config": {"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 2,
                                 "iou_head_hidden_dim": 16},
     },
+    "small": {
+        "vision_config": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8,
+                          "output_channels": 256, "image_size": 256, "patch_size": 8,
+                          "window_size": 8, "global_attn_indexes": [1, 3], "num_pos_feats": 128,
+                          "mlp_dim": 1024, "initializer_range": 0.02},
+        "prompt_encoder_config": {"hidden_size": 256, "image_size": 256, "patch_size": 8,
+                                  "mask_input_channels": 16},
+        "mask_decoder_config": {},
+    },
     "vit_b": {
         "vision_config": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
                           "global_attn_indexes": [2, 5, 8, 11], "image_size": 1024,
@@ -63,7 +72,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "mask_decoder_config": {},
     },
 }
-DEFAULT_VARIANT = "vit_b"
+DEFAULT_VARIANT = "small"  # random init: a workstation CPU trains it; vit_b is SAM's ViT-B
+MAX_IMAGE_SIZE = 2048
 MASK_PROMPT_LOGIT = 10.0  # guide probability p -> mask-prompt logit (2p - 1) * 10
 CLASS_TOKEN_STD = 0.1
 _TIED = ("sam.prompt_encoder.shared_embedding.positional_embedding",
@@ -74,10 +84,12 @@ _TIED = ("sam.prompt_encoder.shared_embedding.positional_embedding",
 class SAM(Backbone):
     """SAM with retrieved guide masks as dense + box prompts, one mask per class.
 
-    Options: ``variant`` (tiny or vit_b; default vit_b without ``pretrained``), ``pretrained``
-    (hub id such as ``facebook/sam-vit-base`` or a local folder), ``image_size`` (encoder input
-    side; default that of the variant or checkpoint; another size interpolates a checkpoint's
-    position embeddings), ``freeze_image_encoder`` (keep the encoder's weights fixed; the adapter,
+    Options: ``variant`` (tiny, small or vit_b; default small without ``pretrained``),
+    ``pretrained`` (hub id such as ``facebook/sam-vit-base`` or a local folder), ``image_size``
+    (encoder input side; default: the checkpoint's with ``pretrained``, else in a
+    :class:`JRASModel` the model's working size rounded up to the patch size (see
+    :meth:`task_options`), else the variant's; another size interpolates a checkpoint's position
+    embeddings), ``freeze_image_encoder`` (keep the encoder's weights fixed; the adapter,
     prompt encoder, decoder and class tokens still train) and ``hf_config`` (filled in from
     ``pretrained``; rebuilds the architecture without it).
     """
@@ -90,12 +102,7 @@ class SAM(Backbone):
         super().__init__(num_classes, use_retrieval, variant=variant, pretrained=pretrained,
                          image_size=image_size, freeze_image_encoder=freeze_image_encoder,
                          hf_config=hf_config)
-        check_source(variant, pretrained, hf_config, tuple(VARIANTS))
-        if image_size is not None:
-            check_int(image_size, "image_size", 16)
-        if not isinstance(freeze_image_encoder, bool):
-            raise ModelError(f"option 'freeze_image_encoder' must be true or false, got "
-                             f"{freeze_image_encoder!r}")
+        self.check_options(self._options)
         from transformers import SamModel
 
         if hf_config is not None:
@@ -120,6 +127,31 @@ class SAM(Backbone):
             CLASS_TOKEN_STD * torch.randn(num_classes - 1, prompt.hidden_size))
         self.register_state_dict_post_hook(_drop_tied_copy)
         self.register_load_state_dict_pre_hook(_restore_tied_copy)
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Architecture source, ``image_size`` 16..2048, ``freeze_image_encoder`` a bool."""
+        check_source(options["variant"], options["pretrained"], options["hf_config"],
+                     tuple(VARIANTS))
+        if options["image_size"] is not None:
+            check_int(options["image_size"], "image_size", 16, MAX_IMAGE_SIZE)
+        if not isinstance(options["freeze_image_encoder"], bool):
+            raise ModelError(f"option 'freeze_image_encoder' must be true or false, got "
+                             f"{options['freeze_image_encoder']!r}")
+
+    @classmethod
+    def task_options(cls, size: int, options: dict[str, Any]) -> dict[str, Any]:
+        """Random init: the encoder input side is ``size`` rounded up to the patch size.
+
+        The variants' 1024 (ViT-B) would upsample a 128-pixel task 64-fold and need tens of GiB
+        to train; a checkpoint (``pretrained``, ``hf_config``) keeps its own size.
+        """
+        variant = options.get("variant") or DEFAULT_VARIANT
+        if (options.get("image_size") is not None or options.get("pretrained")
+                or options.get("hf_config") is not None or variant not in VARIANTS):
+            return {}
+        patch = VARIANTS[variant]["vision_config"]["patch_size"]
+        return {"image_size": -(-size // patch) * patch}
 
     def _freeze_unused(self) -> None:
         """Freeze what these prompts never use: point prompts, the IoU head, the multimask

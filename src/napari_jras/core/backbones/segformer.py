@@ -60,8 +60,7 @@ class SegFormer(Backbone):
                  hf_config: dict[str, Any] | None = None):
         super().__init__(num_classes, use_retrieval, variant=variant, pretrained=pretrained,
                          stem=stem, hf_config=hf_config)
-        check_choice(stem, "stem", STEMS)
-        check_source(variant, pretrained, hf_config, tuple(VARIANTS))
+        self.check_options(self._options)
         from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
         channels = self.in_channels if stem == "expand" else 3
@@ -84,6 +83,13 @@ class SegFormer(Backbone):
                                      num_channels=channels)
             self.model = SegformerForSemanticSegmentation(config)
         self.adapter = grey_adapter(self.in_channels) if stem == "adapter" else nn.Identity()
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """``stem`` and the architecture source (``variant``, ``pretrained``, ``hf_config``)."""
+        check_choice(options["stem"], "stem", STEMS)
+        check_source(options["variant"], options["pretrained"], options["hf_config"],
+                     tuple(VARIANTS))
 
     def segment(self, x: Tensor) -> Tensor:
         logits = self.model(pixel_values=self.adapter(x)).logits

@@ -7,14 +7,17 @@ cascaded upsampler (CUP) decoder with skip connections at every scale, then a 1x
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ModelError
+from ..ranges import check_number
 from . import register_backbone
 from .base import Backbone, check_choice, check_fraction, check_int
-from .unet import NORMS, ConvDecoder, ConvEncoder, make_norm
+from .unet import MAX_CHANNELS, NORMS, ConvDecoder, ConvEncoder, check_widest, make_norm
 
 STRIDE = 16
 
@@ -69,19 +72,8 @@ class TransUNet(Backbone):
         super().__init__(num_classes, use_retrieval, base_channels=base_channels,
                          hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
                          mlp_ratio=mlp_ratio, img_size=img_size, norm=norm, dropout=dropout)
-        check_int(base_channels, "base_channels")
-        check_int(hidden_size, "hidden_size")
-        check_int(num_layers, "num_layers")
-        check_int(num_heads, "num_heads")
-        check_int(img_size, "img_size", STRIDE)
-        check_choice(norm, "norm", NORMS)
-        dropout = check_fraction(dropout, "dropout")
-        if hidden_size % num_heads:
-            raise ModelError(
-                f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
-            )
-        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or mlp_ratio <= 0:
-            raise ModelError(f"option 'mlp_ratio' must be a positive number, got {mlp_ratio!r}")
+        self.check_options(self._options)
+        dropout = float(dropout)
         channels = [base_channels * 2**level for level in range(5)]
         self.feature_channels = channels
         self.encoder = ConvEncoder(self.in_channels, channels, norm)
@@ -89,6 +81,23 @@ class TransUNet(Backbone):
                                                 mlp_ratio, img_size // STRIDE, dropout, norm)
         self.decoder = ConvDecoder(channels, norm, "bilinear")
         self.head = nn.Conv2d(channels[0], num_classes, 1)
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Ranges of the options (docs/cli.md, "Configuration reference")."""
+        check_int(options["base_channels"], "base_channels", 1, MAX_CHANNELS)
+        check_widest(options["base_channels"] * STRIDE, "base_channels * 16")
+        check_int(options["hidden_size"], "hidden_size", 1, 2048)
+        check_int(options["num_layers"], "num_layers", 1, 48)
+        check_int(options["num_heads"], "num_heads", 1, 64)
+        check_int(options["img_size"], "img_size", STRIDE, 2048)
+        check_choice(options["norm"], "norm", NORMS)
+        check_fraction(options["dropout"], "dropout")
+        hidden, heads = options["hidden_size"], options["num_heads"]
+        if hidden % heads:
+            raise ModelError(f"hidden_size ({hidden}) must be divisible by num_heads ({heads})")
+        check_number(options["mlp_ratio"], "option 'mlp_ratio'", 0, 16, open_low=True)
+
 
     def encode(self, x: Tensor, upto: int | None = None) -> list[Tensor]:
         """Encoder feature maps, finest first; the deepest through the transformer.

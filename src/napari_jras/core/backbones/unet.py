@@ -8,15 +8,26 @@ InstanceNorm it still works when a deep feature map shrinks to 1x1 on small inpu
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import ModelError
 from . import register_backbone
 from .base import Backbone, check_choice, check_fraction, check_int
 
 NORMS = ("group", "instance", "batch")
+MAX_DEPTH = 6
+MAX_CHANNELS = 2048  # widest feature map of the conv backbones (the U-Net default has 512)
 UPSAMPLING = ("bilinear", "transpose")
+
+
+def check_widest(channels: int, what: str) -> None:
+    """Refuse a conv backbone whose widest feature map would exceed :data:`MAX_CHANNELS`."""
+    if channels > MAX_CHANNELS:
+        raise ModelError(f"{what} = {channels} channels is more than {MAX_CHANNELS}: lower "
+                         "option 'base_channels' (or 'depth')")
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
@@ -109,17 +120,24 @@ class UNet(Backbone):
                  dropout: float = 0.0):
         super().__init__(num_classes, use_retrieval, base_channels=base_channels, depth=depth,
                          norm=norm, upsample=upsample, dropout=dropout)
-        check_int(base_channels, "base_channels")
-        check_int(depth, "depth")
-        check_choice(norm, "norm", NORMS)
-        check_choice(upsample, "upsample", UPSAMPLING)
-        dropout = check_fraction(dropout, "dropout")
+        self.check_options(self._options)
+        dropout = float(dropout)
         channels = [base_channels * 2**level for level in range(depth + 1)]
         self.size_multiple = 2**depth
         self.feature_channels = channels
         self.encoder = ConvEncoder(self.in_channels, channels, norm, dropout)
         self.decoder = ConvDecoder(channels, norm, upsample, dropout)
         self.head = nn.Conv2d(channels[0], num_classes, 1)
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """``base_channels`` 1..2048, ``depth`` 1..6, widest map <= 2048 channels, ..."""
+        check_int(options["base_channels"], "base_channels", 1, MAX_CHANNELS)
+        check_int(options["depth"], "depth", 1, MAX_DEPTH)
+        check_widest(options["base_channels"] * 2 ** options["depth"], "base_channels * 2**depth")
+        check_choice(options["norm"], "norm", NORMS)
+        check_choice(options["upsample"], "upsample", UPSAMPLING)
+        check_fraction(options["dropout"], "dropout")
 
     def encode(self, x: Tensor, upto: int | None = None) -> list[Tensor]:
         """Encoder feature maps, finest first (levels 0..``upto`` if given)."""
