@@ -111,7 +111,10 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
             head = fh.read(9)
     except OSError as exc:
         raise ModelError(f"Cannot read the weights file {path}: {exc.strerror or exc}") from exc
-    if head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save zip archive / raw pickle stream
+    # safetensors: an 8-byte little-endian header length, then the JSON header; the length's
+    # first byte may be 0x80 like a pickle stream's, so the "{" decides
+    pickle_like = head[:2] == b"PK" or head[:1] == b"\x80"  # torch.save zip / raw pickle stream
+    if pickle_like and head[8:9] != b"{":
         raise ModelError(f"{path} is a pickle (PyTorch) file, not safetensors: {_PICKLE_REFUSED}")
     try:
         return load_file(str(path))
