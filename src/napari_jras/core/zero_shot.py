@@ -23,33 +23,43 @@ def _shared_model() -> LiteMedSAM:
     return load_litemedsam()
 
 
-@torch.no_grad()
 def segment_with_boxes(image2d: np.ndarray, boxes: Sequence[Sequence[float]],
                        labels: Sequence[int] | None = None, threshold: float = 0.0,
                        model: LiteMedSAM | None = None) -> np.ndarray:
     """Zero-training segmentation: a label map of ``image2d`` from box prompts.
 
     ``boxes`` are (x1, y1, x2, y2) in pixel coordinates of ``image2d`` (x: column, y: row;
-    inclusive corners); box i paints ``labels[i]`` (default i + 1) where LiteMedSAM's mask logit
-    exceeds ``threshold``, later boxes over earlier ones. The image is scaled to [0, 1] by its
-    minimum and maximum, its longer side resized to 256 and the shorter side zero-padded, as in
-    LiteMedSAM's reference inference. Returns an ``int32`` array of ``image2d``'s shape.
+    inclusive corners, in either order); box i paints ``labels[i]`` (default i + 1) where
+    LiteMedSAM's mask logit exceeds ``threshold``, later boxes over earlier ones (draw outer
+    structures first). Returns an ``int32`` array of ``image2d``'s shape.
+    """
+    count = len(_box_array(boxes))
+    labels = list(range(1, count + 1)) if labels is None else [int(v) for v in labels]
+    if len(labels) != count:
+        raise ModelError(f"{len(labels)} labels given for {count} boxes")
+    logits = box_logits(image2d, boxes, model)
+    out = np.zeros(np.shape(image2d), np.int32)
+    for label, mask in zip(labels, logits):
+        out[mask > threshold] = label
+    return out
+
+
+@torch.no_grad()
+def box_logits(image2d: np.ndarray, boxes: Sequence[Sequence[float]],
+               model: LiteMedSAM | None = None) -> np.ndarray:
+    """LiteMedSAM's mask logits ``(N, H, W)`` of ``image2d`` for N boxes (one image encoding).
+
+    The image is scaled to [0, 1] by its minimum and maximum, its longer side resized to 256
+    and the shorter side zero-padded, as in LiteMedSAM's reference inference; boxes are clipped
+    to the image.
     """
     image = np.asarray(image2d)
     if image.ndim != 2:
         raise ModelError(f"segment_with_boxes needs a 2-D image, got shape {image.shape}")
-    box_array = np.asarray(boxes, dtype=np.float64)
-    if box_array.size == 0:
-        box_array = box_array.reshape(0, 4)
-    if box_array.ndim != 2 or box_array.shape[1] != 4:
-        raise ModelError(f"boxes must be a list of (x1, y1, x2, y2), got shape {box_array.shape}")
-    labels = list(range(1, len(box_array) + 1)) if labels is None else [int(v) for v in labels]
-    if len(labels) != len(box_array):
-        raise ModelError(f"{len(labels)} labels given for {len(box_array)} boxes")
+    box_array = _box_array(boxes)
     height, width = image.shape
-    out = np.zeros((height, width), np.int32)
     if not len(box_array):
-        return out
+        return np.zeros((0, height, width), np.float32)
     net = model if model is not None else _shared_model()
     device = next(net.parameters()).device
     scale = INPUT_SIZE / max(height, width)
@@ -67,8 +77,34 @@ def segment_with_boxes(image2d: np.ndarray, boxes: Sequence[Sequence[float]],
     prompt = torch.as_tensor(np.sort(xyxy.reshape(-1, 2, 2), axis=1).reshape(-1, 4) * scale,
                              dtype=torch.float32, device=device)
     logits = net.decode(embedding.expand(len(prompt), -1, -1, -1), prompt)
-    logits = F.interpolate(logits[..., :new_h, :new_w], size=(height, width), mode="bilinear",
-                           align_corners=False)[:, 0].cpu().numpy()
-    for label, mask in zip(labels, logits):
-        out[mask > threshold] = label
-    return out
+    return F.interpolate(logits[..., :new_h, :new_w], size=(height, width), mode="bilinear",
+                         align_corners=False)[:, 0].cpu().numpy()
+
+
+def _box_array(boxes: Sequence[Sequence[float]]) -> np.ndarray:
+    """Boxes as an (N, 4) float array, or a clear error."""
+    try:
+        box_array = np.asarray(boxes, dtype=np.float64)
+    except ValueError as exc:  # ragged lists
+        raise ModelError(f"boxes must be a list of (x1, y1, x2, y2): {exc}") from exc
+    if box_array.size == 0:
+        box_array = box_array.reshape(0, 4)
+    if box_array.ndim != 2 or box_array.shape[1] != 4:
+        raise ModelError(f"boxes must be a list of (x1, y1, x2, y2), got shape {box_array.shape}")
+    return box_array
+
+
+def boxes_from_labels(label2d: np.ndarray) -> tuple[list[list[int]], list[int]]:
+    """Per-class bounding boxes (x1, y1, x2, y2) of a label map and their labels (sorted).
+
+    A painted or accepted slice's boxes prompt the next slice (propagation).
+    """
+    label = np.asarray(label2d)
+    boxes, labels = [], []
+    for value in np.unique(label):
+        if value == 0:
+            continue
+        ys, xs = np.nonzero(label == value)
+        boxes.append([int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())])
+        labels.append(int(value))
+    return boxes, labels
