@@ -51,6 +51,11 @@ def test_registered_and_takes_pretrained(jras):
     assert config["pretrained"] == "litemedsam" and config["train_image_encoder"] == "none"
 
 
+def test_the_transformers_sam_points_to_the_litemedsam_backbone():
+    with pytest.raises(ModelError, match="its own backbone, 'litemedsam'"):
+        build_backbone("sam", NUM_CLASSES, True, pretrained="litemedsam")
+
+
 @pytest.mark.parametrize("options,message", [
     ({"pretrained": "facebook/sam-vit-base"}, "option 'pretrained' must be one of litemedsam"),
     ({"train_image_encoder": "half"}, "must be one of none, last_stage, all"),

@@ -91,6 +91,9 @@ class SAM(Backbone):
                          image_size=image_size, freeze_image_encoder=freeze_image_encoder,
                          hf_config=hf_config)
         check_source(variant, pretrained, hf_config, tuple(VARIANTS))
+        if isinstance(pretrained, str) and pretrained.lower() == "litemedsam":
+            raise ModelError("LiteMedSAM is its own backbone, 'litemedsam' (the CLI maps "
+                             "--backbone sam --pretrained litemedsam to it)")
         if image_size is not None:
             check_int(image_size, "image_size", 16)
         if not isinstance(freeze_image_encoder, bool):
