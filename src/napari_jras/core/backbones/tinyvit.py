@@ -224,7 +224,8 @@ class TinyViT(nn.Module):
     def __init__(self, img_size: int = 256, in_channels: int = 3,
                  embed_dims: tuple[int, ...] = (64, 128, 160, 320),
                  depths: tuple[int, ...] = (2, 2, 6, 2), num_heads: tuple[int, ...] = (2, 4, 5, 10),
-                 windows: tuple[int, ...] = (7, 7, 14, 7), merge_strides: tuple[int, ...] = (2, 2, 1),
+                 windows: tuple[int, ...] = (7, 7, 14, 7),
+                 merge_strides: tuple[int, ...] = (2, 2, 1),
                  mlp_ratio: float = 4.0, expand_ratio: float = 4.0, out_channels: int = 256):
         super().__init__()
         self.img_size = img_size
