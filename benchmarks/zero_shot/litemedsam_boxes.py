@@ -93,6 +93,17 @@ def main(argv: list[str] | None = None) -> int:
             row[source] = {c: None if np.isnan(v) else v for c, v in scores.items()}  # strict JSON
         per_case.append(row)
         print(case.case_id, {s: row[s] for s in SOURCES}, flush=True)
+        write_report(args, per_case, slice_seconds, start, complete=False)  # partial results
+    summary = write_report(args, per_case, slice_seconds, start, complete=True)
+    for source, row in summary.items():
+        print(f"{source:10s} mean Dice {row['mean']:.4f}  "
+              + "  ".join(f"class {c}: {v:.4f}" for c, v in row["per_class"].items()))
+    return 0
+
+
+def write_report(args: argparse.Namespace, per_case: list[dict], slice_seconds: list[float],
+                 start: float, complete: bool) -> dict:
+    """Write the JSON report (after every case: a stopped run keeps what it measured)."""
     classes = sorted({c for row in per_case for c in row["oracle"]}, key=int)
     summary = {}
     for source in SOURCES:
@@ -101,21 +112,19 @@ def main(argv: list[str] | None = None) -> int:
         summary[source] = {"per_class": by_class, "mean": float(np.mean(list(by_class.values())))}
     report = {
         "what": "LiteMedSAM zero-shot, per-class 3-D Dice per case, mean over cases",
-        "data": str(args.data), "cases": len(per_case), "summary": summary,
+        "data": str(args.data), "every": args.every, "cases": len(per_case),
+        "complete": complete, "summary": summary,
         "seconds_per_slice_mean": float(np.mean(slice_seconds)) if slice_seconds else None,
         "per_case": per_case,
         "provenance": {"commit": git_commit(), "checkpoint_sha256": CHECKPOINT_SHA256,
                        "torch": torch.__version__, "threads": args.threads,
                        "machine": platform.platform(), "seconds": round(time.time() - start, 1),
                        "command": "python benchmarks/zero_shot/litemedsam_boxes.py "
-                                  + " ".join(sys.argv[1:] if argv is None else argv)},
+                                  + " ".join(sys.argv[1:])},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
-    for source, row in summary.items():
-        print(f"{source:10s} mean Dice {row['mean']:.4f}  "
-              + "  ".join(f"class {c}: {v:.4f}" for c, v in row["per_class"].items()))
-    return 0
+    return summary
 
 
 if __name__ == "__main__":
