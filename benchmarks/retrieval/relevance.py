@@ -64,6 +64,7 @@ def cosine_topk(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tens
 
 
 def git_commit() -> str:
+    """The checked-out commit (read at start: the code that runs)."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    start = time.time()
+    start, commit = time.time(), git_commit()
     bank_cases = find_cases(args.bank, args.patient_regex)[::args.bank_every]
     bank = load_slices(bank_cases, args.size, args.modality)
     queries = load_slices(find_cases(args.queries, args.patient_regex), args.size, args.modality)
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "queries": str(args.queries), "bank_slices": len(bank),
         "query_slices": len(queries), "k": args.k, "size": args.size,
         "mask_size": args.mask_size, "seed": args.seed, "results": results,
-        "provenance": {"commit": git_commit(), "torch": torch.__version__,
+        "provenance": {"commit": commit, "torch": torch.__version__,
                        "threads": args.threads, "machine": platform.platform(),
                        "seconds": round(time.time() - start, 1),
                        "command": "python benchmarks/retrieval/relevance.py "

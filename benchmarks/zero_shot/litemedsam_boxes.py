@@ -47,6 +47,7 @@ def dice(pred: np.ndarray, gt: np.ndarray) -> float:
 
 
 def git_commit() -> str:
+    """The checked-out commit (read at start: the code that runs)."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     per_case: list[dict] = []
     slice_seconds: list[float] = []
     start = time.time()
+    args.commit = git_commit()
     for case in cases:
         image, label = load_case(case)
         x, y = as_slices(image.data), as_slices(label)
@@ -116,7 +118,7 @@ def write_report(args: argparse.Namespace, per_case: list[dict], slice_seconds: 
         "complete": complete, "summary": summary,
         "seconds_per_slice_mean": float(np.mean(slice_seconds)) if slice_seconds else None,
         "per_case": per_case,
-        "provenance": {"commit": git_commit(), "checkpoint_sha256": CHECKPOINT_SHA256,
+        "provenance": {"commit": args.commit, "checkpoint_sha256": CHECKPOINT_SHA256,
                        "torch": torch.__version__, "threads": args.threads,
                        "machine": platform.platform(), "seconds": round(time.time() - start, 1),
                        "command": "python benchmarks/zero_shot/litemedsam_boxes.py "
