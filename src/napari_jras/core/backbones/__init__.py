@@ -72,10 +72,12 @@ def accepts_pretrained(name: str) -> bool:
 
 
 # Built-in backbones register themselves on import (they need the names defined above).
+from .litemedsam import LiteMedSAMBackbone  # noqa: E402
 from .sam import SAM  # noqa: E402
 from .segformer import SegFormer  # noqa: E402
 from .transunet import TransUNet  # noqa: E402
 from .unet import UNet  # noqa: E402
 
-__all__ = ["BACKBONES", "SAM", "Backbone", "SegFormer", "TransUNet", "UNet", "accepts_pretrained",
-           "backbone_class", "build_backbone", "check_backbone_options", "register_backbone"]
+__all__ = ["BACKBONES", "SAM", "Backbone", "LiteMedSAMBackbone", "SegFormer", "TransUNet", "UNet",
+           "accepts_pretrained", "backbone_class", "build_backbone", "check_backbone_options",
+           "register_backbone"]

@@ -103,6 +103,9 @@ class SAM(Backbone):
                          image_size=image_size, freeze_image_encoder=freeze_image_encoder,
                          hf_config=hf_config)
         self.check_options(self._options)
+        if isinstance(pretrained, str) and pretrained.lower() == "litemedsam":
+            raise ModelError("LiteMedSAM is its own backbone, 'litemedsam' (the CLI maps "
+                             "--backbone sam --pretrained litemedsam to it)")
         from transformers import SamModel
 
         if hf_config is not None:
