@@ -268,7 +268,10 @@ class InferenceEngine:
                 image = torch.from_numpy(resize_images(vol[[s]], size)[0])
                 mask = torch.from_numpy(resize_labels(
                     np.asarray(memory.labels[s])[None], size)[0].astype(np.int64))
-                record = {"origin": memory.origin, "slice_index": s, "dz": s - z}
+                record = {**memory.records.get(s, {}), "origin": memory.origin,
+                          "slice_index": s, "dz": s - z}
+                if s in memory.predicted:
+                    record["predicted"] = True
                 row.append((score, image, mask, RetrievedExemplar(
                     -1, score, 0.0, record, image.numpy(), mask.numpy().astype(np.uint8))))
             rows.append(row)
@@ -279,7 +282,11 @@ class InferenceEngine:
         if max(wanted) > 0 and source == "random":
             hits = self._random_hits(len(batch), exclude_patient, seed=batch[0])
         elif max(wanted) > 0:
-            hits = self._search(x, max(wanted), exclude_patient, timings)
+            own = memory.case_id if memory is not None else None
+            extra = sum(1 for r in self.bank.records() if r.get("case_id") == own) if own else 0
+            hits = self._search(x, max(wanted) + extra, exclude_patient, timings)
+            if own:  # the volume's own corrections guide through the memory slots only
+                hits = [[h for h in found if h.record.get("case_id") != own] for found in hits]
             if any(len(h) == 0 and not r for h, r in zip(hits, rows)):
                 raise BankError("No exemplar could be retrieved (every exemplar is excluded or "
                                 "the bank is empty)")
