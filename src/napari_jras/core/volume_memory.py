@@ -47,8 +47,8 @@ class VolumeMemory:
     never guide. ``origin`` is shown in the gallery; ``records[s]`` adds provenance of slice s
     (e.g. who accepted it, when) to what the gallery shows. ``predicted``: slices whose labels
     are predictions, scored lower (see the module docstring). ``case_id``: the volume's case
-    id; the retrieved slots then skip the bank's exemplars of this case (its corrections are
-    in the memory already, or farther away than the ``slots`` nearest).
+    id; the retrieved slots then skip the bank's copies of the slices in the memory slots
+    (accepted corrections are in the bank too: no slice guides twice).
     """
 
     labels: Mapping[int, np.ndarray] = field(default_factory=dict)
