@@ -1,4 +1,4 @@
-"""The ``napari-jras`` command: train, evaluate, predict, bank, demo, info.
+"""The ``napari-jras`` command: train, evaluate, simulate, predict, bank, demo, info.
 
 Errors napari-jras raises on purpose print one line and exit with status 2; ``--debug`` shows the
 traceback. ``python -m napari_jras.cli`` is the same command. ``torchrun --nproc_per_node N -m
