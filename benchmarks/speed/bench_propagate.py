@@ -7,7 +7,9 @@ Usage (from the repository root)::
 The bundled sample (ACDC patient002, 10 slices of 256 x 232 px, not in the model's training
 data) is opened in a fresh workspace of the built-in model; the expert mask of its middle slice
 is accepted and propagated to the other 9 slices (no stop rule, so every slice is predicted),
-``--repeats`` times after one warm-up run, with 1 and with all torch threads. Also reports the
+``--repeats`` times after one warm-up run, with 1 and with all torch threads, next to one plain
+pass over the whole volume under the same conditions (the machine may be shared: the ratio
+says what propagation adds to a normal Segment). Also reports the
 Dice of the propagated slices and of the same slices predicted without memory. Writes
 ``propagate_speed.json``.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -57,9 +60,17 @@ def main(argv: list[str] | None = None) -> int:
                                    stop_on_empty=False, case_id=case, records=records)
                 if i:  # the first run warms up
                     times.append(time.perf_counter() - t0)
+            volume = []  # reference: one plain pass over the whole volume, same conditions
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                ws.predict(image)
+                volume.append(time.perf_counter() - t0)
             rows[str(threads)] = {"median_s": median(times), "min_s": min(times),
-                                  "runs": times, "slices": len(result.filled)}
-            print(f"{threads} thread(s): {median(times):.3f} s for {len(result.filled)} slices")
+                                  "runs": times, "slices": len(result.filled),
+                                  "whole_volume_predict_median_s": median(volume),
+                                  "ratio_to_whole_volume_predict": median(times) / median(volume)}
+            print(f"{threads} thread(s): {median(times):.3f} s for {len(result.filled)} slices; "
+                  f"a plain pass over the volume {median(volume):.3f} s")
         plain = ws.predict(image, slices=result.filled)
         nc = ws.num_classes
         dice = {"propagated": float(np.mean([slice_dice(result.labels[z], label[z], nc)
@@ -77,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": rows, "dice_of_filled_slices": dice,
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "cpu": platform.processor() or platform.machine(),
-                    "cores": torch.get_num_threads()},
+                    "cores": torch.get_num_threads(), "load_average": os.getloadavg()},
         "commit": git_commit(),
         "command": "python benchmarks/speed/bench_propagate.py " + " ".join(sys.argv[1:]),
     }

@@ -140,7 +140,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     report = simulate(args.model, args.data, unit=args.unit, settings=args.settings,
                       limit=args.limit, patient_regex=args.patient_regex,
                       slots=args.memory_slots, min_confidence=args.min_confidence,
-                      progress=_progress_printer(args.quiet))
+                      chain=args.chain, progress=_progress_printer(args.quiet))
     atomic_write_json(Path(args.report), report)
     ratios = report["corrected_pixels_vs_static"] or {}
     for name, result in report["settings"].items():
@@ -333,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accepted slices of the volume that guide each prediction (propagate)")
     s.add_argument("--min-confidence", type=float, default=0.5,
                    help="propagation stops at a slice less confident than this (0: never)")
+    s.add_argument("--chain", action="store_true",
+                   help="propagation also uses its own predictions of nearer slices as "
+                        "(weaker) memory")
     s.add_argument("--patient-regex")
     _add_common(s, device=False)
     s.set_defaults(func=cmd_simulate)

@@ -79,11 +79,11 @@ class Annotator:
     """One setting's simulated annotator in its own workspace."""
 
     def __init__(self, ws: Workspace, setting: str, slots: int = 2,
-                 min_confidence: float = MIN_CONFIDENCE):
+                 min_confidence: float = MIN_CONFIDENCE, chain: bool = False):
         if setting not in SETTINGS:
             raise JRASError(f"unknown setting {setting!r}: choose from {', '.join(SETTINGS)}")
         self.ws, self.setting = ws, setting
-        self.slots, self.min_confidence = slots, min_confidence
+        self.slots, self.min_confidence, self.chain = slots, min_confidence, chain
         self.accepts = setting != "static"
         self.memory = setting == "propagate"
 
@@ -128,7 +128,7 @@ class Annotator:
             self._accept(image, label, case, [z])
             if self.memory and len(accepted) < n:
                 truth, records = self.ws.accepted_slices(case.case_id, image.shape[1:])
-                result = propagate(self.ws, image, truth, z, slots=self.slots,
+                result = propagate(self.ws, image, truth, z, slots=self.slots, chain=self.chain,
                                    min_confidence=self.min_confidence, case_id=case.case_id,
                                    records=records)
                 ready = {s: lab for s, lab in ready.items() if s not in truth}
@@ -149,7 +149,7 @@ class Annotator:
             shown[m] = self.ws.predict(image, slices=[m]).labels[m]
             self._accept(image, label, case, [m])
             truth, records = self.ws.accepted_slices(case.case_id, image.shape[1:])
-            result = propagate(self.ws, image, truth, m, slots=self.slots,
+            result = propagate(self.ws, image, truth, m, slots=self.slots, chain=self.chain,
                                min_confidence=self.min_confidence, case_id=case.case_id,
                                records=records)
             rest = [z for z in range(image.shape[0]) if z != m and z not in result.labels]
@@ -168,12 +168,12 @@ class Annotator:
 
 
 def one_slice_start(ws: Workspace, image: np.ndarray, label: np.ndarray, case: Case,
-                    slots: int = 2) -> list[dict[str, Any]]:
+                    slots: int = 2, chain: bool = False) -> list[dict[str, Any]]:
     """Propagate the middle slice's expert mask through the volume (no stop rule); Dice of
     every other slice, propagated and copied from the middle, with its distance."""
     m = image.shape[0] // 2
-    result = propagate(ws, image, {m: label[m]}, m, slots=slots, min_confidence=0.0,
-                       stop_on_empty=False, case_id=case.case_id)
+    result = propagate(ws, image, {m: label[m]}, m, slots=slots, chain=chain,
+                       min_confidence=0.0, stop_on_empty=False, case_id=case.case_id)
     nc = ws.num_classes
     return [{"slice": z, "dz": abs(z - m), "propagated": slice_dice(result.labels[z], label[z], nc),
              "copy": slice_dice(label[m], label[z], nc)} for z in sorted(result.labels)]
@@ -181,16 +181,17 @@ def one_slice_start(ws: Workspace, image: np.ndarray, label: np.ndarray, case: C
 
 def run_setting(source: str | Path, setting: str, cases: Sequence[Case], unit: str,
                 home: Path, slots: int = 2, min_confidence: float = MIN_CONFIDENCE,
-                finetune_every: int = 0, finetune_steps: int = 40,
+                chain: bool = False, finetune_every: int = 0, finetune_steps: int = 40,
                 progress: ProgressFn | None = None, name: str | None = None) -> dict[str, Any]:
     """Walk through ``cases`` with one setting in a fresh workspace of ``source`` under ``home``.
 
-    ``finetune_every`` > 0 (case unit only) adds a fine-tuning round every that many accepted
+    ``chain``: propagation also uses its own predictions as weaker memory (see
+    :mod:`.propagate`). ``finetune_every`` > 0 (case unit only) adds a fine-tuning round every that many accepted
     cases (the loop benchmark's ``+finetune`` settings).
     """
     name = name or setting
     ws = Workspace.open(source, home=Path(home) / name)
-    annotator = Annotator(ws, setting, slots, min_confidence)
+    annotator = Annotator(ws, setting, slots, min_confidence, chain)
     rows, finetune_s = [], 0.0
     try:
         for n, case in enumerate(cases):
@@ -209,7 +210,7 @@ def run_setting(source: str | Path, setting: str, cases: Sequence[Case], unit: s
                 pred, extra = annotator.case_pass(image, label, case)
             predict_s = time.perf_counter() - t0
             if setting == "propagate" and image.ndim == 3:
-                extra["one_slice_start"] = one_slice_start(ws, image, label, case, slots)
+                extra["one_slice_start"] = one_slice_start(ws, image, label, case, slots, chain)
             dice = dice_per_class(pred, label, ws.num_classes)
             rows.append({"case": case.case_id, "accepted_before": n if annotator.accepts else 0,
                          "dice": float(dice.mean()), "dice_per_class": dice.tolist(),
@@ -285,7 +286,7 @@ def parse_settings(text: str | Sequence[str]) -> list[str]:
 def simulate(model: str | Path, data: str | Path, unit: str = "slice",
              settings: str | Sequence[str] = SETTINGS, limit: int | None = None,
              patient_regex: str | None = None, slots: int = 2,
-             min_confidence: float = MIN_CONFIDENCE,
+             min_confidence: float = MIN_CONFIDENCE, chain: bool = False,
              progress: ProgressFn | None = None) -> dict[str, Any]:
     """Run the simulated annotator with each setting; the report (see the module docstring)::
 
@@ -310,7 +311,7 @@ def simulate(model: str | Path, data: str | Path, unit: str = "slice",
     with tempfile.TemporaryDirectory(prefix="napari-jras-simulate-") as home:
         for name in names:
             results[name] = run_setting(source, name, cases, unit, Path(home), slots,
-                                        min_confidence, progress=progress)
+                                        min_confidence, chain, progress=progress)
         with Workspace.open(source, home=Path(home) / names[0]) as ws:
             config = ws.model_config.to_dict()
     static = results.get("static")
@@ -332,7 +333,8 @@ def simulate(model: str | Path, data: str | Path, unit: str = "slice",
             "data": {"path": str(data), "cases": len(cases),
                      "case_ids_sha256": hashlib.sha256(case_list.encode()).hexdigest()[:16]},
             "unit": unit, "settings": names,
-            "options": {"memory_slots": slots, "min_confidence": min_confidence},
+            "options": {"memory_slots": slots, "min_confidence": min_confidence,
+                        "chain": chain},
             "machine": {"python": platform.python_version(), "torch": torch.__version__,
                         "cpu": platform.machine(), "threads": torch.get_num_threads(),
                         "cuda": torch.cuda.is_available()},
