@@ -560,3 +560,26 @@ def test_format_eta():
     assert format_eta(42.4) == "42 s left"
     assert format_eta(125) == "2 min 05 s left"
     assert format_eta(16775) == "4 h 39 min left"
+
+
+def test_own_correction_tile_text_and_age():
+    from datetime import datetime, timedelta, timezone
+
+    from napari_jras._widgets.gallery import ago, is_own, tile_text
+    from napari_jras.core.engine import RetrievedExemplar
+
+    now = datetime(2026, 1, 2, 12, 0, tzinfo=timezone.utc)
+    assert ago((now - timedelta(seconds=20)).isoformat(), now) == "just now"
+    assert ago((now - timedelta(minutes=2, seconds=5)).isoformat(), now) == "2 min ago"
+    assert ago((now - timedelta(hours=3)).isoformat(), now) == "3 h ago"
+    assert ago((now - timedelta(days=3)).isoformat(), now) == "2025-12-30"
+    assert ago("not a time", now) == "earlier"
+    created = (datetime.now(timezone.utc) - timedelta(minutes=2, seconds=1)).isoformat()
+    image, mask = np.zeros((4, 4), np.float32), np.zeros((4, 4), np.uint8)
+    own = RetrievedExemplar(-1, 1.0, 0.7, {"origin": "your correction", "slice_index": 4,
+                                           "dz": -1, "created": created}, image, mask)
+    assert is_own(own)
+    assert tile_text(own).splitlines()[:2] == ["your correction  w 0.70", "slice 4, 2 min ago"]
+    training = RetrievedExemplar(12, 0.9, 0.3, {"origin": "training", "case_id": "p1",
+                                                "slice_index": 2}, image, mask)
+    assert not is_own(training) and tile_text(training).startswith("#12  sim 0.900")
