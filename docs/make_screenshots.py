@@ -148,6 +148,17 @@ def shot_accept(viewer) -> None:
     widget.scroll.ensureWidgetVisible(widget.accept_button)
 
 
+def shot_propagate(viewer) -> None:
+    """Slice 5 corrected and accepted, then propagated: slice 6 predicted with it as memory."""
+    widget, expert = segment_sample(viewer)
+    accept_correction(viewer, widget, expert)
+    widget.propagate()
+    wait_for(lambda: not widget.task.running)
+    show_slice(viewer, CORRECTED_SLICE + 1)
+    viewer.layers.selection.active = widget.labels_layer(widget.image_combo.currentText())
+    widget.scroll.ensureWidgetVisible(widget.gallery)
+
+
 def shot_finetune(viewer):
     """Background fine-tuning after a correction: progress, ETA and the live loss curve."""
     widget, expert = segment_sample(viewer)
@@ -202,6 +213,7 @@ SHOTS: dict[str, Callable] = {
     "sample": shot_sample,
     "assistant": shot_assistant,
     "accept": shot_accept,
+    "propagate": shot_propagate,
     "finetune": shot_finetune,
     "training": shot_training,
 }

@@ -16,6 +16,7 @@ from napari_jras.cli import main
 from napari_jras.core.bank import ExemplarBank
 from napari_jras.core.errors import ModelError
 from napari_jras.core.io import read_volume
+from napari_jras.core.simulate import slice_dice
 
 REGEX = r"^(p\d+)_"
 TINY = ["--backbone-options", '{"base_channels": 4, "depth": 2}',
@@ -54,7 +55,8 @@ def one_error_line(capsys, command: str) -> str:
 # --- help and info --------------------------------------------------------------------------
 @pytest.mark.parametrize("argv", [
     ["train"], ["evaluate"], ["predict"], ["bank"], ["bank", "list"], ["bank", "add"],
-    ["bank", "rebuild"], ["bank", "remove"], ["bank", "anonymise"], ["demo"], ["info"]])
+    ["bank", "rebuild"], ["bank", "remove"], ["bank", "anonymise"], ["demo"], ["info"],
+    ["simulate"]])
 def test_help_of_every_subcommand(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--help"])
@@ -528,6 +530,58 @@ def test_bad_prediction_and_bank_inputs(runs, tmp_path, capsys):
     assert "not an exemplar bank" in one_error_line(capsys, "bank")
     assert cli("bank", "remove", "--bank", runs["jras"] / "bank", "999") == 2
     assert "No exemplar with id 999" in one_error_line(capsys, "bank")
+
+
+def test_simulate_slice_by_slice_report(runs, data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NAPARI_JRAS_HOME", str(tmp_path / "home"))
+    report = tmp_path / "sim.json"
+    assert cli("simulate", "--model", runs["jras"], "--data", data_dir / "acdc", "--unit",
+               "slice", "--report", report, "--min-confidence", "0", "--quiet") == 0
+    out = capsys.readouterr().out
+    assert "propagate" in out and "x static" in out
+    result = json.loads(report.read_text())
+    assert list(result["settings"]) == ["static", "bank", "propagate"]
+    label = read_volume(data_dir / "acdc" / "patient045_frame01_label.tif").data
+    for name, setting in result["settings"].items():
+        (case,) = setting["cases"]
+        assert setting["corrected_pixels"] == case["corrected_pixels"] > 0
+        assert 0.0 <= setting["dice"] == case["dice"] <= 1.0
+        slices = case["slices"]
+        assert [s["slice"] for s in slices] == [4, 5, 3, 6, 2, 7, 1, 0]  # middle outward
+        assert [s["dz_to_accepted"] for s in slices] == [None] + [1] * 7
+        assert sum(s["corrected_pixels"] for s in slices) == case["corrected_pixels"]
+        assert setting["neighbour_slices"] == 7
+    assert result["settings"]["static"]["own_corrections_retrieved"] is None
+    propagated = result["settings"]["propagate"]
+    assert propagated["own_corrections_retrieved"] == 1.0  # memory on every later slice
+    assert propagated["cases"][0]["propagated_slices"] > 0
+    start = propagated["one_slice_start"]
+    assert sorted(start) == ["1", "2", "3", "4"] and start["1"]["slices"] == 2
+    copy = np.mean([slice_dice(label[4], label[z], 4) for z in (3, 5)])
+    assert start["1"]["copy"] == pytest.approx(copy)
+    ratios = result["corrected_pixels_vs_static"]
+    assert ratios["bank"] == pytest.approx(result["settings"]["bank"]["corrected_pixels"]
+                                           / result["settings"]["static"]["corrected_pixels"])
+    prov = result["provenance"]
+    assert prov["unit"] == "slice" and prov["data"]["cases"] == 1
+    assert prov["model"]["config"]["size"] == 32 and prov["options"]["memory_slots"] == 2
+    assert "commit" in prov and not (tmp_path / "home").exists()  # temporary workspaces only
+
+
+def test_simulate_case_unit_and_bad_settings(runs, data_dir, tmp_path, capsys):
+    report = tmp_path / "sim.json"
+    assert cli("simulate", "--model", runs["jras"], "--data", data_dir / "acdc", "--unit",
+               "case", "--report", report, "--settings", "static,propagate", "--quiet") == 0
+    result = json.loads(report.read_text())
+    assert list(result["settings"]) == ["static", "propagate"]
+    case = result["settings"]["propagate"]["cases"][0]
+    assert "slices" not in case and case["propagated_slices"] >= 0
+    capsys.readouterr()
+    assert cli("simulate", "--model", runs["jras"], "--data", data_dir / "acdc", "--report",
+               report, "--settings", "static,magic") == 2
+    assert "unknown setting(s) magic" in one_error_line(capsys, "simulate")
+    assert cli("simulate", "--model", runs["jras"], "--data", tmp_path / "nothing", "--report",
+               report) == 2
 
 
 def test_debug_shows_the_exception(tmp_path):

@@ -1484,6 +1484,30 @@ def demo_without_a_display(ctx: Ctx) -> None:
         cli_module._check_display(env, platform)  # a usable display: no refusal
 
 
+@check("W07")
+def widget_propagate_without_a_start(ctx: Ctx) -> None:
+    notes = _notes(ctx)
+    viewer, widget = _assistant(ctx)
+    viewer.add_image(read_volume(f"{ACDC}_image.tif").data, name="scan")
+    widget.propagate()
+    assert notes[-1][0] == "error" and "Load a model first" in notes[-1][1]
+    widget.set_model_source(ctx.run())
+    _wait(ctx, widget)
+    widget.scope_combo.setCurrentText("whole volume")
+    widget.segment()
+    _wait(ctx, widget)
+    labels = widget.labels_layer("scan")
+    before = np.array(labels.data, copy=True)
+    widget.propagate()
+    _wait(ctx, widget)
+    assert notes[-1][0] == "error" and "has no annotation to propagate from" in notes[-1][1]
+    np.testing.assert_array_equal(labels.data, before)
+    viewer.add_image(np.zeros((32, 32), np.float32), name="flat")
+    widget.image_combo.setCurrentText("flat")
+    widget.propagate()
+    assert notes[-1][0] == "error" and "slices of a volume" in notes[-1][1]
+
+
 # =========================================================================== the test
 def catalogue_rows() -> list[str]:
     """Row ids of the catalogue table in docs/reliability.md, in order."""

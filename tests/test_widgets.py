@@ -256,6 +256,146 @@ def test_add_labelled_folder_to_bank(assistant, qtbot, acdc_slices_dir, notes):
     assert "8 import" in widget.info.text()
 
 
+# --------------------------------------------------------------------------- propagation
+def _own(widget, z: int) -> list:
+    return [e for e in widget.gallery.exemplars_for(SAMPLE, z)
+            if e.record.get("origin") == "your correction"]
+
+
+def _never_stop(widget) -> None:
+    """The 3-step test model predicts little: propagate through the whole volume."""
+    widget.stop_confidence.setValue(0.0)
+    widget.stop_empty.setChecked(False)
+
+
+def test_accept_puts_the_correction_among_the_next_slice_exemplars(assistant, qtbot):
+    from napari.utils.key_bindings import coerce_keybinding
+
+    viewer, widget = assistant
+    set_slice(viewer, 4)
+    segment(qtbot, widget, "current slice")
+    assert not _own(widget, 4)
+    labels = viewer.layers[f"{SAMPLE} J-RAS"]
+    labels.data[4, 60:100, 60:100] = 3
+    labels.refresh()
+    widget.accept()
+    qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
+    viewer.keymap[coerce_keybinding("Shift-N")](viewer)  # next slice, segmented
+    qtbot.waitUntil(lambda: idle(widget) and 5 in widget.states[SAMPLE].predicted, timeout=WAIT)
+    (own,) = _own(widget, 5)
+    assert own.record["slice_index"] == 4 and own.record["dz"] == -1 and own.score == 1.0
+    assert (own.mask > 0).any()
+    tile = widget.gallery.tiles[0]
+    assert tile.property("origin") == "your correction"
+    assert tile.text().startswith("your correction") and "slice 4, just now" in tile.text()
+    assert "your own correction" in widget.gallery.header.text()
+    assert not any(t.text().startswith("your correction") for t in widget.gallery.tiles[1:])
+    n = len(viewer.layers)
+    tile.click()  # still opens it
+    assert len(viewer.layers) == n + 2 and "your correction, slice 4" in viewer.layers[-2].name
+    widget.memory_spin.setValue(0)  # off: retrieval only
+    set_slice(viewer, 3)
+    segment(qtbot, widget, "current slice")
+    assert not _own(widget, 3) and widget.gallery.exemplars_for(SAMPLE, 3)
+    assert getattr(viewer.keymap[coerce_keybinding("Shift-P")], "_jras", False)
+
+
+def test_propagate_fills_unaccepted_slices_and_skips_accepted_and_edited(assistant, qtbot):
+    from qtpy.QtCore import QTimer
+
+    viewer, widget = assistant
+    segment(qtbot, widget)
+    _never_stop(widget)
+    labels = viewer.layers[f"{SAMPLE} J-RAS"]
+    labels.data[4, 60:100, 60:100] = 3
+    labels.refresh()
+    set_slice(viewer, 4)
+    widget.accept()
+    qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
+    accepted = labels.data[4].copy()
+    labels.data[7] = 2  # an unaccepted edit (draft): must stay
+    labels.refresh()
+    ticks: list[float] = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(10)
+    widget.propagate()
+    qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
+    timer.stop()
+    gaps = np.diff(ticks)
+    print(f"propagation (test model): {len(ticks)} ticks, longest event-loop gap "
+          f"{gaps.max() * 1000:.0f} ms")
+    assert gaps.max() < 2.0
+    assert "Propagated to 8 slice(s)" in widget.status.text()
+    np.testing.assert_array_equal(labels.data[4], accepted)
+    assert (labels.data[7] == 2).all() and widget.edited_slices(SAMPLE) == [7]
+    for z in (0, 1, 2, 3, 5, 6, 8, 9):
+        (own,) = _own(widget, z)[:1]
+        assert own.record["slice_index"] == 4
+    assert not _own(widget, 7)
+
+
+def test_propagate_can_be_cancelled(assistant, qtbot, monkeypatch):
+    viewer, widget = assistant
+    set_slice(viewer, 5)
+    segment(qtbot, widget, "current slice")
+    _never_stop(widget)
+    widget.accept()
+    qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
+    ws = widget.workspace
+    predict = ws.predict
+
+    def slow(*args, **kwargs):
+        time.sleep(0.3)
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(ws, "predict", slow)
+    widget.propagate()
+    qtbot.waitUntil(lambda: widget.progress.value() >= 2, timeout=WAIT)
+    widget.cancel_button.click()
+    qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
+    assert widget.status.text().startswith("Cancelled after")
+    filled = [z for z in range(10) if _own(widget, z)]
+    assert 2 <= len(filled) < 9
+
+
+def test_one_slice_start_paint_and_propagate(assistant, qtbot, notes):
+    viewer, widget = assistant
+    _never_stop(widget)
+    set_slice(viewer, 3)
+    widget.propagate()  # nothing segmented yet: an empty layer to paint on
+    labels = viewer.layers[f"{SAMPLE} J-RAS"]
+    assert not labels.data.any()
+    assert any("Paint the structures on slice 3" in msg for _, msg in notes)
+    widget.propagate()  # nothing painted: a clear error
+    qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
+    assert any(level == "error" and "no annotation to propagate from" in msg
+               for level, msg in notes)
+    labels.data[3, 80:140, 80:140] = 3
+    labels.refresh()
+    widget.propagate()
+    qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
+    assert "Propagated to 9 slice(s)" in widget.status.text()
+    assert widget.edited_slices(SAMPLE) == [3]  # the painted slice stays a draft
+    (own,) = _own(widget, 2)[:1]
+    assert own.record["slice_index"] == 3 and own.record.get("not_accepted")
+    set_slice(viewer, 2)
+    assert "slice 3, painted, not accepted" in widget.gallery.tiles[0].text()
+
+
+def test_propagate_after_every_accept(assistant, qtbot):
+    viewer, widget = assistant
+    set_slice(viewer, 6)
+    segment(qtbot, widget, "current slice")
+    _never_stop(widget)
+    widget.auto_propagate.setChecked(True)
+    widget.accept()
+    qtbot.waitUntil(lambda: idle(widget) and "Propagated" in widget.status.text(),
+                    timeout=WAIT)
+    assert widget.states[SAMPLE].predicted == set(range(10))
+    assert _own(widget, 5)[0].record["slice_index"] == 6
+
+
 # --------------------------------------------------------------------------- fine-tuning
 def test_finetune_in_background_keeps_gui_responsive(assistant, qtbot, notes):
     from qtpy.QtCore import QTimer
@@ -423,3 +563,26 @@ def test_format_eta():
     assert format_eta(42.4) == "42 s left"
     assert format_eta(125) == "2 min 05 s left"
     assert format_eta(16775) == "4 h 39 min left"
+
+
+def test_own_correction_tile_text_and_age():
+    from datetime import datetime, timedelta, timezone
+
+    from napari_jras._widgets.gallery import ago, is_own, tile_text
+    from napari_jras.core.engine import RetrievedExemplar
+
+    now = datetime(2026, 1, 2, 12, 0, tzinfo=timezone.utc)
+    assert ago((now - timedelta(seconds=20)).isoformat(), now) == "just now"
+    assert ago((now - timedelta(minutes=2, seconds=5)).isoformat(), now) == "2 min ago"
+    assert ago((now - timedelta(hours=3)).isoformat(), now) == "3 h ago"
+    assert ago((now - timedelta(days=3)).isoformat(), now) == "2025-12-30"
+    assert ago("not a time", now) == "earlier"
+    created = (datetime.now(timezone.utc) - timedelta(minutes=2, seconds=1)).isoformat()
+    image, mask = np.zeros((4, 4), np.float32), np.zeros((4, 4), np.uint8)
+    own = RetrievedExemplar(-1, 1.0, 0.7, {"origin": "your correction", "slice_index": 4,
+                                           "dz": -1, "created": created}, image, mask)
+    assert is_own(own)
+    assert tile_text(own).splitlines()[:2] == ["your correction  w 0.70", "slice 4, 2 min ago"]
+    training = RetrievedExemplar(12, 0.9, 0.3, {"origin": "training", "case_id": "p1",
+                                                "slice_index": 2}, image, mask)
+    assert not is_own(training) and tile_text(training).startswith("#12  sim 0.900")

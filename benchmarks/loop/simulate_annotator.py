@@ -10,15 +10,18 @@ predicts, the annotator "corrects" the prediction by replacing it with the exper
 number of pixels that had to change is recorded), accepts it, and moves on. Settings:
 
 - ``jras-bank``: J-RAS, corrections only go into the exemplar bank (no training);
+- ``jras-propagate``: the bank, plus same-volume memory and propagation after every accept
+  (see ``napari-jras simulate``, whose logic this script shares: napari_jras.core.simulate);
 - ``jras-bank+finetune``: the same, plus a short joint fine-tuning round every N corrections;
 - ``baseline+finetune``: the same backbone without retrieval, fine-tuned every N corrections
   on the accepted corrections (it has no bank to learn from otherwise);
 - ``jras-static`` / ``baseline-static``: no learning at all (reference lines).
 
-With ``--unit slice`` the annotator works slice by slice inside each volume instead, as with
-the assistant's "accept, next slice" (Shift+D, Shift+N): slice z is predicted with the
-corrections of the slices before it (same volume) already in the bank, then corrected and
-accepted; the Dice of a case is that of its volume put together from these predictions.
+With ``--unit slice`` the annotator works slice by slice inside each volume instead, from its
+middle slice outward, as with the assistant's "accept, next slice" (Shift+D, Shift+N): slice z
+is predicted with the corrections of the slices before it (same volume) already in the bank,
+then corrected and accepted; the Dice of a case is that of its volume put together from these
+predictions.
 Fine-tuning settings are skipped in that mode (a round per slice is not how anyone works).
 
 Each setting runs in a fresh workspace (temporary home folder), so the shipped model is never
@@ -32,92 +35,23 @@ import json
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from napari_jras.core.io import find_cases, load_case
-from napari_jras.core.metrics import dice_per_class, mean_dice
-from napari_jras.core.workspace import BUILTIN, Workspace
+from napari_jras.core.io import find_cases
+from napari_jras.core.simulate import run_setting
+from napari_jras.core.workspace import BUILTIN
 
-SETTINGS = {  # name: (model, accept corrections, fine-tune)
-    "jras-static": ("jras", False, False),
-    "jras-bank": ("jras", True, False),
-    "jras-bank+finetune": ("jras", True, True),
-    "baseline-static": ("baseline", False, False),
-    "baseline+finetune": ("baseline", True, True),
+SETTINGS = {  # name: (model, simulated setting of napari_jras.core.simulate, fine-tune)
+    "jras-static": ("jras", "static", False),
+    "jras-bank": ("jras", "bank", False),
+    "jras-propagate": ("jras", "propagate", False),
+    "jras-bank+finetune": ("jras", "bank", True),
+    "baseline-static": ("baseline", "static", False),
+    "baseline+finetune": ("baseline", "bank", True),
 }
-
-
-def predict_slice_by_slice(ws: Workspace, image: np.ndarray, label: np.ndarray,
-                           case_id: str, source: str) -> tuple[np.ndarray, dict]:
-    """Predict each slice after the corrections of the slices before it were accepted.
-
-    Also returns the fraction of slices (after the first) whose retrieved exemplars include
-    a correction of their own volume, and the mean fusion weight such corrections got.
-    """
-    if image.ndim == 2:
-        return ws.predict(image).labels, {"own_retrieved": 0.0, "own_weight": 0.0}
-    pred = np.zeros(label.shape, np.uint8)
-    own, weight = [], []
-    for z in range(image.shape[0]):
-        result = ws.predict(image, slices=[z])
-        pred[z] = result.labels[z]
-        if z:
-            mine = [e.weight for e in result.exemplars.get(z, [])
-                    if e.record.get("case_id") == case_id]
-            own.append(bool(mine))
-            weight.append(sum(mine))
-        ws.accept(image, label, slices=[z], case_id=case_id, source=source)
-    return pred, {"own_retrieved": float(np.mean(own)), "own_weight": float(np.mean(weight))}
-
-
-def run_setting(name: str, source: str, cases: list, every: int, steps: int,
-                home: Path, unit: str = "case") -> dict:
-    """Walk through ``cases`` with one setting; per-case Dice and corrected pixels."""
-    _, accept, finetune = SETTINGS[name]
-    ws = Workspace.open(source, home=home / name)
-    rows = []
-    finetune_s = 0.0
-    try:
-        for n, case in enumerate(cases):
-            image, label = load_case(case)
-            t0 = time.perf_counter()
-            extra = {}
-            if accept and unit == "slice":
-                pred, extra = predict_slice_by_slice(ws, image.data, label, case.case_id,
-                                                     case.image_path.name)
-            else:
-                pred = ws.predict(image.data).labels
-            predict_s = time.perf_counter() - t0
-            dice = dice_per_class(pred, label, ws.num_classes)
-            rows.append({"case": case.case_id, "accepted_before": n if accept else 0,
-                         "dice": mean_dice(pred, label, ws.num_classes),
-                         "dice_per_class": dice.tolist(),
-                         "corrected_pixels": int((pred != label).sum()),
-                         "foreground_pixels": int((label > 0).sum()), "predict_s": predict_s,
-                         **extra})
-            print(f"  {name:20s} {case.case_id:22s} Dice {rows[-1]['dice']:.3f}  "
-                  f"corrected {rows[-1]['corrected_pixels']:6d} px", flush=True)
-            if accept and unit == "case":
-                ws.accept(image.data, label, case_id=case.case_id, source=case.image_path.name)
-                if finetune and (n + 1) % every == 0 and n + 1 < len(cases):
-                    t0 = time.perf_counter()
-                    ws.finetune(steps=steps, device="auto", note=f"loop after {n + 1}")
-                    finetune_s += time.perf_counter() - t0
-    finally:
-        ws.close()
-    dices = np.array([r["dice"] for r in rows])
-    pixels = np.array([r["corrected_pixels"] for r in rows])
-    own = [r["own_retrieved"] for r in rows if "own_retrieved" in r]
-    return {"setting": name, "cases": rows, "mean_dice": float(dices.mean()),
-            "own_corrections_retrieved": float(np.mean(own)) if own else None,
-            "own_corrections_weight": (float(np.mean([r["own_weight"] for r in rows
-                                                      if "own_weight" in r])) if own else None),
-            "std_dice": float(dices.std()), "mean_corrected_pixels": float(pixels.mean()),
-            "total_corrected_pixels": int(pixels.sum()), "finetune_s": finetune_s}
 
 
 def write_report(result: dict, out: Path) -> None:
@@ -141,8 +75,8 @@ def write_report(result: dict, out: Path) -> None:
     for s in result["settings"]:
         own = s.get("own_corrections_retrieved")
         own_text = "- | -" if own is None else f"{own:.0%} | {s['own_corrections_weight']:.2f}"
-        lines.append(f"| {s['setting']} | {s['mean_dice']:.4f} +- {s['std_dice']:.4f} | "
-                     f"{s['mean_corrected_pixels']:.0f} | {s['total_corrected_pixels']:,} | "
+        lines.append(f"| {s['setting']} | {s['dice']:.4f} +- {s['std_dice']:.4f} | "
+                     f"{s['mean_corrected_pixels']:.0f} | {s['corrected_pixels']:,} | "
                      f"{s['finetune_s']:.0f} | {own_text} |")
     lines += ["", "Per case (Dice):", "",
               "| # | case | " + " | ".join(s["setting"] for s in result["settings"]) + " |",
@@ -182,21 +116,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="accept whole cases, or slice by slice within each volume")
     args = parser.parse_args(argv)
     names = [s for s in args.settings.split(",") if s]
-    if args.unit == "slice":
-        names = [s for s in names if not SETTINGS[s][2]]  # no fine-tuning per slice
     unknown = [s for s in names if s not in SETTINGS]
     if unknown:
         parser.error(f"unknown setting(s) {unknown}; choose from {list(SETTINGS)}")
+    if args.unit == "slice":
+        names = [s for s in names if not SETTINGS[s][2]]  # no fine-tuning per slice
     if args.baseline is None:
         names = [s for s in names if SETTINGS[s][0] != "baseline"]
     cases = find_cases(args.data)[:args.limit]
     args.out.mkdir(parents=True, exist_ok=True)
     settings = []
+    progress = (lambda r: print(f"  {r['phase']:20s} {r['case']:22s} Dice {r['dice']:.3f}  "
+                                f"corrected {r['corrected']:6d} px", flush=True))
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            source = args.jras if SETTINGS[name][0] == "jras" else args.baseline
-            settings.append(run_setting(name, source, cases, args.every, args.steps, Path(tmp),
-                                        args.unit))
+            kind, setting, finetune = SETTINGS[name]
+            source = args.jras if kind == "jras" else args.baseline
+            settings.append(run_setting(source, setting, cases, args.unit, Path(tmp),
+                                        finetune_every=args.every if finetune else 0,
+                                        finetune_steps=args.steps, progress=progress, name=name))
     result = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "cpu": platform.machine(), "threads": torch.get_num_threads(),

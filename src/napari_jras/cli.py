@@ -1,4 +1,4 @@
-"""The ``napari-jras`` command: train, evaluate, predict, bank, demo, info.
+"""The ``napari-jras`` command: train, evaluate, simulate, predict, bank, demo, info.
 
 Errors napari-jras raises on purpose print one line and exit with status 2; ``--debug`` shows the
 traceback. ``python -m napari_jras.cli`` is the same command. ``torchrun --nproc_per_node N -m
@@ -141,6 +141,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{report['data']['cases']} cases  Dice {overall['dice']['mean']:.4f} +- "
           f"{overall['dice']['std']:.4f}  HD95 {overall['hd95']['mean']:.2f}  "
           f"HD {overall['hd']['mean']:.2f}  -> {args.report}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Simulated annotator: corrected pixels per setting (static, bank, propagate)."""
+    from .core.checkpoint import atomic_write_json
+    from .core.simulate import simulate
+
+    report = simulate(args.model, args.data, unit=args.unit, settings=args.settings,
+                      limit=args.limit, patient_regex=args.patient_regex,
+                      slots=args.memory_slots, min_confidence=args.min_confidence,
+                      chain=args.chain, progress=_progress_printer(args.quiet))
+    atomic_write_json(Path(args.report), report)
+    ratios = report["corrected_pixels_vs_static"] or {}
+    for name, result in report["settings"].items():
+        ratio = f"  ({ratios[name]:.3f} x static)" if name in ratios else ""
+        print(f"{name:10s} corrected pixels {result['corrected_pixels']:9d}{ratio}  "
+              f"Dice {result['dice']:.4f}")
+    print(f"-> {args.report}")
     return 0
 
 
@@ -326,6 +345,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference(e)
     _add_common(e)
     e.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("simulate", help="simulated annotator: how many pixels would you "
+                                        "correct with this model (JSON report)",
+                       description="Work through labelled cases as an annotator would (each "
+                                   "prediction corrected to the expert mask and accepted) and "
+                                   "count the corrected pixels per setting: static (nothing "
+                                   "learned), bank (corrections into the bank), propagate (bank "
+                                   "+ same-volume memory + propagation).")
+    s.add_argument("--model", required=True, help="run folder, or 'builtin'")
+    s.add_argument("--data", required=True, help="labelled cases, worked through in order")
+    s.add_argument("--unit", default="slice", choices=["slice", "case"],
+                   help="slice: each volume slice by slice from its middle outward; "
+                        "case: whole cases")
+    s.add_argument("--report", required=True, help="JSON report to write")
+    s.add_argument("--settings", default="static,bank,propagate",
+                   help="comma-separated: static, bank, propagate")
+    s.add_argument("--limit", type=int, help="only the first N cases")
+    s.add_argument("--memory-slots", type=int, default=2,
+                   help="accepted slices of the volume that guide each prediction (propagate)")
+    s.add_argument("--min-confidence", type=float, default=0.5,
+                   help="propagation stops at a slice less confident than this (0: never)")
+    s.add_argument("--chain", action="store_true",
+                   help="propagation also uses its own predictions of nearer slices as "
+                        "(weaker) memory")
+    s.add_argument("--patient-regex")
+    _add_common(s, device=False)
+    s.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("predict", help="segment an image file or a folder of images")
     p.add_argument("--model", required=True, help="run folder")

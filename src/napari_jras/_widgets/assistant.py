@@ -20,7 +20,9 @@ import numpy as np
 from napari.layers import Image, Labels
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
@@ -38,6 +40,7 @@ from .._writer import write_labels
 from ..core import bank_tools
 from ..core.engine import Prediction
 from ..core.errors import DataError, JRASError
+from ..core.propagate import MIN_CONFIDENCE, Propagation, propagate
 from ..core.workspace import BUILTIN, ModelVersion, Workspace, builtin_model_dir
 from ._common import (
     DEVICES,
@@ -63,8 +66,12 @@ if TYPE_CHECKING:
 ASSISTANT_NAME = "J-RAS assistant"
 CHOOSE = "choose"
 SCOPES = ("current slice", "whole volume", "all open images")
-SHORTCUTS = {"Shift-S": "segment", "Shift-D": "accept", "Shift-N": "next_slice"}
-"""Viewer key bindings: segment, accept the corrected slices, go to (and segment) the next slice."""
+SHORTCUTS = {"Shift-S": "segment", "Shift-D": "accept", "Shift-N": "next_slice",
+             "Shift-P": "propagate"}
+"""Viewer key bindings: segment, accept the corrected slices, go to (and segment) the next slice,
+propagate the accepted (or painted) slice to the rest of the volume."""
+MEMORY_SLOTS = 2
+"""Default number of the volume's own accepted slices that guide each prediction."""
 AUTOSAVE_MS = 2000
 LABELS_SUFFIX = " J-RAS"
 
@@ -92,13 +99,34 @@ def segment_job(workspace: Workspace | None, source: str, jobs: list[dict[str, A
     results = []
     for i, job in enumerate(jobs):
         started = time.perf_counter()
+        memory = ws.volume_memory(job["case_id"], np.shape(job["image"]), job["memory_slots"])
         pred = ws.predict(job["image"], modality=job["modality"], slices=job["slices"],
                           progress=lambda done, total, i=i: progress((i, len(jobs), done, total)),
-                          cancel=cancel)
+                          cancel=cancel, memory=memory)
         draft = ws.load_draft(job["draft_key"]) if job["want_draft"] else None
         results.append(Segmented(job["name"], pred, draft, str(engine.device),
                                  time.perf_counter() - started))
     return ws, results
+
+
+def propagate_job(ws: Workspace, image: np.ndarray, modality: str | None, case_id: str,
+                  start: int, painted: dict[int, np.ndarray], protected: list[int], slots: int,
+                  min_confidence: float, stop_on_empty: bool,
+                  progress: Callable[[Any], None], cancel: Callable[[], bool]) -> Propagation:
+    """Propagate from slice ``start`` with the case's accepted corrections (and the ``painted``,
+    not yet accepted slices) as memory; ``protected`` slices are never predicted."""
+    accepted, records = ws.accepted_slices(case_id, np.shape(image)[1:])
+    for z in painted:
+        records[z] = {"case_id": case_id, "not_accepted": True}
+    return propagate(ws, image, {**accepted, **painted}, start, protected=protected, slots=slots,
+                     modality=modality, case_id=case_id, records=records,
+                     min_confidence=min_confidence, stop_on_empty=stop_on_empty,
+                     progress=lambda done, total: progress((done, total)), cancel=cancel)
+
+
+def case_id_of(layer: Image) -> str:
+    """The case id under which an image's corrections are stored (metadata, else layer name)."""
+    return str(layer.metadata.get("case_id") or layer.name)
 
 
 def accept_job(ws: Workspace, **kwargs: Any) -> dict[str, Any]:
@@ -205,6 +233,7 @@ class AssistantWidget(QWidget):
         self.finetune_task: Task | None = None
         self._source = BUILTIN
         self._updating = False
+        self._queued: Callable[[], None] | None = None
         self._autosave = QTimer(self)
         self._autosave.setSingleShot(True)
         self._autosave.setInterval(AUTOSAVE_MS)
@@ -270,6 +299,29 @@ class AssistantWidget(QWidget):
         self.accept_button.clicked.connect(self.accept)
         self.next_button = QPushButton("Next slice  [Shift+N]")
         self.next_button.clicked.connect(self.next_slice)
+        self.propagate_button = QPushButton("Propagate  [Shift+P]")
+        self.propagate_button.setToolTip(
+            "Re-predict the slices you have not accepted or edited, outward from the current "
+            "slice (accepted, or painted), each guided by your nearest accepted slices")
+        self.propagate_button.clicked.connect(lambda: self.propagate())
+        self.auto_propagate = QCheckBox("Propagate after every accept")
+        self.stop_confidence = QDoubleSpinBox()
+        self.stop_confidence.setRange(0.0, 1.0)
+        self.stop_confidence.setSingleStep(0.05)
+        self.stop_confidence.setValue(MIN_CONFIDENCE)
+        self.stop_confidence.setToolTip("Propagation stops in a direction at a slice whose mean "
+                                        "confidence over its predicted structures is lower "
+                                        "(that slice is left as it was); 0: never")
+        self.stop_empty = QCheckBox("Stop where the structures vanish")
+        self.stop_empty.setChecked(True)
+        self.stop_empty.setToolTip("Propagation stops in a direction after a slice predicted "
+                                   "empty")
+        self.memory_spin = QSpinBox()
+        self.memory_spin.setRange(0, 8)
+        self.memory_spin.setValue(MEMORY_SLOTS)
+        self.memory_spin.setSpecialValueText("off")
+        self.memory_spin.setToolTip("How many of your accepted slices of the same volume (the "
+                                    "nearest ones) guide every prediction; off: retrieval only")
         self.export_button = QPushButton("Export labels...")
         self.export_button.clicked.connect(lambda: self.export_labels())
         cor_box = QGroupBox("Correct")
@@ -277,6 +329,12 @@ class AssistantWidget(QWidget):
         cor.addWidget(_wrapped("Edit the J-RAS labels layer with napari's label tools, then "
                                "accept. Edits are autosaved as drafts."))
         cor.addLayout(_row(self.accept_button, self.next_button))
+        memory_form = QFormLayout()
+        memory_form.addRow("Your corrections as memory", self.memory_spin)
+        memory_form.addRow("Stop below confidence", self.stop_confidence)
+        cor.addLayout(memory_form)
+        cor.addWidget(self.stop_empty)
+        cor.addLayout(_row(self.propagate_button, self.auto_propagate))
         cor.addWidget(self.export_button)
 
         self.finetune_button = QPushButton("Fine-tune now")
@@ -318,7 +376,8 @@ class AssistantWidget(QWidget):
         info = QVBoxLayout(info_box)
         info.addWidget(self.info)
         info.addWidget(self.add_folder_button)
-        info.addWidget(_wrapped("Shortcuts: Shift+S segment, Shift+D accept, Shift+N next slice"))
+        info.addWidget(_wrapped("Shortcuts: Shift+S segment, Shift+D accept, Shift+N next slice, "
+                                "Shift+P propagate"))
 
         content = QWidget()
         layout = QVBoxLayout(content)
@@ -483,6 +542,9 @@ class AssistantWidget(QWidget):
             self.progress.setRange(0, 1)
             self.progress.setValue(1)
             self.cancel_button.setEnabled(False)
+            queued, self._queued = self._queued, None
+            if queued is not None:
+                queued()
 
         self.task = Task(func, *args, on_done=finished, on_error=failed, on_finally=cleanup,
                          on_progress=progress, pass_progress=progress is not None, **kwargs).start()
@@ -528,6 +590,7 @@ class AssistantWidget(QWidget):
                       if scope == SCOPES[0] and layer.ndim == 3 else None)
             jobs.append({"name": layer.name, "image": np.asarray(layer.data),
                          "modality": layer.metadata.get("modality"), "slices": slices,
+                         "case_id": case_id_of(layer), "memory_slots": self.memory_spin.value(),
                          "draft_key": draft_key(layer), "want_draft": layer.name not in self.states})
         names = ", ".join(job["name"] for job in jobs)
         self._run(segment_job, self.workspace, self._source, jobs, self.device_combo.currentText(),
@@ -567,9 +630,7 @@ class AssistantWidget(QWidget):
         state = self.states.get(item.name)
         shape = np.shape(image.data)
         if state is None or state.labels not in self.viewer.layers or state.labels.data.shape != shape:
-            state = ImageState(self._add_labels_layer(image, ws), np.zeros(shape, np.uint8),
-                               draft_key(image))
-            self.states[item.name] = state
+            state = self._new_state(image, ws)
         edited = set(self.edited_slices(item.name))
         data, base = _as_volume(state.labels.data), _as_volume(state.baseline)
         pred = _as_volume(item.prediction.labels)
@@ -596,6 +657,14 @@ class AssistantWidget(QWidget):
         self.gallery.set_exemplars(item.name, item.prediction.exemplars, ws.class_names,
                                    retrieval=ws.model_config.use_retrieval)
         return kept, restored
+
+    def _new_state(self, image: Image, ws: Workspace) -> ImageState:
+        """A fresh, empty J-RAS labels layer for ``image`` and its tracked state."""
+        shape = np.shape(image.data)
+        state = ImageState(self._add_labels_layer(image, ws), np.zeros(shape, np.uint8),
+                           draft_key(image))
+        self.states[image.name] = state
+        return state
 
     def _add_labels_layer(self, image: Image, ws: Workspace) -> Labels:
         names = ws.class_names
@@ -634,6 +703,83 @@ class AssistantWidget(QWidget):
         if self.scope_combo.currentText() == SCOPES[0] and (state is None or z not in state.predicted):
             self.segment()
 
+    # -- propagate -------------------------------------------------------------------------
+    def propagate(self, start: int | None = None) -> None:
+        """Re-predict the volume outward from slice ``start`` (default: the current slice).
+
+        ``start`` must be accepted, or painted (edited) and not yet accepted: the one-slice
+        start. Accepted and edited slices are never overwritten. Without a J-RAS labels layer
+        yet, an empty one is added to paint on.
+        """
+        layer = self.current_image()
+        if layer is None:
+            show_error("No image layer: open a volume first")
+            return
+        try:
+            check_image_layer(layer)
+        except DataError as exc:
+            show_error(str(exc))
+            return
+        if layer.ndim != 3:
+            show_error(f"'{layer.name}' is a 2-D image: propagation works through the slices "
+                       "of a volume")
+            return
+        if self.workspace is None:
+            show_error("Load a model first: press Segment, or pick a model under Model")
+            return
+        state = self.states.get(layer.name)
+        z = current_index(self.viewer, layer) if start is None else int(start)
+        if state is None or state.labels not in self.viewer.layers:
+            self._new_state(layer, self.workspace)
+            self.viewer.layers.selection.active = self.states[layer.name].labels
+            show_info(f"Paint the structures on slice {z} of '{layer.name}{LABELS_SUFFIX}', "
+                      "then press Propagate (or accept the slice first)")
+            return
+        edited = set(self.edited_slices(layer.name))
+        data = _as_volume(np.asarray(state.labels.data))
+        painted = {z: data[z].copy()} if z in edited else {}
+        name = layer.name
+
+        def done(result: Propagation) -> None:
+            applied = self._apply_propagation(name, state, result)
+            stops = ", ".join(f"{d}: {why}" for d, why in sorted(result.stopped.items()))
+            what = "Cancelled after" if result.cancelled else "Propagated to"
+            self.status.setText(f"{what} {len(applied)} slice(s) of {name} from slice {z} in "
+                                f"{result.seconds:.2f} s ({stops})")
+
+        self._run(propagate_job, self.workspace, np.asarray(layer.data),
+                  layer.metadata.get("modality"), case_id_of(layer), z, painted,
+                  sorted(edited - {z}), max(1, self.memory_spin.value()),
+                  self.stop_confidence.value(), self.stop_empty.isChecked(),
+                  label=f"Propagating from slice {z} of {name}", done=done,
+                  progress=self._on_propagate_progress)
+
+    def _on_propagate_progress(self, message: tuple[int, int]) -> None:
+        done, total = message
+        self.progress.setRange(0, max(1, total))
+        self.progress.setValue(done)
+
+    def _apply_propagation(self, name: str, state: ImageState, result: Propagation) -> list[int]:
+        """Write propagated slices into the labels layer, except slices edited meanwhile."""
+        if name not in self.states or self.states[name] is not state:
+            return []
+        edited = set(self.edited_slices(name))
+        data, base = _as_volume(state.labels.data), _as_volume(state.baseline)
+        applied = [z for z in result.filled if z not in edited]
+        self._updating = True
+        try:
+            for z in applied:
+                data[z] = result.labels[z]
+                base[z] = result.labels[z]
+                state.predicted.add(z)
+            state.labels.refresh()
+        finally:
+            self._updating = False
+        ws = self.workspace
+        self.gallery.set_exemplars(name, {z: result.exemplars[z] for z in applied},
+                                   ws.class_names, retrieval=ws.model_config.use_retrieval)
+        return applied
+
     # -- accept and drafts -----------------------------------------------------------------
     def accept(self) -> None:
         """Store the edited slices (or the current slice) of the chosen image in the bank."""
@@ -651,7 +797,7 @@ class AssistantWidget(QWidget):
         kwargs = {"image": np.asarray(layer.data), "labels": labels,
                   "slices": zs if layer.ndim == 3 else None,
                   "modality": meta.get("modality"), "source": str(meta.get("source") or layer.name),
-                  "case_id": str(meta.get("case_id") or layer.name),
+                  "case_id": case_id_of(layer),
                   "patient_id": meta.get("patient_id"), "author": _user()}
         name = layer.name
 
@@ -669,6 +815,9 @@ class AssistantWidget(QWidget):
                       f"{bank}")
             self.status.setText(f"Accepted slice(s) {_zs(zs)} of {name}")
             self.refresh_info()
+            if self.auto_propagate.isChecked() and layer.ndim == 3 and name in self.states:
+                start = current_index(self.viewer, layer)
+                self._queued = lambda: self.propagate(start if start in zs else zs[0])
             auto = self.auto_spin.value()
             if auto and result["pending"] >= auto:
                 self.finetune(auto=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -11,9 +12,12 @@ from qtpy.QtGui import QColor, QIcon, QImage, QPixmap
 from qtpy.QtWidgets import QGridLayout, QLabel, QToolButton, QVBoxLayout, QWidget
 
 from ..core.engine import RetrievedExemplar
+from ..core.workspace import OWN_CORRECTION
 from ._common import class_color, class_colormap, class_features, current_index
 
 THUMB = 120
+OWN_BORDER = "QToolButton { border: 2px solid #3cb44b; border-radius: 4px; }"
+"""Tiles of the user's own corrections stand out from training exemplars."""
 
 
 def overlay_rgb(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -38,6 +42,36 @@ def to_pixmap(rgb: np.ndarray, size: int = THUMB) -> QPixmap:
                                           Qt.TransformationMode.SmoothTransformation)
 
 
+def is_own(ex: RetrievedExemplar) -> bool:
+    """True for one of the user's own slices of the same volume (same-volume memory)."""
+    return ex.id < 0 and ex.record.get("origin") == OWN_CORRECTION
+
+
+def ago(created: str | None, now: datetime | None = None) -> str:
+    """``just now``, ``2 min ago``, ``3 h ago`` or the date, from an ISO time stamp."""
+    try:
+        then = datetime.fromisoformat(str(created))
+    except ValueError:
+        return "earlier"
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=timezone.utc)
+    seconds = ((now or datetime.now(timezone.utc)) - then).total_seconds()
+    if seconds < 60:
+        return "just now"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min ago"
+    if seconds < 86400:
+        return f"{int(seconds // 3600)} h ago"
+    return then.date().isoformat()
+
+
+def own_text(ex: RetrievedExemplar) -> str:
+    """``your correction, slice 4, 2 min ago`` (or ``..., painted, not accepted``)."""
+    r = ex.record
+    when = "painted, not accepted" if r.get("not_accepted") else ago(r.get("created"))
+    return f"{OWN_CORRECTION}, slice {r.get('slice_index', '?')}, {when}"
+
+
 def provenance(record: dict[str, Any]) -> str:
     """``case p1, slice 3, training`` from a bank record."""
     parts = [str(record.get("case_id") or record.get("source") or "?")]
@@ -48,8 +82,17 @@ def provenance(record: dict[str, Any]) -> str:
 
 
 def tile_text(ex: RetrievedExemplar, width: int = 20) -> str:
-    """Three short lines under a thumbnail: id, similarity, weight / case / slice and origin."""
+    """Three short lines under a thumbnail: id, similarity, weight / case / slice and origin.
+
+    The user's own corrections read ``your correction, slice 4, 2 min ago`` instead.
+    """
     r = ex.record
+    if is_own(ex):
+        first, _, rest = own_text(ex).partition(", ")
+        return f"{first}  w {ex.weight:.2f}\n{rest}\nscore {ex.score:.2f}, {r.get('dz', 0):+d} slices"
+    if ex.id < 0:  # a diagnostic memory (neighbour / oracle ground truth)
+        return (f"{r.get('origin', '?')}  w {ex.weight:.2f}\nslice {r.get('slice_index', '?')}\n"
+                f"score {ex.score:.2f}")
     case = str(r.get("case_id") or r.get("source") or "?")
     case = case if len(case) <= width else case[:width - 1] + "\u2026"
     return (f"#{ex.id}  sim {ex.score:.3f}  w {ex.weight:.2f}\n{case}\n"
@@ -149,8 +192,10 @@ class ExemplarGallery(QWidget):
         if not items:
             self.header.setText(f"Slice {z}: not predicted yet (press Segment).")
             return
-        self.header.setText(f"Slice {z}: the {len(items)} exemplars fused into the prediction "
-                            "(click one to open it)")
+        own = sum(1 for ex in items if is_own(ex))
+        mine = f", {own} of them your own correction(s) (green)" if own else ""
+        self.header.setText(f"Slice {z}: the {len(items)} exemplars fused into the "
+                            f"prediction{mine} (click one to open it)")
         for i, ex in enumerate(items):
             tile = QToolButton()
             tile.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextUnderIcon)
@@ -159,6 +204,8 @@ class ExemplarGallery(QWidget):
             tile.setText(tile_text(ex))
             tile.setToolTip(self._tooltip(ex))
             tile.setProperty("origin", ex.record.get("origin"))
+            if is_own(ex):
+                tile.setStyleSheet(OWN_BORDER)
             tile.clicked.connect(lambda _=False, ex=ex: self.open_exemplar(ex))
             self._grid.addWidget(tile, i // self.columns, i % self.columns)
             self.tiles.append(tile)
@@ -166,6 +213,11 @@ class ExemplarGallery(QWidget):
     @staticmethod
     def _tooltip(ex: RetrievedExemplar) -> str:
         r = ex.record
+        if ex.id < 0:
+            rows = [own_text(ex) if is_own(ex) else str(r.get("origin", "?")),
+                    f"memory score {ex.score:.3f} ({r.get('dz', 0):+d} slices from this one)",
+                    f"fusion weight {ex.weight:.3f}", f"case {r.get('case_id', '?')}"]
+            return "\n".join(rows + [f"{k} {r[k]}" for k in ("author", "created") if r.get(k)])
         rows = [f"exemplar #{ex.id}", f"cosine similarity {ex.score:.3f}",
                 f"fusion weight {ex.weight:.3f}", f"case {r.get('case_id', '?')}",
                 f"patient {r.get('patient_id', '?')}", f"slice {r.get('slice_index', '?')}",
@@ -177,7 +229,8 @@ class ExemplarGallery(QWidget):
         """Add the exemplar's image and mask to the viewer as a layer pair."""
         names = self._class_names.get(self._image or "", [])
         n = max(len(names), int(ex.mask.max()) + 1)
-        title = f"exemplar #{ex.id} ({provenance(ex.record)})"
+        title = (f"exemplar ({own_text(ex)})" if is_own(ex) else
+                 f"exemplar #{ex.id} ({provenance(ex.record)})")
         self.viewer.add_image(ex.image, name=title, colormap="gray", contrast_limits=(0.0, 1.0),
                               metadata={"exemplar": dict(ex.record), "exemplar_id": ex.id})
         kwargs: dict[str, Any] = {"name": f"{title} mask", "colormap": class_colormap(n),

@@ -272,13 +272,19 @@ class InferenceEngine:
         t0 = time.perf_counter()
         size = (cfg.size, cfg.size)
         rows: list[list[tuple[float, torch.Tensor, torch.Tensor, RetrievedExemplar]]] = []
+        in_memory: list[set[int]] = []  # slices of this volume already in each row's memory
         for z in batch:
             row = []
-            for s, score in (memory.nearest(z) if memory is not None else []):
+            nearest = memory.nearest(z) if memory is not None else []
+            in_memory.append({s for s, _ in nearest})
+            for s, score in nearest:
                 image = torch.from_numpy(resize_images(vol[[s]], size)[0])
                 mask = torch.from_numpy(resize_labels(
                     np.asarray(memory.labels[s])[None], size)[0].astype(np.int64))
-                record = {"origin": memory.origin, "slice_index": s, "dz": s - z}
+                record = {**memory.records.get(s, {}), "origin": memory.origin,
+                          "slice_index": s, "dz": s - z}
+                if s in memory.predicted:
+                    record["predicted"] = True
                 row.append((score, image, mask, RetrievedExemplar(
                     -1, score, 0.0, record, image.numpy(), mask.numpy().astype(np.uint8))))
             rows.append(row)
@@ -289,7 +295,13 @@ class InferenceEngine:
         if max(wanted) > 0 and source == "random":
             hits = self._random_hits(len(batch), exclude_patient, seed=batch[0])
         elif max(wanted) > 0:
-            hits = self._search(x, max(wanted), exclude_patient, timings)
+            own = memory.case_id if memory is not None else None
+            hits = self._search(x, max(wanted) + (memory.slots if own else 0), exclude_patient,
+                                timings)
+            if own:  # no second copy of a memory slice (the bank holds it as a correction)
+                hits = [[h for h in found if h.record.get("case_id") != own
+                         or h.record.get("slice_index") not in used]
+                        for found, used in zip(hits, in_memory)]
             if any(len(h) == 0 and not r for h, r in zip(hits, rows)):
                 raise BankError("No exemplar could be retrieved (every exemplar is excluded or "
                                 "the bank is empty)")

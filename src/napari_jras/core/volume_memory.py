@@ -12,19 +12,24 @@ the lower slice first) with the *memory score* ``1 - 0.1 (|dz| - 1)`` (1.0 next 
 slices away, never below 0.5), on the same scale as the retriever's cosine similarities, so
 that the fusion softmax ``softmax(score / tau)`` prefers near slices to far ones and the
 volume's own slices to other patients' (cosine <= 1). A slice's own annotation (the oracle)
-scores 1.0.
+scores 1.0. Slices whose labels are the model's own predictions (``predicted``: propagation's
+``chain`` option), not annotations, score :data:`PREDICTED_PENALTY` less; the ``slots`` best
+scores guide (ties: the nearer, then the lower slice).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from .errors import JRASError
 
 GUIDE_SOURCES = ("retrieved", "none", "neighbour", "oracle", "random")
+PREDICTED_PENALTY = 0.2
+"""How much less a predicted (not annotated) slice scores than an annotated one as memory."""
 
 
 def memory_score(dz: int) -> float:
@@ -39,7 +44,11 @@ class VolumeMemory:
     ``slots``: how many of them guide each predicted slice; ``include_self``: a slice may use
     its own annotation (the oracle diagnostic); ``only``: no retrieved exemplars fill the
     remaining slots (the neighbour / oracle diagnostics); ``max_distance``: farther slices
-    never guide. ``origin`` is shown in the gallery.
+    never guide. ``origin`` is shown in the gallery; ``records[s]`` adds provenance of slice s
+    (e.g. who accepted it, when) to what the gallery shows. ``predicted``: slices whose labels
+    are predictions, scored lower (see the module docstring). ``case_id``: the volume's case
+    id; the retrieved slots then skip the bank's copies of the slices in the memory slots
+    (accepted corrections are in the bank too: no slice guides twice).
     """
 
     labels: Mapping[int, np.ndarray] = field(default_factory=dict)
@@ -48,6 +57,9 @@ class VolumeMemory:
     only: bool = False
     max_distance: int | None = None
     origin: str = "this volume"
+    records: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
+    predicted: frozenset[int] = frozenset()
+    case_id: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.slots, bool) or not isinstance(self.slots, int) or self.slots < 0:
@@ -57,8 +69,10 @@ class VolumeMemory:
         """``(slice, memory score)`` of the annotated slices that guide slice ``z``, best first."""
         candidates = [s for s in self.labels if (self.include_self or s != z)
                       and (self.max_distance is None or abs(s - z) <= self.max_distance)]
-        candidates.sort(key=lambda s: (abs(s - z), s))
-        return [(s, memory_score(s - z)) for s in candidates[:self.slots]]
+        scored = [(s, memory_score(s - z) - (PREDICTED_PENALTY if s in self.predicted else 0.0))
+                  for s in candidates]
+        scored.sort(key=lambda item: (-round(item[1], 6), abs(item[0] - z), item[0]))
+        return scored[:self.slots]
 
 
 def diagnostic_memory(source: str, reference: np.ndarray | None) -> VolumeMemory | None:

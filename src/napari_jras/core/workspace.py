@@ -46,6 +46,7 @@ from .io import check_image, check_label, patient_of, split_extension
 from .model import JRASModel, ModelConfig
 from .normalize import NormalizedSlices, intensity_map
 from .retrieval import embed_images, retriever_version
+from .volume_memory import VolumeMemory
 
 BUILTIN = "builtin"
 BUILTIN_SLUG = "builtin-cardiac-mri"
@@ -60,6 +61,8 @@ EMBEDDINGS_DIR = "embeddings"
 DRAFTS_DIR = "drafts"
 FINETUNE_DIR = "finetune"
 CORRECTION = "correction"
+OWN_CORRECTION = "your correction"
+"""Gallery origin of an exemplar that is one of the user's accepted slices of the same volume."""
 MAX_KEY_LENGTH = 120
 EMBED_CHUNK = 256
 VERSION_NAME = re.compile(r"^v\d{1,9}$")  # names of folders under versions/
@@ -235,12 +238,50 @@ class Workspace:
                 slices: Sequence[int] | None = None,
                 progress: Callable[[int, int], None] | None = None,
                 cancel: CancelFn | None = None,
-                return_probabilities: bool = False) -> Prediction:
-        """Segment ``image`` (2-D or 3-D Z-first) with the active version and the working bank."""
+                return_probabilities: bool = False,
+                memory: VolumeMemory | None = None) -> Prediction:
+        """Segment ``image`` (2-D or 3-D Z-first) with the active version and the working bank.
+
+        ``memory``: annotated slices of this volume that guide the others first (see
+        :meth:`volume_memory`).
+        """
         with self._lock:
             return self.engine(self._engine_device).predict(
                 image, modality=modality, slices=slices, progress=progress, cancel=cancel,
-                return_probabilities=return_probabilities)
+                return_probabilities=return_probabilities, memory=memory)
+
+    def accepted_slices(self, case_id: str, shape: Sequence[int]
+                        ) -> tuple[dict[int, np.ndarray], dict[int, dict[str, Any]]]:
+        """The accepted corrections of ``case_id``: (H, W) ``shape`` label map per slice, and
+        per slice what the gallery shows of it (correction id, author, accept time)."""
+        records = {r["slice_index"]: r for r in self.corrections()
+                   if r["case_id"] == case_id and r.get("slice_index") is not None}
+        if not records:
+            return {}, {}
+        zs = sorted(records)
+        masks = resize_labels(self._store.masks([records[z]["id"] for z in zs]),
+                              (int(shape[0]), int(shape[1])))
+        info = {z: {"correction_id": records[z]["id"], "case_id": case_id,
+                    "author": records[z].get("author"), "created": records[z].get("created")}
+                for z in zs}
+        return {z: masks[i].astype(np.uint8) for i, z in enumerate(zs)}, info
+
+    def volume_memory(self, case_id: str, shape: Sequence[int], slots: int = 2,
+                      extra: dict[int, np.ndarray] | None = None) -> VolumeMemory | None:
+        """Same-volume priority: the accepted corrections of ``case_id`` as the memory of a
+        prediction of its (Z, H, W) ``shape`` volume (None when ``slots`` is 0 or nothing was
+        accepted); ``extra`` adds slices painted but not accepted yet."""
+        if slots <= 0 or len(shape) != 3:
+            return None
+        labels, records = self.accepted_slices(case_id, shape[1:])
+        labels = {z: m for z, m in labels.items() if 0 <= z < shape[0]}
+        for z in extra or {}:
+            records[z] = {"case_id": case_id, "not_accepted": True}
+        labels.update(extra or {})
+        if not labels:
+            return None
+        return VolumeMemory(labels, slots=slots, origin=OWN_CORRECTION, records=records,
+                            case_id=case_id)
 
     def activate(self, name: str, progress: ProgressFn | None = None) -> None:
         """Make version ``name`` the active one (roll back or forward); the bank follows it."""
