@@ -262,7 +262,78 @@ def test_resuming_with_another_model_config_is_refused(runs, acdc_slices_dir, tm
     assert cli("train", "--data", acdc_slices_dir, "--out", out, *wider,
                "--class-names", ",".join(["background", *CLASS_NAMES])) == 2
     line = one_error_line(capsys, "train")
-    assert "backbone_options" in line and "--no-resume" in line
+    assert "model.backbone_options" in line and "--overwrite" in line
+
+
+def _folder_state(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("change, named", [
+    (["--seed", "1"], "train.seed"), (["--guide-dropout", "0.2"], "train.guide_dropout"),
+    (["--steps", "4"], "train.steps"), (["--k", "3"], "model.k")])
+def test_resuming_with_other_training_settings_is_refused_untouched(
+        runs, acdc_slices_dir, tmp_path, capsys, change, named):
+    out = shutil.copytree(runs["jras"], tmp_path / "run")
+    before = _folder_state(out)
+    args = [a for a in TINY if a not in ("--steps", "3")] if "--steps" in change else TINY
+    assert cli("train", "--data", acdc_slices_dir, "--out", out, *args, *change,
+               "--class-names", ",".join(["background", *CLASS_NAMES])) == 2
+    line = one_error_line(capsys, "train")
+    assert named in line and "--overwrite" in line
+    assert _folder_state(out) == before  # nothing was touched
+
+
+def test_resuming_with_other_training_data_is_refused(runs, acdc_slices_dir, tmp_path, capsys):
+    out = shutil.copytree(runs["jras"], tmp_path / "run")
+    data = shutil.copytree(acdc_slices_dir, tmp_path / "data")
+    for f in data.glob("p3_*"):
+        f.unlink()
+    assert cli("train", "--data", data, "--out", out, *TINY,
+               "--class-names", ",".join(["background", *CLASS_NAMES])) == 2
+    assert "data.case_list_sha256" in one_error_line(capsys, "train")
+
+
+def test_resume_with_same_settings_and_harmless_changes(runs, acdc_slices_dir, tmp_path):
+    out = shutil.copytree(runs["jras"], tmp_path / "run")
+    weights = (out / "model.safetensors").read_bytes()
+    # logging, checkpointing and the device do not change the weights: the run is resumed
+    assert cli("train", "--data", acdc_slices_dir, "--out", out, *TINY, "--log-every", "1",
+               "--checkpoint-every", "7", "--device", "cpu",
+               "--class-names", ",".join(["background", *CLASS_NAMES])) == 0
+    assert (out / "model.safetensors").read_bytes() == weights  # finished: nothing retrained
+    assert json.loads((out / "train_config.json").read_text())["steps_done"] == 3
+
+
+def test_overwrite_starts_afresh(runs, acdc_slices_dir, tmp_path):
+    out = shutil.copytree(runs["jras"], tmp_path / "run")
+    (out / "notes.txt").write_text("mine")
+    old_checkpoints = {p.name for p in (out / "checkpoints").iterdir()}
+    args = [a for a in TINY if a not in ("--steps", "3")]
+    assert cli("train", "--data", acdc_slices_dir, "--out", out, *args, "--seed", "1",
+               "--steps", "2", "--overwrite",
+               "--class-names", ",".join(["background", *CLASS_NAMES])) == 0
+    assert json.loads((out / "train_config.json").read_text())["train"]["seed"] == 1
+    assert json.loads((out / "run_settings.json").read_text())["train"]["seed"] == 1
+    assert {p.name for p in (out / "checkpoints").iterdir()} == {"step_00000002"} != old_checkpoints
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] <= 2 and max(r["step"] for r in log) == 2  # the old log is gone
+    assert (out / "notes.txt").read_text() == "mine"  # only the run's own files were removed
+    assert not list(out.glob(".*overwritten"))
+
+
+def test_old_run_folders_without_settings_file_still_resume(runs, acdc_slices_dir, tmp_path,
+                                                            capsys):
+    out = shutil.copytree(runs["jras"], tmp_path / "run")
+    (out / "run_settings.json").unlink()  # as written before the file existed
+    assert cli("train", "--data", acdc_slices_dir, "--out", out, *TINY,
+               "--class-names", ",".join(["background", *CLASS_NAMES])) == 0
+    shutil.rmtree(out / "checkpoints")
+    (out / "run_settings.json").unlink()
+    assert cli("train", "--data", acdc_slices_dir, "--out", out, *TINY, "--seed", "5",
+               "--class-names", ",".join(["background", *CLASS_NAMES])) == 2
+    assert "train.seed" in one_error_line(capsys, "train")
 
 
 def test_bad_model_folders_exit_2_with_one_line(runs, acdc_slices_dir, tmp_path, capsys):

@@ -96,7 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         log_every=args.log_every, augment=not args.no_augment)
     with distributed_session(args.device):  # a no-op outside torchrun
         out = train_run(args.data, args.out, model_config, train_config, val=args.val,
-                        patient_regex=args.patient_regex, resume=not args.no_resume,
+                        patient_regex=args.patient_regex, resume=not args.overwrite,
                         epochs=args.epochs, progress=_progress_printer(args.quiet))
         if is_main():
             print(f"Model written to {out}")
@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a J-RAS model (or the same backbone without retrieval).")
     t.add_argument("--data", required=True, help="folder of <name>_image.* + <name>_label.* pairs")
     t.add_argument("--val", help="validation folder (other patients) for val Dice in the log")
-    t.add_argument("--out", required=True, help="run folder to write (resumed if it has checkpoints)")
+    t.add_argument("--out", required=True, help="run folder to write (a run already there is resumed if it "
+                                                "was started with the same settings)")
     t.add_argument("--backbone", default="unet",
                    help="unet, transunet, segformer or sam (see docs/backbones.md)")
     t.add_argument("--backbone-options", help='JSON, e.g. \'{"base_channels": 16}\'')
@@ -253,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "exclusion for those samples only (never at evaluation)")
     t.add_argument("--no-augment", action="store_true")
     t.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
-    t.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
+    t.add_argument("--overwrite", "--no-resume", action="store_true",
+                   help="start afresh: remove the run already in --out (checkpoints, model, bank, "
+                        "log) instead of resuming it")
     t.add_argument("--checkpoint-every", type=int, default=200)
     t.add_argument("--val-every", type=int, default=0)
     t.add_argument("--log-every", type=int, default=10)

@@ -15,10 +15,10 @@ import torch
 
 from . import distributed as ddp
 from .bank import ExemplarBank
-from .checkpoint import atomic_write_json, read_config, save_model
+from .checkpoint import atomic_write_json, save_model
 from .data import SliceSample, load_slices, num_classes_of
 from .engine import BANK_DIR, load_engine
-from .errors import DataError, JRASError, ModelError
+from .errors import DataError, JRASError
 from .io import (
     Case,
     check_image,
@@ -32,6 +32,7 @@ from .io import (
 from .metrics import evaluate_case, summarize
 from .model import JRASModel, ModelConfig
 from .retrieval import embed_images, retriever_version
+from .run_settings import check_resumable, clear_run, record_settings, training_settings
 from .train import CancelFn, JointTrainer, ProgressFn, SliceSet, TrainConfig, seed_everything
 
 TRAIN_CONFIG_FILE = "train_config.json"
@@ -76,18 +77,6 @@ def _data_summary(path: str | Path, cases: Sequence[Case], samples: Sequence[Sli
             "patients": len({c.patient_id for c in cases}), "slices": len(samples)}
 
 
-def _check_resumable(out: Path, model: JRASModel) -> None:
-    """Refuse to resume checkpoints in ``out`` that were made with another model config."""
-    done = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / "trainer.json").exists())
-    if not done:
-        return
-    saved, wanted = read_config(done[-1]).to_dict(), model.config.to_dict()
-    changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
-    if changed:
-        raise ModelError(f"{out} holds checkpoints of a model with other settings "
-                         f"({', '.join(changed)}): use --no-resume to start over, or a new --out")
-
-
 def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
               train_config: TrainConfig, val: str | Path | None = None,
               patient_regex: str | None = None, resume: bool = True, epochs: int | None = None,
@@ -98,6 +87,11 @@ def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
     when absent. The run folder receives ``config.json``, ``model.safetensors``,
     ``train_config.json``, ``log.jsonl``, ``checkpoints/`` and (J-RAS only) the training ``bank/``.
     ``epochs`` (when given) sets the number of steps from the number of training slices.
+
+    A run folder that already holds a run is resumed only when every setting that affects
+    training matches (:mod:`.run_settings`); otherwise :class:`JRASError` names the differing
+    settings before anything in it is touched. ``resume=False`` (``--overwrite``) removes the
+    previous run's files first and starts afresh.
 
     Under torchrun (an initialised process group) every rank trains and rank 0 alone writes the
     run folder; the function returns on every rank once it is complete.
@@ -126,11 +120,19 @@ def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
     model = JRASModel(ModelConfig(**config))
     train_set = SliceSet(samples, model.num_classes)
     val_set = SliceSet(val_samples, model.num_classes) if val_samples else None
+    settings = training_settings(model.config.to_dict(), asdict(train_config), cases,
+                                 patient_regex)
+    if resume:
+        check_resumable(out, settings)
+    elif ddp.is_main():
+        clear_run(out)
+    ddp.barrier()
     trainer = JointTrainer(model, train_set, train_config, run_dir=out, val=val_set,
                            progress=progress, cancel=cancel)
     if resume:
-        _check_resumable(out, model)
         trainer.resume()
+    if ddp.is_main():
+        record_settings(out, settings)
     started = time.time()
     trainer.fit()
     if ddp.is_main():
