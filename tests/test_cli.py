@@ -123,7 +123,7 @@ def test_evaluate_report_schema_and_values(runs, acdc_slices_dir, tmp_path, caps
                report_path, "--patient-regex", REGEX, "--device", "cpu", "--quiet") == 0
     assert str(report_path) in capsys.readouterr().out
     report = _strict_json(report_path)
-    assert set(report) == {"model", "bank", "data", "device", "summary", "cases"}
+    assert set(report) == {"provenance", "model", "bank", "data", "device", "summary", "cases"}
     assert report["model"]["path"] == str(runs["jras"])
     assert report["model"]["config"]["backbone"] == "unet"
     assert report["bank"] == {"path": str(runs["jras"] / "bank"), "exemplars": 8}
@@ -132,15 +132,17 @@ def test_evaluate_report_schema_and_values(runs, acdc_slices_dir, tmp_path, caps
     cases = report["cases"]
     assert len(cases) == 8 and {c["patient_id"] for c in cases} == {"p0", "p1", "p2", "p3"}
     for case in cases:
-        assert set(case) == {"case_id", "patient_id", "image", "per_class", "mean", "units"}
+        assert set(case) == {"case_id", "patient_id", "image", "per_class", "mean", "units",
+                             "retrieved_patients", "retrieved_ids", "excluded_duplicates"}
         assert list(case["per_class"]) == CLASS_NAMES and case["units"] == "pixels"
+        assert all(set(v) == {"dice", "hd95", "hd", "missing"} for v in case["per_class"].values())
         for values in [*case["per_class"].values(), case["mean"]]:
-            assert set(values) == {"dice", "hd95", "hd"}
             assert 0.0 <= values["dice"] <= 1.0
             if values["hd"] is not None:
                 assert 0.0 <= values["hd95"] <= values["hd"] <= math.hypot(112, 112)
     summary = report["summary"]
     assert summary["n_cases"] == 8 and summary["units"] == "pixels"
+    assert summary["n_missing"] == sum(summary["per_class"][n]["n_missing"] for n in CLASS_NAMES)
     for name in CLASS_NAMES:
         for metric in ("dice", "hd95", "hd"):
             stats = summary["per_class"][name][metric]
@@ -148,6 +150,44 @@ def test_evaluate_report_schema_and_values(runs, acdc_slices_dir, tmp_path, caps
     dice = [c["mean"]["dice"] for c in cases]
     assert summary["mean"]["dice"]["mean"] == pytest.approx(np.mean(dice))
     assert summary["mean"]["dice"]["std"] == pytest.approx(np.std(dice))
+
+
+def test_evaluate_report_provenance(runs, acdc_slices_dir, tmp_path):
+    from napari_jras import __version__
+    from napari_jras.core.provenance import case_list_sha256
+    from napari_jras.core.io import find_cases
+
+    report_path = tmp_path / "report.json"
+    assert cli("evaluate", "--model", runs["jras"], "--data", acdc_slices_dir, "--report",
+               report_path, "--patient-regex", REGEX, "--device", "cpu", "--quiet") == 0
+    prov = _strict_json(report_path)["provenance"]
+    assert prov["version"] == __version__ and prov["device"] == "cpu"
+    assert prov["guide_source"] == "retrieved" and prov["group_duplicates"] is False
+    git = prov["git"]  # the tests run from a checkout
+    assert git is None or (len(git["commit"]) == 40 and isinstance(git["dirty"], bool))
+    assert prov["data"] == {"path": str(acdc_slices_dir), "cases": 8,
+                            "case_list_sha256": case_list_sha256(find_cases(acdc_slices_dir))}
+    assert prov["model"]["config"]["backbone"] == "unet"
+    assert prov["model"]["train_config"]["train"]["steps"] == 3
+    assert prov["time_utc"].endswith("+00:00")
+
+
+def test_evaluate_never_retrieves_the_evaluated_patient(runs, acdc_slices_dir, tmp_path):
+    """End to end: every exemplar a case retrieved belongs to another patient.
+
+    The bank holds both slices of every patient, so a pipeline that stopped excluding the
+    query's patient would retrieve the query's own slice (checked to fail that way).
+    """
+    report_path = tmp_path / "report.json"
+    assert cli("evaluate", "--model", runs["jras"], "--data", acdc_slices_dir, "--report",
+               report_path, "--patient-regex", REGEX, "--device", "cpu", "--quiet") == 0
+    cases = _strict_json(report_path)["cases"]
+    with ExemplarBank.open(runs["jras"] / "bank") as bank:
+        owner = {r["id"]: r["patient_id"] for r in bank.records()}
+    for case in cases:
+        assert case["retrieved_ids"], case["case_id"]
+        assert case["patient_id"] not in case["retrieved_patients"], case["case_id"]
+        assert case["patient_id"] not in {owner[i] for i in case["retrieved_ids"]}
 
 
 def test_evaluate_baseline_and_bank_override(runs, acdc_slices_dir, tmp_path):

@@ -97,7 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     with distributed_session(args.device):  # a no-op outside torchrun
         out = train_run(args.data, args.out, model_config, train_config, val=args.val,
                         patient_regex=args.patient_regex, resume=not args.overwrite,
-                        epochs=args.epochs, progress=_progress_printer(args.quiet))
+                        epochs=args.epochs, group_duplicates=args.group_duplicates,
+                        progress=_progress_printer(args.quiet))
         if is_main():
             print(f"Model written to {out}")
     return 0
@@ -120,6 +121,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     report = evaluate_run(args.model, args.data, bank=args.bank, device=args.device,
                           patient_regex=args.patient_regex,
+                          group_duplicates={"auto": None, "on": True, "off": False}[
+                              args.group_duplicates],
                           progress=_progress_printer(args.quiet), **_engine_options(args))
     atomic_write_json(Path(args.report), report)
     overall = report["summary"]["mean"]
@@ -261,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-every", type=int, default=0)
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--patient-regex", help="regex whose group 1 is the patient id of a case name")
+    t.add_argument("--group-duplicates", action="store_true",
+                   help="treat near-duplicate images (thumbnail correlation >= 0.95) as one "
+                        "patient, so training never retrieves a near-copy of its query")
     _add_common(t)
     t.set_defaults(func=cmd_train)
 
@@ -270,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bank", help="exemplar bank (default: the run folder's bank)")
     e.add_argument("--report", required=True, help="JSON report to write")
     e.add_argument("--patient-regex")
+    e.add_argument("--group-duplicates", choices=["auto", "on", "off"], default="auto",
+                   help="never retrieve near-duplicates of the evaluated image (thumbnail "
+                        "correlation >= 0.95); auto: on when every case is its own patient")
     _add_inference(e)
     _add_common(e)
     e.set_defaults(func=cmd_evaluate)

@@ -226,14 +226,16 @@ class InferenceEngine:
         masks = torch.stack([self._cache[i][1] for i in ids])
         return images, masks
 
-    def _retrieve(self, x: torch.Tensor, exclude_patient: str | None
+    def _retrieve(self, x: torch.Tensor, exclude_patient: str | None,
+                  exclude_ids: Sequence[int] = ()
                   ) -> tuple[Guide, list[list[Any]], dict[str, float]]:
         cfg = self.model.config
         t0 = time.perf_counter()
         q = self._run("retriever", x[:, None]).float().cpu().numpy()
         t1 = time.perf_counter()
         hits = self.bank.search(q, cfg.k, self.version,
-                                exclude_patients=[exclude_patient] * len(q))
+                                exclude_patients=[exclude_patient] * len(q),
+                                exclude_ids=[exclude_ids] * len(q) if exclude_ids else None)
         t2 = time.perf_counter()
         if any(len(h) == 0 for h in hits):
             raise BankError("No exemplar could be retrieved (every exemplar is excluded or the "
@@ -256,13 +258,14 @@ class InferenceEngine:
     @torch.inference_mode()
     def predict(self, image: np.ndarray, modality: str | None = None,
                 slices: Sequence[int] | None = None, exclude_patient: str | None = None,
-                return_probabilities: bool = False,
+                exclude_ids: Sequence[int] = (), return_probabilities: bool = False,
                 progress: Callable[[int, int], None] | None = None,
                 cancel: Callable[[], bool] | None = None) -> Prediction:
         """Segment ``image`` (2-D, or 3-D Z-first); ``slices`` limits which Z slices are predicted.
 
         ``exclude_patient`` keeps exemplars of that patient out of retrieval (evaluation without
-        leakage). Raises :class:`JRASError` subclasses with clear messages for bad input.
+        leakage); ``exclude_ids`` keeps single exemplars out (e.g. near-duplicates of the image).
+        Raises :class:`JRASError` subclasses with clear messages for bad input.
         A GPU out-of-memory error halves ``batch_size`` (kept for later calls) and retries; at
         one slice the engine moves to the CPU with a warning (see ``on_warning``).
         """
@@ -287,7 +290,7 @@ class InferenceEngine:
                 raise JRASError("Prediction cancelled")
             batch = z_all[start:start + self.batch_size]
             try:
-                self._predict_batch(vol, batch, exclude_patient, result, timings)
+                self._predict_batch(vol, batch, exclude_patient, exclude_ids, result, timings)
                 out_of_memory = False
             except torch.cuda.OutOfMemoryError:
                 out_of_memory = True  # recover outside the handler, once its tensors are freed
@@ -304,14 +307,15 @@ class InferenceEngine:
         return result
 
     def _predict_batch(self, vol: np.ndarray, batch: list[int], exclude_patient: str | None,
-                       result: Prediction, timings: dict[str, float]) -> None:
+                       exclude_ids: Sequence[int], result: Prediction,
+                       timings: dict[str, float]) -> None:
         cfg = self.model.config
         size = (cfg.size, cfg.size)
         x = torch.from_numpy(resize_images(vol[batch], size)).to(self.device)
         with autocast(self.device, self.amp):
             guide = None
             if cfg.use_retrieval:
-                guide, hits, t = self._retrieve(x, exclude_patient)
+                guide, hits, t = self._retrieve(x, exclude_patient, exclude_ids)
                 for key, value in t.items():
                     timings[key] += value
             t0 = time.perf_counter()

@@ -38,11 +38,13 @@ RUN_FILES = (SETTINGS_FILE, CONFIG_FILE, WEIGHTS_FILE, TRAIN_CONFIG_FILE, "log.j
 
 
 def training_settings(model_config: dict[str, Any], train_config: dict[str, Any],
-                      cases: Sequence[Case], patient_regex: str | None) -> dict[str, Any]:
+                      cases: Sequence[Case], patient_regex: str | None,
+                      group_duplicates: bool = False) -> dict[str, Any]:
     """The settings of a training run that decide its weights (see the module docstring)."""
     settings = {"model": model_config,
                 "train": {k: v for k, v in train_config.items() if k not in HARMLESS_TRAIN_SETTINGS},
-                "data": {"case_list_sha256": case_list_sha256(cases), "patient_regex": patient_regex}}
+                "data": {"case_list_sha256": case_list_sha256(cases), "patient_regex": patient_regex,
+                         "group_duplicates": group_duplicates}}
     return json.loads(json.dumps(settings))  # as read back from the file (lists, not tuples)
 
 
