@@ -54,3 +54,18 @@ def test_paired_comparison_and_verdict():
     assert verdict(paired(b, a), 3, 0.001) == "worse"
     assert paired({k: 1.0 for k in "abc"}, {k: 1.0 for k in "abc"})["wilcoxon_p"] is None
     assert mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0) and mean_sd([0.5]) == (0.5, None)
+
+
+def test_seed_disagreement_widens_the_ci():
+    """Patients agree within each seed, but the seeds disagree: no claim of a difference."""
+    rng = np.random.default_rng(3)
+    base = [{f"p{i}": 0.7 + 0.01 * rng.random() for i in range(10)} for _ in range(3)]
+    shift = [-0.02, 0.18, -0.04]  # like the ACDC seed table: one seed far better
+    jras = [{p: v + s + 0.002 * rng.random() for p, v in b.items()} for b, s in zip(base, shift)]
+    cmp = paired(jras, base)
+    assert cmp["n_seeds"] == 3 and cmp["mean_diff"] == pytest.approx(np.mean(shift), abs=0.01)
+    assert cmp["wilcoxon_p"] < 0.01  # conditional on the seeds: every patient gained on average
+    assert cmp["ci95"][0] < 0 < cmp["ci95"][1]  # but the seed-to-seed spread dominates
+    assert verdict(cmp, 3, holm([cmp["wilcoxon_p"]])[0]) == "no significant difference"
+    with pytest.raises(ValueError, match="seeds"):
+        paired(jras, base[:2])

@@ -37,6 +37,7 @@ from napari_jras.core.fusion import Guide, align_exemplars, combine
 from napari_jras.core.io import find_cases, load_case
 from napari_jras.core.metrics import dice_per_class
 from napari_jras.core.normalize import normalize
+from napari_jras.core.provenance import provenance
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     dice: dict[str, list[float]] = {
         k: [] for k in ("retrieved", "random", "oracle", "none", "guide_alone")}
     gaps, top_weights, retrieved_ids = [], [], set()
-    for case in find_cases(args.data):
+    cases = find_cases(args.data)
+    for case in cases:
         image, label = load_case(case)
         x = torch.from_numpy(resize_images(as_slices(normalize(image.data, cfg.modality)), size))
         y = resize_labels(as_slices(label), size)
@@ -87,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         top_weights.extend(guide.weights.max(1).values.tolist())
         retrieved_ids.update(h.id for row in hits for h in row)
     result = {
+        "provenance": provenance(data=args.data, cases=cases, model_dir=args.model,
+                                 device=str(engine.device), guide_source="diagnostic: retrieved, "
+                                 "oracle, none, random, guide alone"),
         "model": str(args.model), "data": str(args.data), "cases": len(dice["retrieved"]),
         "working_size": cfg.size, "k": cfg.k, "tau": cfg.tau,
         "dice": {k: {"mean": float(np.mean(v)), "std": float(np.std(v))} for k, v in dice.items()},

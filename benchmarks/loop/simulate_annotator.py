@@ -40,6 +40,7 @@ import torch
 
 from napari_jras.core.io import find_cases, load_case
 from napari_jras.core.metrics import dice_per_class
+from napari_jras.core.provenance import provenance
 from napari_jras.core.workspace import BUILTIN, Workspace
 
 SETTINGS = {  # name: (model, accept corrections, fine-tune)
@@ -197,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             settings.append(run_setting(name, source, cases, args.every, args.steps, Path(tmp),
                                         args.unit))
     result = {
+        "provenance": provenance(data=args.data, cases=cases, jras=str(args.jras),
+                                 baseline=None if args.baseline is None else str(args.baseline)),
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "cpu": platform.machine(), "threads": torch.get_num_threads(),
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
