@@ -95,3 +95,60 @@ def test_run_accuracy_smoke(shared_data, tmp_path):
     script(*[{"32": "40", "acdc:unet,busi:unet": "busi:unet"}.get(a, a) for a in map(str, base)])
     again = json.loads((tmp_path / "out" / "accuracy.json").read_text())
     assert again["pairs"][0]["reports"]["jras"][0]["model"]["config"]["size"] == 40
+
+
+@pytest.mark.slow
+def test_method_variants_and_report_smoke(shared_data, tmp_path):
+    out = tmp_path / "variants"
+    env = dict(os.environ, DATA=str(shared_data / "acdc"), STEPS="2", SIZE="32",
+               WORK=str(tmp_path / "work"), JRAS=f"{sys.executable} -m napari_jras.cli",
+               PYTHON=sys.executable, OMP_NUM_THREADS="1", MPLBACKEND="Agg",
+               PYTHONPATH=os.pathsep.join([str(REPO / "src"),
+                                           *filter(None, [os.environ.get("PYTHONPATH")])]))
+    for seed in ("0", "1"):
+        target = out if seed == "0" else out / f"seed{seed}"
+        proc = subprocess.run(["bash", "benchmarks/accuracy/method_variants.sh", str(target),
+                               "baseline", "jras_default"], cwd=REPO, text=True,
+                              capture_output=True, timeout=600,
+                              env=dict(env, SEED=seed, LOOP="1" if seed == "0" else "0"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "jras_default_val.json").read_text())
+    assert report["provenance"]["model"]["train_config"]["train"]["seed"] == 0
+    assert (out / "jras_default_loop_slice.json").is_file()
+    script("benchmarks/accuracy/report_variants.py", out)
+    table = (out / "variants.md").read_text()
+    assert "+ dropout + centring (default)" in table and "Holm p" in table
+    assert "two-level bootstrap" in table and "no claim (2 seeds)" in table
+
+
+@pytest.mark.slow
+def test_guide_use_and_gpu_check_smoke(tiny_run, acdc_slices_dir, tmp_path):
+    script("benchmarks/diagnostics/guide_use.py", "--model", tiny_run, "--data",
+           acdc_slices_dir, "--out", tmp_path / "guide.json")
+    guide = json.loads((tmp_path / "guide.json").read_text())
+    assert guide["cases"] == 8 and set(guide["dice"]) >= {"retrieved", "oracle", "none"}
+    assert guide["provenance"]["data"]["cases"] == 8
+    script("benchmarks/gpu_check.py", "--quick", "--device", "cpu", "--data", acdc_slices_dir,
+           "--out", tmp_path / "gpu.json")
+    gpu = json.loads((tmp_path / "gpu.json").read_text())
+    assert gpu["device"] == "cpu" and gpu["provenance"]["device"] == "cpu"
+
+
+@pytest.mark.slow
+def test_simulate_annotator_smoke(tiny_run, tiny_baseline_run, acdc_slices_dir, tmp_path,
+                                  monkeypatch):
+    monkeypatch.setenv("NAPARI_JRAS_HOME", str(tmp_path / "home"))
+    script("benchmarks/loop/simulate_annotator.py", "--jras", tiny_run, "--baseline",
+           tiny_baseline_run, "--data", acdc_slices_dir, "--limit", "2", "--every", "1",
+           "--steps", "1", "--out", tmp_path / "loop")
+    loop = json.loads((tmp_path / "loop" / "loop.json").read_text())
+    assert loop["provenance"]["data"]["cases"] == 2 and loop["settings"]
+    assert (tmp_path / "loop" / "loop.md").is_file()
+
+
+@pytest.mark.slow
+def test_bench_speed_smoke(acdc_slices_dir, tmp_path):
+    script("benchmarks/speed/bench_speed.py", "--quick", "--device", "cpu", "--train-data",
+           acdc_slices_dir, "--sizes", "200,400", "--out", tmp_path / "speed")
+    speed = json.loads((tmp_path / "speed" / "speed.json").read_text())
+    assert speed["provenance"]["device"] == "cpu" and speed["train_ratio"] > 0

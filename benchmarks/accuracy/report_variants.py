@@ -39,6 +39,8 @@ def main(folder: str) -> int:
     out = Path(folder)
     rows = []
     for stem, (label, what) in VARIANTS.items():
+        if not (out / f"{stem}_val.json").exists():
+            continue  # a variant not measured (method_variants.sh OUT VARIANT...)
         mean = json.loads((out / f"{stem}_val.json").read_text())["summary"]["mean"]
         loop_file = out / f"{stem}_loop_slice.json"
         loop = json.loads(loop_file.read_text())["settings"][0] if loop_file.exists() else None
