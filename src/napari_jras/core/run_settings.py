@@ -97,7 +97,7 @@ def check_resumable(out: Path, wanted: dict[str, Any]) -> bool:
     changed = differing_settings(saved, wanted)
     if changed:
         raise JRASError(f"{out} holds a run trained with other settings ({', '.join(changed)}): "
-                        "use --overwrite to start afresh there, or another --out")
+                        "choose another run folder (--out), or start afresh there (--overwrite)")
     return True
 
 
