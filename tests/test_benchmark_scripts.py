@@ -45,7 +45,7 @@ def shared_data(tmp_path_factory) -> Path:
             write_volume(root / "acdc" / part / f"{name}_label.tif", labels[z])
     busi = read_volume(DATA / "busi" / "benign_100_image.png").data
     busi_label = read_volume(DATA / "busi" / "benign_100_label.png").data
-    twin = DATA / "busi_duplicates"
+    twin = Path(__file__).parent / "data_duplicates"
     images = {"benign/benign_1": (busi, busi_label),
               "benign/benign_2": (busi.T, busi_label.T),
               "malignant/malignant_1": (busi[::-1], busi_label[::-1])}

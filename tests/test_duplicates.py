@@ -18,7 +18,8 @@ from napari_jras.core.pipeline import evaluate_run, train_run
 from napari_jras.core.train import TrainConfig
 
 DATA = Path(__file__).parent / "data"
-BUSI_TWINS = DATA / "busi_duplicates"  # benign_433 == malignant_145; benign_435 a near copy
+# BUSI benign_433 == malignant_145; benign_435 a near copy (see tests/data/README.md)
+BUSI_TWINS = Path(__file__).parent / "data_duplicates"
 
 
 def blobs(rng: np.random.Generator, shape=(90, 120)) -> np.ndarray:
