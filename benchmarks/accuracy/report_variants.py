@@ -41,24 +41,28 @@ def main(folder: str) -> int:
     for stem, (label, what) in VARIANTS.items():
         if not (out / f"{stem}_val.json").exists():
             continue  # a variant not measured (method_variants.sh OUT VARIANT...)
-        mean = json.loads((out / f"{stem}_val.json").read_text())["summary"]["mean"]
+        summary = json.loads((out / f"{stem}_val.json").read_text())["summary"]
+        mean = summary["mean"]
+        # class instances missing from prediction or truth (HD = image diagonal); '-' in
+        # reports written before the missing-class penalty
+        missing = summary.get("n_missing", "-")
         loop_file = out / f"{stem}_loop_slice.json"
         loop = json.loads(loop_file.read_text())["settings"][0] if loop_file.exists() else None
-        rows.append((label, what, mean, loop))
+        rows.append((label, what, mean, loop, missing))
     base_loop = rows[0][2]["dice"]["mean"]  # the baseline has no bank: its loop is its Dice
     lines = ["# J-RAS training variants (ACDC val, U-Net, 96 px, 1000 steps, seed 0)", "",
              "Command: `bash benchmarks/accuracy/method_variants.sh`; this table: "
              "`python benchmarks/accuracy/report_variants.py benchmarks/results/method_variants`",
-             "", "| variant | what differs | Dice | HD95 px | HD px | slice-by-slice Dice | "
-             "corrected pixels | slices retrieving their volume's corrections |",
-             "|---|---|---|---|---|---|---|---|"]
-    for label, what, mean, loop in rows:
+             "", "| variant | what differs | Dice | HD95 px | HD px | missing classes | "
+             "slice-by-slice Dice | corrected pixels | slices retrieving their volume's "
+             "corrections |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, what, mean, loop, missing in rows:
         d, h95, hd = mean["dice"], mean["hd95"], mean["hd"]
         looped = (f"{loop['mean_dice']:.3f} | {loop['total_corrected_pixels']:,} | "
                   f"{loop['own_corrections_retrieved']:.0%}" if loop else
                   f"{base_loop:.3f} (no bank) | - | -")
         lines.append(f"| {label} | {what} | {d['mean']:.3f} +- {d['std']:.3f} | "
-                     f"{h95['mean']:.2f} | {hd['mean']:.2f} | {looped} |")
+                     f"{h95['mean']:.2f} | {hd['mean']:.2f} | {missing} | {looped} |")
     lines += seed_table(out)
     (out / "variants.md").write_text("\n".join(lines) + "\n")
 
