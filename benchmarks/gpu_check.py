@@ -42,6 +42,7 @@ from napari_jras.core.index import EmbeddingIndex, faiss_gpu_available
 from napari_jras.core.io import find_cases
 from napari_jras.core.model import JRASModel, ModelConfig
 from napari_jras.core.pipeline import build_bank
+from napari_jras.core.provenance import provenance
 from napari_jras.core.train import JointTrainer, SliceSet, TrainConfig, seed_everything
 
 FULL = {"size": 256, "unet": {"base_channels": 32, "depth": 4}, "retriever_width": 32,
@@ -193,6 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = select_device(args.device)
     gpu = device.type == "cuda"
     report: dict[str, Any] = {
+        "provenance": provenance(data=args.data, device=str(device)),
         "quick": args.quick, "device": str(device), "gpu_available": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name(device) if gpu else None,
         "bf16_supported": bool(gpu and torch.cuda.is_bf16_supported()),

@@ -153,8 +153,9 @@ def test_evaluate_report_schema_and_values(runs, acdc_slices_dir, tmp_path, caps
                report_path, "--patient-regex", REGEX, "--device", "cpu", "--quiet") == 0
     assert str(report_path) in capsys.readouterr().out
     report = _strict_json(report_path)
-    assert set(report) == {"model", "bank", "data", "guide_source", "device", "summary", "cases"}
-    assert report["guide_source"] == "retrieved"
+    assert set(report) == {"provenance", "model", "bank", "data", "guide_source", "device",
+                           "summary", "cases"}
+    assert report["guide_source"] == "retrieved" == report["provenance"]["guide_source"]
     assert report["model"]["path"] == str(runs["jras"])
     assert report["model"]["config"]["backbone"] == "unet"
     assert report["bank"] == {"path": str(runs["jras"] / "bank"), "exemplars": 8}
@@ -163,15 +164,17 @@ def test_evaluate_report_schema_and_values(runs, acdc_slices_dir, tmp_path, caps
     cases = report["cases"]
     assert len(cases) == 8 and {c["patient_id"] for c in cases} == {"p0", "p1", "p2", "p3"}
     for case in cases:
-        assert set(case) == {"case_id", "patient_id", "image", "per_class", "mean", "units"}
+        assert set(case) == {"case_id", "patient_id", "image", "per_class", "mean", "units",
+                             "retrieved_patients", "retrieved_ids", "excluded_duplicates"}
         assert list(case["per_class"]) == CLASS_NAMES and case["units"] == "pixels"
+        assert all(set(v) == {"dice", "hd95", "hd", "missing"} for v in case["per_class"].values())
         for values in [*case["per_class"].values(), case["mean"]]:
-            assert set(values) == {"dice", "hd95", "hd"}
             assert 0.0 <= values["dice"] <= 1.0
             if values["hd"] is not None:
                 assert 0.0 <= values["hd95"] <= values["hd"] <= math.hypot(112, 112)
     summary = report["summary"]
     assert summary["n_cases"] == 8 and summary["units"] == "pixels"
+    assert summary["n_missing"] == sum(summary["per_class"][n]["n_missing"] for n in CLASS_NAMES)
     for name in CLASS_NAMES:
         for metric in ("dice", "hd95", "hd"):
             stats = summary["per_class"][name][metric]
@@ -179,6 +182,44 @@ def test_evaluate_report_schema_and_values(runs, acdc_slices_dir, tmp_path, caps
     dice = [c["mean"]["dice"] for c in cases]
     assert summary["mean"]["dice"]["mean"] == pytest.approx(np.mean(dice))
     assert summary["mean"]["dice"]["std"] == pytest.approx(np.std(dice))
+
+
+def test_evaluate_report_provenance(runs, acdc_slices_dir, tmp_path):
+    from napari_jras import __version__
+    from napari_jras.core.provenance import case_list_sha256
+    from napari_jras.core.io import find_cases
+
+    report_path = tmp_path / "report.json"
+    assert cli("evaluate", "--model", runs["jras"], "--data", acdc_slices_dir, "--report",
+               report_path, "--patient-regex", REGEX, "--device", "cpu", "--quiet") == 0
+    prov = _strict_json(report_path)["provenance"]
+    assert prov["version"] == __version__ and prov["device"] == "cpu"
+    assert prov["guide_source"] == "retrieved" and prov["group_duplicates"] is False
+    git = prov["git"]  # the tests run from a checkout
+    assert git is None or (len(git["commit"]) == 40 and isinstance(git["dirty"], bool))
+    assert prov["data"] == {"path": str(acdc_slices_dir), "cases": 8,
+                            "case_list_sha256": case_list_sha256(find_cases(acdc_slices_dir))}
+    assert prov["model"]["config"]["backbone"] == "unet"
+    assert prov["model"]["train_config"]["train"]["steps"] == 3
+    assert prov["time_utc"].endswith("+00:00")
+
+
+def test_evaluate_never_retrieves_the_evaluated_patient(runs, acdc_slices_dir, tmp_path):
+    """End to end: every exemplar a case retrieved belongs to another patient.
+
+    The bank holds both slices of every patient, so a pipeline that stopped excluding the
+    query's patient would retrieve the query's own slice (checked to fail that way).
+    """
+    report_path = tmp_path / "report.json"
+    assert cli("evaluate", "--model", runs["jras"], "--data", acdc_slices_dir, "--report",
+               report_path, "--patient-regex", REGEX, "--device", "cpu", "--quiet") == 0
+    cases = _strict_json(report_path)["cases"]
+    with ExemplarBank.open(runs["jras"] / "bank") as bank:
+        owner = {r["id"]: r["patient_id"] for r in bank.records()}
+    for case in cases:
+        assert case["retrieved_ids"], case["case_id"]
+        assert case["patient_id"] not in case["retrieved_patients"], case["case_id"]
+        assert case["patient_id"] not in {owner[i] for i in case["retrieved_ids"]}
 
 
 def test_evaluate_baseline_and_bank_override(runs, acdc_slices_dir, tmp_path):
@@ -494,7 +535,78 @@ def test_resuming_with_another_model_config_is_refused(runs, acdc_slices_dir, tm
     assert cli("train", "--data", acdc_slices_dir, "--out", out, *wider,
                "--class-names", ",".join(["background", *CLASS_NAMES])) == 2
     line = one_error_line(capsys, "train")
-    assert "backbone_options" in line and "--no-resume" in line
+    assert "model.backbone_options" in line and "--overwrite" in line
+
+
+def _folder_state(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("change, named", [
+    (["--seed", "1"], "train.seed"), (["--guide-dropout", "0.2"], "train.guide_dropout"),
+    (["--steps", "4"], "train.steps"), (["--k", "3"], "model.k")])
+def test_resuming_with_other_training_settings_is_refused_untouched(
+        runs, acdc_slices_dir, tmp_path, capsys, change, named):
+    out = shutil.copytree(runs["jras"], tmp_path / "run")
+    before = _folder_state(out)
+    args = [a for a in TINY if a not in ("--steps", "3")] if "--steps" in change else TINY
+    assert cli("train", "--data", acdc_slices_dir, "--out", out, *args, *change,
+               "--class-names", ",".join(["background", *CLASS_NAMES])) == 2
+    line = one_error_line(capsys, "train")
+    assert named in line and "--overwrite" in line
+    assert _folder_state(out) == before  # nothing was touched
+
+
+def test_resuming_with_other_training_data_is_refused(runs, acdc_slices_dir, tmp_path, capsys):
+    out = shutil.copytree(runs["jras"], tmp_path / "run")
+    data = shutil.copytree(acdc_slices_dir, tmp_path / "data")
+    for f in data.glob("p3_*"):
+        f.unlink()
+    assert cli("train", "--data", data, "--out", out, *TINY,
+               "--class-names", ",".join(["background", *CLASS_NAMES])) == 2
+    assert "data.case_list_sha256" in one_error_line(capsys, "train")
+
+
+def test_resume_with_same_settings_and_harmless_changes(runs, acdc_slices_dir, tmp_path):
+    out = shutil.copytree(runs["jras"], tmp_path / "run")
+    weights = (out / "model.safetensors").read_bytes()
+    # logging, checkpointing and the device do not change the weights: the run is resumed
+    assert cli("train", "--data", acdc_slices_dir, "--out", out, *TINY, "--log-every", "1",
+               "--checkpoint-every", "7", "--device", "cpu",
+               "--class-names", ",".join(["background", *CLASS_NAMES])) == 0
+    assert (out / "model.safetensors").read_bytes() == weights  # finished: nothing retrained
+    assert json.loads((out / "train_config.json").read_text())["steps_done"] == 3
+
+
+def test_overwrite_starts_afresh(runs, acdc_slices_dir, tmp_path):
+    out = shutil.copytree(runs["jras"], tmp_path / "run")
+    (out / "notes.txt").write_text("mine")
+    old_checkpoints = {p.name for p in (out / "checkpoints").iterdir()}
+    args = [a for a in TINY if a not in ("--steps", "3")]
+    assert cli("train", "--data", acdc_slices_dir, "--out", out, *args, "--seed", "1",
+               "--steps", "2", "--overwrite",
+               "--class-names", ",".join(["background", *CLASS_NAMES])) == 0
+    assert json.loads((out / "train_config.json").read_text())["train"]["seed"] == 1
+    assert json.loads((out / "run_settings.json").read_text())["train"]["seed"] == 1
+    assert {p.name for p in (out / "checkpoints").iterdir()} == {"step_00000002"} != old_checkpoints
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] <= 2 and max(r["step"] for r in log) == 2  # the old log is gone
+    assert (out / "notes.txt").read_text() == "mine"  # only the run's own files were removed
+    assert not list(out.glob(".*overwritten"))
+
+
+def test_old_run_folders_without_settings_file_still_resume(runs, acdc_slices_dir, tmp_path,
+                                                            capsys):
+    out = shutil.copytree(runs["jras"], tmp_path / "run")
+    (out / "run_settings.json").unlink()  # as written before the file existed
+    assert cli("train", "--data", acdc_slices_dir, "--out", out, *TINY,
+               "--class-names", ",".join(["background", *CLASS_NAMES])) == 0
+    shutil.rmtree(out / "checkpoints")
+    (out / "run_settings.json").unlink()
+    assert cli("train", "--data", acdc_slices_dir, "--out", out, *TINY, "--seed", "5",
+               "--class-names", ",".join(["background", *CLASS_NAMES])) == 2
+    assert "train.seed" in one_error_line(capsys, "train")
 
 
 def test_bad_model_folders_exit_2_with_one_line(runs, acdc_slices_dir, tmp_path, capsys):

@@ -13,6 +13,7 @@ import gc
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -73,23 +74,27 @@ def read_log(run: Path) -> list[dict]:
 
 def test_torchrun_cli_train_resume_and_evaluate(acdc_slices_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    first = torchrun_train(acdc_slices_dir, run, steps=4)
+    first = torchrun_train(acdc_slices_dir, run, steps=6)
     assert first.stdout.count("Model written to") == 1  # stdout of rank 0 only
     assert sorted(p.name for p in run.iterdir()) == [
         "bank", "checkpoints", "config.json", "log.jsonl", "model.safetensors",
-        "train_config.json"]
+        "run_settings.json", "train_config.json"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "step_00000002", "step_00000004"]
+        "step_00000004", "step_00000006"]
     log = read_log(run)
     train = [r for r in log if r["phase"] == "train"]
-    assert [r["step"] for r in train] == [1, 2, 3, 4]  # one writer: no duplicated records
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]  # one writer: no duplicated records
     assert all(r["world_size"] == 2 for r in train)
     [sync] = [r for r in log if r["phase"] == "sync_check"]
     assert sync["world_size"] == 2 and sync["in_sync"]
     assert len(sync["checksums"]) == 2 and len(set(sync["checksums"])) == 1
     assert json.loads((run / "train_config.json").read_text())["world_size"] == 2
 
-    torchrun_train(acdc_slices_dir, run, steps=6)  # every rank resumes from step 4
+    # as if the run had crashed after the checkpoint of step 4: every rank resumes from it
+    shutil.rmtree(run / "checkpoints" / "step_00000006")
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log
+                                           if r["phase"] == "train" and r["step"] <= 4))
+    torchrun_train(acdc_slices_dir, run, steps=6)
     log = read_log(run)
     assert [r["step"] for r in log if r["phase"] == "train"] == [1, 2, 3, 4, 5, 6]
     last = [r for r in log if r["phase"] == "sync_check"][-1]

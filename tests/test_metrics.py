@@ -15,6 +15,7 @@ from napari_jras.core.metrics import (
     evaluate_case,
     hausdorff_per_class,
     mean_dice,
+    missing_penalty,
     summarize,
 )
 
@@ -81,9 +82,23 @@ def test_empty_class_conventions():
     assert dice_per_class(empty, gt, 2)[0] == 0.0
     assert dice_per_class(gt, empty, 2)[0] == 0.0
     hd95, hd = hausdorff_per_class(empty, empty, 2)
-    assert hd95[0] == 0.0 and hd[0] == 0.0
-    hd95, hd = hausdorff_per_class(empty, gt, 2)
-    assert math.isnan(hd95[0]) and math.isnan(hd[0])
+    assert math.isnan(hd95[0]) and math.isnan(hd[0])  # absent from both: no distance
+    diagonal = math.hypot(gt.shape[0] - 1, gt.shape[1] - 1)
+    for pred, truth in ((empty, gt), (gt, empty)):  # missing from one mask: the penalty
+        hd95, hd = hausdorff_per_class(pred, truth, 2)
+        assert hd95[0] == pytest.approx(diagonal) and hd[0] == pytest.approx(diagonal)
+    hd95, hd = hausdorff_per_class(empty, gt, 2, spacing=(2.0, 0.5))
+    assert hd[0] == pytest.approx(math.hypot(2.0 * (gt.shape[0] - 1), 0.5 * (gt.shape[1] - 1)))
+
+
+def test_missing_penalty_is_the_largest_possible_distance():
+    assert missing_penalty((5, 5)) == pytest.approx(math.hypot(4, 4))
+    assert missing_penalty((3, 5, 9), (2.0, 1.0, 0.5)) == pytest.approx(math.sqrt(16 + 16 + 16))
+    corners = np.zeros((20, 30), np.uint8)
+    corners[0, 0], corners[-1, -1] = 1, 2
+    pred = np.where(corners == 2, 1, 0)  # class 1 at the opposite corner: the worst real case
+    assert hausdorff_per_class(pred, (corners == 1).astype(np.uint8), 2)[1][0] <= \
+        missing_penalty(corners.shape)
 
 
 def test_3d_volumes():
@@ -104,21 +119,24 @@ def test_evaluate_case_structure_and_means():
     assert list(result["per_class"]) == ["a", "b", "c"]
     assert result["per_class"]["a"]["dice"] == pytest.approx(0.8)
     assert result["per_class"]["a"]["hd"] == pytest.approx(2.0)
-    assert result["per_class"]["b"] == {"dice": 1.0, "hd95": 0.0, "hd": 0.0}
-    c = result["per_class"]["c"]  # both empty: Dice undefined (NaN), distances 0
-    assert math.isnan(c["dice"]) and c["hd95"] == 0.0 and c["hd"] == 0.0
+    assert result["per_class"]["b"] == {"dice": 1.0, "hd95": 0.0, "hd": 0.0, "missing": False}
+    c = result["per_class"]["c"]  # absent from both: no Dice, no distance, not in the means
+    assert math.isnan(c["dice"]) and math.isnan(c["hd95"]) and math.isnan(c["hd"])
+    assert not c["missing"]
     assert result["mean"]["dice"] == pytest.approx((0.8 + 1) / 2)
-    assert result["mean"]["hd"] == pytest.approx(2.0 / 3)
+    assert result["mean"]["hd"] == pytest.approx(2.0 / 2)
     unnamed = evaluate_case(pred, gt, 3)
     assert unnamed["units"] == "pixels" and list(unnamed["per_class"]) == ["class_1", "class_2"]
 
 
-def test_evaluate_case_mean_ignores_nan():
+def test_evaluate_case_penalises_a_missed_class():
     gt = square() + square(top=25, left=25, size=8, value=2)
-    pred = square()  # class 2 missed entirely: HD undefined
+    pred = square()  # class 2 missed entirely: the penalty, counted in the mean
     result = evaluate_case(pred, gt, 3)
-    assert math.isnan(result["per_class"]["class_2"]["hd"])
-    assert result["mean"]["hd"] == 0.0
+    penalty = missing_penalty(gt.shape)
+    assert result["per_class"]["class_2"]["hd"] == pytest.approx(penalty)
+    assert result["per_class"]["class_2"]["missing"] and not result["per_class"]["class_1"]["missing"]
+    assert result["mean"]["hd"] == pytest.approx(penalty / 2)
     assert result["mean"]["dice"] == pytest.approx(0.5)
 
 
@@ -147,12 +165,16 @@ def test_summarize_mean_std_and_nan_counts():
     assert summary["n_cases"] == 4 and summary["units"] == "pixels"
     dices = [1.0, 0.8, 0.6, 0.0]
     hd = summary["per_class"]["class_1"]["hd"]
-    assert hd["mean"] == pytest.approx(2.0) and hd["std"] == pytest.approx(np.std([0, 2, 4]))
-    assert hd["n_nan"] == 1
+    hds = [0, 2, 4, missing_penalty(gt.shape)]
+    assert hd["mean"] == pytest.approx(np.mean(hds)) and hd["std"] == pytest.approx(np.std(hds))
+    assert hd["n_nan"] == 0 and summary["per_class"]["class_1"]["n_missing"] == 1
+    assert summary["n_missing"] == 1
     dice = summary["per_class"]["class_1"]["dice"]
     assert dice["mean"] == pytest.approx(np.mean(dices)) and dice["std"] == pytest.approx(np.std(dices))
     assert summary["mean"]["dice"]["mean"] == pytest.approx(np.mean(dices))
-    assert summary["mean"]["hd"]["n_nan"] == 1
+    assert summary["mean"]["hd"]["n_nan"] == 0
+    both_empty = summarize([evaluate_case(np.zeros_like(gt), np.zeros_like(gt), 2)])
+    assert both_empty["mean"]["hd"]["n_nan"] == 1 and both_empty["n_missing"] == 0
 
 
 def test_summarize_rejects_empty_and_mixed_units():

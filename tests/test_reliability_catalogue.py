@@ -1003,9 +1003,10 @@ def damaged_training_checkpoint(ctx: Ctx) -> None:
 
 
 def _resume_training(ctx: Ctx, run: Path) -> str:
-    """The error line of ``napari-jras train`` resuming the tiny run's checkpoints."""
-    ctx.image_file("p8_slice0_image.tif")  # J-RAS trains on 2 patients at least
-    return ctx.cli_error("train", "--data", ctx.image_file().parent, "--out", run, "--steps", "5",
+    """The error line of ``napari-jras train`` resuming the tiny run's checkpoints (with the
+    settings the tiny run was trained with: anything else is refused before loading them)."""
+    return ctx.cli_error("train", "--data", ctx.fixture("acdc_slices_dir"), "--out", run,
+                         "--steps", "3", "--batch-size", "4", "--patient-regex", r"^(p\d+)_",
                          "--quiet", "--backbone-options", '{"base_channels": 4, "depth": 2}',
                          "--retriever-options", '{"width": 4, "input_size": 32}',
                          "--embed-dim", "16", "--size", "32", "--modality", "mri",

@@ -1,7 +1,10 @@
 """Crash safety: processes SIGKILLed at random points of bank writes, training and fine-tuning.
 
 The killing is done by ``tests/reliability_worker.py`` (one subprocess that forks a child per
-round and kills it after a seeded random delay). Afterwards every committed exemplar must load
+round and kills it after a seeded random delay). The seed is drawn afresh for every test run
+(``NAPARI_JRAS_CRASH_SEED`` fixes it) and printed with the kill counts of each test
+(``pytest -s`` shows them; a failure always does); with ``NAPARI_JRAS_CRASH_COUNTS=FILE`` each
+test appends its counts to FILE as a JSON line (``benchmarks/reliability/soak.py`` uses that). Afterwards every committed exemplar must load
 with its exact pixels and embedding, the search index must agree with the stored embeddings, the
 newest complete checkpoint must load and training / fine-tuning must resume to the end.
 See docs/reliability.md ("Crash safety").
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -28,6 +32,7 @@ from napari_jras.core.workspace import Workspace
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
 
+SEED = int(os.environ.get("NAPARI_JRAS_CRASH_SEED") or random.SystemRandom().randrange(2**31))
 BANK_KILLS = 15
 TRAIN_KILLS = 12
 FINETUNE_KILLS = 10
@@ -35,11 +40,22 @@ TRAIN = {"steps": 24, "batch_size": 4, "checkpoint_every": 3, "log_every": 3, "s
 REGEX = r"^(p\d+)_"
 
 
-def test_bank_writes_survive_random_kills(tmp_path):
+def record(test: str, counts: dict, record_property) -> None:
+    """Print (and with NAPARI_JRAS_CRASH_COUNTS, append to that file) the seed and the counts."""
+    line = {"test": test, "seed": SEED, **counts}
+    print(f"crash test {json.dumps(line)}")
+    record_property("crash_counts", json.dumps(line))
+    if os.environ.get("NAPARI_JRAS_CRASH_COUNTS"):
+        with open(os.environ["NAPARI_JRAS_CRASH_COUNTS"], "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+
+
+def test_bank_writes_survive_random_kills(tmp_path, record_property):
     seed_bank(tmp_path / "bank")
     counts = run_worker("kill", job="bank", bank=str(tmp_path / "bank"),
-                        log=str(tmp_path / "log"), kills=BANK_KILLS, seed=7, delay=[0.05, 0.5])
-    assert counts["killed"] == BANK_KILLS
+                        log=str(tmp_path / "log"), kills=BANK_KILLS, seed=SEED, delay=[0.05, 0.5])
+    record("bank", counts, record_property)
+    assert counts["killed"] == BANK_KILLS, f"seed {SEED}"
     log = read_log(tmp_path / "log")
     assert sum(r["op"] == "add" for r in log) > BANK_KILLS  # the kills met real work
     assert check_bank(tmp_path / "bank", log) > BANK_KILLS
@@ -57,15 +73,17 @@ def newest_checkpoint(root: Path) -> Path:
     return newest
 
 
-def test_training_survives_random_kills(acdc_slices_dir, tmp_path):
+def test_training_survives_random_kills(acdc_slices_dir, tmp_path, record_property):
     run = tmp_path / "run"
     model = dict(TINY_MODEL, use_retrieval=True, modality="mri")
     args = {"data": str(acdc_slices_dir), "run": str(run), "model": model, "train": TRAIN,
             "patient_regex": REGEX}
-    counts = run_worker("kill", job="train", kills=TRAIN_KILLS, seed=11, delay=[0.02, 0.35],
-                        calibrate={"run": str(tmp_path / "scratch")}, log=str(tmp_path / "log"),
-                        **args)
-    assert counts["killed"] + counts["finished"] == TRAIN_KILLS + 1 and counts["killed"] >= 3
+    counts = run_worker("kill", job="train", kills=TRAIN_KILLS, seed=SEED + 1,
+                        delay=[0.02, 0.35], calibrate={"run": str(tmp_path / "scratch")},
+                        log=str(tmp_path / "log"), **args)
+    record("train", counts, record_property)
+    assert counts["killed"] + counts["finished"] == TRAIN_KILLS + 1, f"seed {SEED}"
+    assert counts["killed"] >= 3, f"seed {SEED}: {counts}"
     newest_checkpoint(run)
     # the next run resumes from it and completes the run folder
     train_run(acdc_slices_dir, run, model, TrainConfig(**TRAIN), patient_regex=REGEX)
@@ -111,16 +129,18 @@ def test_checkpoint_replaced_by_a_killed_save_is_never_half_there(tmp_path, monk
     newest_checkpoint(tmp_path)
 
 
-def test_finetune_survives_random_kills(tiny_run, tmp_path, monkeypatch):
+def test_finetune_survives_random_kills(tiny_run, tmp_path, monkeypatch, record_property):
     monkeypatch.setenv("NAPARI_JRAS_HOME", str(tmp_path / "home"))
     with Workspace.open(shutil.copytree(tiny_run, tmp_path / "run")) as ws:
         path = ws.path
         before = ws.bank.load_all()
     scratch = shutil.copytree(path, tmp_path / "scratch")
     counts = run_worker("kill", job="finetune", workspace=str(path), steps=30,
-                        kills=FINETUNE_KILLS, seed=3, delay=[0.02, 0.4],
+                        kills=FINETUNE_KILLS, seed=SEED + 2, delay=[0.02, 0.4],
                         calibrate={"workspace": str(scratch)}, log=str(tmp_path / "log"))
-    assert counts["killed"] + counts["finished"] == FINETUNE_KILLS + 1 and counts["killed"] >= 3
+    record("finetune", counts, record_property)
+    assert counts["killed"] + counts["finished"] == FINETUNE_KILLS + 1, f"seed {SEED}"
+    assert counts["killed"] >= 3, f"seed {SEED}: {counts}"
     with Workspace.open(path) as ws:
         for version in ws.versions():
             load_model(version.path)

@@ -19,7 +19,7 @@ from napari_jras._writer import write_labels
 from napari_jras.core.errors import ModelError
 from napari_jras.core.fusion import MAX_K, combine, fusion_weights, soft_topk_guide
 from napari_jras.core.io import read_volume, write_volume
-from napari_jras.core.metrics import dice_per_class, hausdorff_per_class
+from napari_jras.core.metrics import dice_per_class, hausdorff_per_class, missing_penalty
 
 SETTINGS = settings(max_examples=40, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -170,11 +170,18 @@ def test_hausdorff_properties(pair, spacing):
     spacing = None if spacing is None else spacing[-a.ndim:]
     hd95, hd = hausdorff_per_class(a, b, classes, spacing)
     same95, same = hausdorff_per_class(a, a, classes, spacing)
-    np.testing.assert_array_equal(same95, 0.0)
-    np.testing.assert_array_equal(same, 0.0)
-    np.testing.assert_array_equal(np.isnan(hd95), np.isnan(hd))
+    present = np.array([(a == c).any() for c in range(1, classes)])
+    np.testing.assert_array_equal(same95[present], 0.0)
+    np.testing.assert_array_equal(same[present], 0.0)
+    assert np.isnan(same[~present]).all()  # absent from both masks: no distance
+    in_a = present
+    in_b = np.array([(b == c).any() for c in range(1, classes)])
+    np.testing.assert_array_equal(np.isnan(hd95), ~in_a & ~in_b)
+    np.testing.assert_array_equal(np.isnan(hd), ~in_a & ~in_b)
     finite = ~np.isnan(hd)
     assert np.all(hd95[finite] <= hd[finite] + 1e-9) and np.all(hd95[finite] >= 0)
+    assert np.all(hd[finite] <= missing_penalty(a.shape, spacing) + 1e-9)  # never beyond it
+    np.testing.assert_allclose(hd[in_a != in_b], missing_penalty(a.shape, spacing))
     back95, back = hausdorff_per_class(b, a, classes, spacing)
     np.testing.assert_allclose(back, hd, equal_nan=True)  # HD is symmetric (HD95 pools both)
     np.testing.assert_allclose(back95, hd95, equal_nan=True)

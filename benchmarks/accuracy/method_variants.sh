@@ -3,13 +3,22 @@
 # train + evaluate each variant on acdc/val, then the slice-by-slice annotator simulation.
 # Usage (from the repository root):  bash benchmarks/accuracy/method_variants.sh [OUT [VARIANT...]]
 # (no VARIANT: all of them). SEED=N (default 0) sets the seed; LOOP=0 skips the simulation.
+# DATA (default ../shared/data/acdc, with train/ and val/), STEPS (1000), SIZE (96), WORK
+# (benchmarks/_work/method_variants), JRAS (the CLI, default napari-jras) and PYTHON (python)
+# are for smoke tests on tiny data.
 # Writes OUT/<variant>_val.json (napari-jras evaluate reports) and OUT/<variant>_loop_slice.json.
+# A run folder is resumed only if it was started with the same settings (train checks them and
+# stops otherwise): delete WORK/<variant>_seed<N> to train a variant afresh.
 set -euo pipefail
 out=${1:-benchmarks/results/method_variants}
 only=("${@:2}")
 seed=${SEED:-0}
-data=../shared/data/acdc
-work=benchmarks/_work/method_variants
+data=${DATA:-../shared/data/acdc}
+steps=${STEPS:-1000}
+size=${SIZE:-96}
+work=${WORK:-benchmarks/_work/method_variants}
+jras=${JRAS:-napari-jras}
+python=${PYTHON:-python}
 mkdir -p "$out" "$work"
 plain='{"width":8,"input_size":64,"center":false}'
 centred='{"width":8,"input_size":64,"center":true}'
@@ -26,12 +35,12 @@ for spec in "${variants[@]}"; do
   if [ ${#only[@]} -gt 0 ] && [[ ! " ${only[*]} " =~ " $name " ]]; then continue; fi
   run=$work/${name}_seed$seed
   # shellcheck disable=SC2086  # the flags are meant to split
-  napari-jras train --data $data/train --out "$run" --backbone unet \
-    --backbone-options '{"base_channels":8}' --size 96 --steps 1000 --batch-size 8 --seed "$seed" \
-    --class-names background,RV,myocardium,LV --embed-dim 64 --quiet $flags
-  napari-jras evaluate --model "$run" --data $data/val --report "$out/${name}_val.json" --quiet
+  $jras train --data "$data/train" --out "$run" --backbone unet \
+    --backbone-options '{"base_channels":8}' --size "$size" --steps "$steps" --batch-size 8 \
+    --seed "$seed" --class-names background,RV,myocardium,LV --embed-dim 64 --quiet $flags
+  $jras evaluate --model "$run" --data "$data/val" --report "$out/${name}_val.json" --quiet
   if [ "$name" != baseline ] && [ "${LOOP:-1}" != 0 ]; then
-    python benchmarks/loop/simulate_annotator.py --jras "$run" --data $data/val \
+    $python benchmarks/loop/simulate_annotator.py --jras "$run" --data "$data/val" \
       --out "$work/${name}_loop" --unit slice --settings jras-bank
     cp "$work/${name}_loop/loop.json" "$out/${name}_loop_slice.json"
   fi

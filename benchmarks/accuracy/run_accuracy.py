@@ -8,11 +8,23 @@ Usage (from the repository root)::
 
 Every run is a real ``napari-jras train`` followed by ``napari-jras evaluate`` (the exact
 command lines are recorded in the report), J-RAS and baseline with identical settings and
-seeds. Splits: ACDC train / val as shipped (patient-level); BUSI and COVID CT are split by
-image (seeded, 80/20, BUSI stratified by benign / malignant) into symlink folders under
-``benchmarks/_work/splits``. Run folders go to ``benchmarks/_work/runs/<budget>-<steps>-<seed>``
-(finished pairs are reused, so an interrupted benchmark continues where it stopped). Writes ``accuracy.json``,
-``accuracy.md`` and plots to ``--out``.
+seeds. Splits: ACDC train / val as shipped (patient-level); BUSI and COVID CT have no patient
+ids, so their images are first grouped into pseudo-patients of near-duplicates
+(``napari_jras.core.duplicates``: 64 px thumbnails correlating >= 0.95) and split by group
+(split seed 0, 80/20 of the images, BUSI stratified by benign / malignant) into symlink folders
+under ``<work>/splits`` with a ``split.json`` manifest; their training runs use
+``--group-duplicates`` and ``evaluate`` excludes near-duplicates (its default for such data).
+
+``--seeds 0,1,2`` trains every run once per seed. Comparisons are paired by patient (ACDC: the
+mean of the two frames; BUSI / COVID CT: the duplicate group), averaged over seeds, with a
+Wilcoxon test, Holm's correction across each table and a bootstrap 95 % CI of the difference
+(``benchmarks/report_stats.py``); better / worse is claimed only with >= 3 seeds.
+
+Run folders go to ``<work>/runs/<budget>-<steps>steps-seed<N>``. A finished run is reused only
+when its recorded train and evaluate commands are the current ones and its report carries
+provenance; any other run in the folder is replaced (``train --overwrite``), and an interrupted
+one resumes only with identical settings (``train`` checks them). Writes ``accuracy.json`` (with
+provenance and every per-case result), ``accuracy.md`` and plots to ``--out``.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ import platform
 import random
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -30,11 +43,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import wilcoxon
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from report_stats import MIN_SEEDS, holm, mean_sd, paired, unit_means, verdict  # noqa: E402
+
+from napari_jras.core.duplicates import THRESHOLD, duplicate_groups  # noqa: E402
+from napari_jras.core.io import find_cases, read_volume  # noqa: E402
+from napari_jras.core.provenance import provenance  # noqa: E402
+
 DATA = REPO.parent / "shared" / "data"
 WORK = REPO / "benchmarks" / "_work"
+GROUPED = ("busi", "covid")  # 2-D datasets without patient ids: near-duplicates grouped
 PUBLISHED = {"dataset": "acdc", "backbone": "segformer", "baseline": 0.8708, "jras": 0.9115}
 
 DATASETS = {  # name: class names (background first)
@@ -74,32 +94,54 @@ ABLATIONS = {  # name: extra train flags (ACDC, U-Net, J-RAS)
 }
 
 
-def split_by_image(name: str, seed: int = 0, val_fraction: float = 0.2) -> tuple[Path, Path]:
-    """Symlink train/val folders for a dataset split by image (BUSI stratified by class)."""
-    source = {"busi": DATA / "busi", "covid": DATA / "covid_ct" / "train"}[name]
-    root = WORK / "splits" / name
-    if (root / "val").is_dir():
-        return root / "train", root / "val"
-    groups = sorted(p for p in source.iterdir() if p.is_dir()) or [source]
-    for group in groups:
-        stems = sorted(p.name[:-len("_image.png")] for p in group.glob("*_image.png"))
-        random.Random(seed).shuffle(stems)
-        n_val = max(1, round(len(stems) * val_fraction))
-        for part, chosen in (("val", stems[:n_val]), ("train", stems[n_val:])):
-            (root / part).mkdir(parents=True, exist_ok=True)
-            for stem in chosen:
-                for kind in ("image", "label"):
-                    link = root / part / f"{stem}_{kind}.png"
-                    if not link.exists():
-                        link.symlink_to(group / f"{stem}_{kind}.png")
-    return root / "train", root / "val"
+def split_by_group(name: str, data: Path, work: Path, seed: int = 0,
+                   val_fraction: float = 0.2) -> tuple[Path, Path, dict[str, str]]:
+    """Train / val symlink folders of a 2-D dataset split by near-duplicate group.
+
+    Groups (pseudo-patients) are shuffled with ``seed`` and taken into val until it holds
+    ``val_fraction`` of the images of their class folder (BUSI: benign / malignant, by the
+    folder of the group's first image), so no group spans both sides. Returns the folders and
+    the group of every case. The folders are rebuilt whenever ``split.json`` differs.
+    """
+    source = {"busi": data / "busi", "covid": data / "covid_ct" / "train"}[name]
+    folders = sorted(p for p in source.iterdir() if p.is_dir()) or [source]
+    cases = {c.case_id: (folder, c) for folder in folders for c in find_cases(folder)}
+    names = sorted(cases)
+    groups = duplicate_groups(names, [read_volume(cases[n][1].image_path).data for n in names])
+    members: dict[str, list[str]] = {}
+    for case in names:
+        members.setdefault(groups[case], []).append(case)
+    split: dict[str, list[str]] = {"train": [], "val": []}
+    for folder in folders:
+        roots = sorted(g for g in members if cases[g][0] == folder)
+        random.Random(seed).shuffle(roots)
+        target = max(1, round(sum(len(members[g]) for g in roots) * val_fraction))
+        taken = 0
+        for g in roots:
+            part = "val" if taken < target else "train"
+            taken += len(members[g]) if part == "val" else 0
+            split[part] += members[g]
+    manifest = {"dataset": name, "seed": seed, "val_fraction": val_fraction,
+                "duplicate_threshold": THRESHOLD, "groups": groups,
+                "train": sorted(split["train"]), "val": sorted(split["val"])}
+    root = work / "splits" / f"{name}-grouped-seed{seed}"
+    if not (root / "split.json").is_file() or json.loads((root / "split.json").read_text()) != manifest:
+        shutil.rmtree(root, ignore_errors=True)
+        for part in ("train", "val"):
+            (root / part).mkdir(parents=True)
+            for case in manifest[part]:
+                c = cases[case][1]
+                for path in (c.image_path, c.label_path):
+                    (root / part / path.name).symlink_to(path.resolve())
+        (root / "split.json").write_text(json.dumps(manifest, indent=1))
+    return root / "train", root / "val", groups
 
 
-def dataset_folders(name: str) -> tuple[Path, Path]:
-    """(train, val) folders of a dataset."""
+def dataset_folders(name: str, data: Path, work: Path) -> tuple[Path, Path, dict[str, str]]:
+    """(train, val) folders of a dataset and the unit (patient / group) of each case id."""
     if name == "acdc":
-        return DATA / "acdc" / "train", DATA / "acdc" / "val"
-    return split_by_image(name)
+        return data / "acdc" / "train", data / "acdc" / "val", {}
+    return split_by_group(name, data, work)
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -115,9 +157,9 @@ def run(cmd: list[str], log: Path) -> float:
 
 
 def train_and_evaluate(dataset: str, backbone: str, mode: str, budget: dict, runs: Path,
-                       extra: list[str], tag: str, seed: int) -> dict:
+                       extra: list[str], tag: str, seed: int, folders: tuple[Path, Path]) -> dict:
     """One train + evaluate pair; returns the evaluation report plus commands and timings."""
-    train_dir, val_dir = dataset_folders(dataset)
+    train_dir, val_dir = folders
     out = runs / f"{dataset}-{backbone}-{tag}"
     report = out / "val_report.json"
     cli = [sys.executable, "-m", "napari_jras.cli"]
@@ -128,18 +170,25 @@ def train_and_evaluate(dataset: str, backbone: str, mode: str, budget: dict, run
         "--batch-size", str(budget["batch_size"]), "--seed", str(seed),
         "--class-names", DATASETS[dataset], "--embed-dim", str(budget["embed_dim"]),
         "--retriever-options", json.dumps(budget["retriever"]), "--quiet",
-    ] + (["--no-retrieval"] if mode == "baseline" else []) + extra
+    ] + (["--no-retrieval"] if mode == "baseline" else []) + extra \
+        + (["--group-duplicates"] if dataset in GROUPED else [])
     eval_cmd = cli + ["evaluate", "--model", str(out), "--data", str(val_dir),
                       "--report", str(report), "--quiet"]
     log = runs / f"{out.name}.log"
     record_file = out / "benchmark.json"
     if record_file.is_file() and report.is_file():
-        return json.loads(record_file.read_text())
+        record = json.loads(record_file.read_text())
+        if (record.get("train_command") == display(train_cmd)
+                and record.get("evaluate_command") == display(eval_cmd)
+                and "provenance" in record.get("report", {})):
+            return record
+        train_cmd.append("--overwrite")  # another run under this name: never reused
     print(f"  {out.name} ...", flush=True)
     train_s = run(train_cmd, log)
     eval_s = run(eval_cmd, log)
-    result = {"dataset": dataset, "backbone": backbone, "mode": mode, "tag": tag,
-              "train_command": display(train_cmd), "evaluate_command": display(eval_cmd),
+    result = {"dataset": dataset, "backbone": backbone, "mode": mode, "tag": tag, "seed": seed,
+              "train_command": display([c for c in train_cmd if c != "--overwrite"]),
+              "evaluate_command": display(eval_cmd),
               "train_s": train_s, "evaluate_s": eval_s,
               "report": json.loads(report.read_text()),
               "log": [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]}
@@ -153,32 +202,62 @@ def display(cmd: list[str]) -> str:
     return text.replace(str(REPO) + "/", "").replace(str(REPO.parent) + "/", "../")
 
 
-def case_dice(result: dict) -> dict[str, float]:
-    """Mean foreground Dice per case id."""
-    return {c["case_id"]: c["mean"]["dice"] for c in result["report"]["cases"]}
+def unit_dice(result: dict, units: dict[str, str]) -> dict[str, float]:
+    """Mean foreground Dice per patient (or duplicate group) of one run."""
+    cases = result["report"]["cases"]
+    unit_of = {c["case_id"]: units.get(c["case_id"], c["patient_id"]) for c in cases}
+    return unit_means({c["case_id"]: c["mean"]["dice"] for c in cases}, unit_of)
 
 
-def compare(jras: dict, base: dict) -> dict:
-    """Mean difference and a paired Wilcoxon signed-rank test over cases."""
-    a, b = case_dice(jras), case_dice(base)
-    ids = sorted(set(a) & set(b))
-    diff = np.array([a[i] - b[i] for i in ids])
-    p = float(wilcoxon(diff).pvalue) if len(ids) >= 6 and np.any(diff) else None
-    return {"n_cases": len(ids), "mean_diff": float(diff.mean()), "wilcoxon_p": p,
-            "jras_better_cases": int((diff > 0).sum())}
+def compare(jras: list[dict], base: list[dict], units: dict[str, str]) -> dict:
+    """Paired comparison by patient, seed by seed (Holm-adjusted later, across the table)."""
+    cmp = paired([unit_dice(r, units) for r in jras], [unit_dice(r, units) for r in base])
+    return {"n_units": cmp["n_units"], "n_seeds": cmp["n_seeds"], "mean_diff": cmp["mean_diff"],
+            "ci95": cmp["ci95"], "wilcoxon_p": cmp["wilcoxon_p"],
+            "jras_better_units": cmp["a_better_units"]}
 
 
-def summary(result: dict) -> dict:
-    """Mean +- std of Dice / HD95 / HD, overall and per class."""
-    s = result["report"]["summary"]
-    return {"mean": s["mean"], "per_class": s["per_class"], "units": s["units"]}
+def summary(results: list[dict]) -> dict:
+    """Mean +- std over cases of Dice / HD95 / HD (first seed), overall and per class, the
+    missing-class counts, and the mean Dice per seed with its mean +- sd over seeds."""
+    s = results[0]["report"]["summary"]
+    per_seed = [r["report"]["summary"]["mean"]["dice"]["mean"] for r in results]
+    mean, sd = mean_sd(per_seed)
+    return {"mean": s["mean"], "per_class": s["per_class"], "units": s["units"],
+            "n_missing": s.get("n_missing"), "seeds": [r["seed"] for r in results],
+            "dice_per_seed": per_seed, "dice_over_seeds": {"mean": mean, "sd": sd}}
+
+
+def adjust(comparisons: list[dict], n_seeds: int) -> None:
+    """Holm-adjust the p-values of one table in place and add each verdict."""
+    for cmp, p in zip(comparisons, holm([c["wilcoxon_p"] for c in comparisons])):
+        cmp["p_holm"] = p
+        cmp["verdict"] = verdict(cmp, n_seeds, p)
 
 
 def fmt(stat: dict) -> str:
-    """``mean +- std``; ``n/a`` where no case had the class in both masks (no distance)."""
-    if stat["mean"] is None:
+    """``mean +- std``; ``n/a`` where no case had the class in either mask (no distance)."""
+    if stat["mean"] is None or stat["mean"] != stat["mean"]:
         return "n/a"
     return f"{stat['mean']:.4f} +- {stat['std']:.4f}"
+
+
+def fmt_dice(summary: dict) -> str:
+    """Mean Dice: +- sd over seeds with several seeds, else +- std over cases."""
+    over = summary["dice_over_seeds"]
+    if over["sd"] is None:
+        return fmt(summary["mean"]["dice"])
+    return f"{over['mean']:.4f} +- {over['sd']:.4f}"
+
+
+def fmt_p(p: float | None) -> str:
+    return "-" if p is None else f"{p:.3g}"
+
+
+def fmt_cmp(cmp: dict) -> str:
+    """Difference and its bootstrap 95 % CI."""
+    lo, hi = cmp["ci95"]
+    return f"{cmp['mean_diff']:+.4f} [{lo:+.3f}, {hi:+.3f}]"
 
 
 def write_report(result: dict, out: Path) -> None:
@@ -188,39 +267,53 @@ def write_report(result: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     b = result["budget"]
+    seeds = result["seeds"]
+    spread = ("mean +- sd over seeds" if len(seeds) > 1 else "mean +- std over cases")
     lines = ["# Accuracy: J-RAS vs the same backbone without retrieval", "",
              f"Budget `{result['budget_name']}`: size {b['size']}, {b['steps']} steps, batch "
-             f"{b['batch_size']}, seed {result['seed']}. Machine: `{json.dumps(result['machine'])}`."
-             f" Train + evaluate time of all runs {result['runs_s'] / 60:.1f} min (this call: "
-             f"{result['wall_s'] / 60:.1f} min; finished runs are reused).", "",
-             f"Command: `{result['command']}`", "",
-             "| dataset | backbone | baseline Dice | J-RAS Dice | J-RAS - baseline | Wilcoxon p "
-             "| cases J-RAS better | baseline HD95 | J-RAS HD95 |", "|---|---|---|---|---|---|---|---|---|"]
+             f"{b['batch_size']}, seeds {', '.join(map(str, seeds))}. Machine: "
+             f"`{json.dumps(result['machine'])}`. Train + evaluate time of all runs "
+             f"{result['runs_s'] / 60:.1f} min (this call: {result['wall_s'] / 60:.1f} min; "
+             "finished runs are reused).", "",
+             f"Command: `{result['command']}`; code `{result['provenance']['git']}`.", "",
+             f"Dice: {spread}. Differences: J-RAS - baseline per patient (ACDC: mean of the two "
+             "frames; BUSI / COVID CT: near-duplicate group), paired seed by seed and averaged, "
+             "with a bootstrap 95 % CI (two-level over seeds and patients with several seeds); "
+             "Wilcoxon p over the seed-averaged patient differences, Holm-adjusted across the "
+             f"table; a verdict needs >= {MIN_SEEDS} seeds, Holm p < 0.05 and a CI clear of 0. Missing: class instances present in exactly "
+             "one of prediction and ground truth (their HD95 is the image diagonal).", "",
+             "| dataset | backbone | baseline Dice | J-RAS Dice | J-RAS - baseline [95 % CI] "
+             "| Wilcoxon p | Holm p | verdict | patients J-RAS better | baseline HD95 | J-RAS HD95 "
+             "| missing (baseline / J-RAS) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for pair in result["pairs"]:
         base, jras, cmp = pair["baseline"], pair["jras"], pair["comparison"]
-        p = "-" if cmp["wilcoxon_p"] is None else f"{cmp['wilcoxon_p']:.3g}"
         lines.append(
-            f"| {pair['dataset']} | {pair['backbone']} | {fmt(base['mean']['dice'])} | "
-            f"{fmt(jras['mean']['dice'])} | {cmp['mean_diff']:+.4f} | {p} | "
-            f"{cmp['jras_better_cases']}/{cmp['n_cases']} | {fmt(base['mean']['hd95'])} | "
-            f"{fmt(jras['mean']['hd95'])} |")
+            f"| {pair['dataset']} | {pair['backbone']} | {fmt_dice(base)} | {fmt_dice(jras)} | "
+            f"{fmt_cmp(cmp)} | {fmt_p(cmp['wilcoxon_p'])} | {fmt_p(cmp['p_holm'])} | "
+            f"{cmp['verdict']} | {cmp['jras_better_units']}/{cmp['n_units']} | "
+            f"{fmt(base['mean']['hd95'])} | {fmt(jras['mean']['hd95'])} | "
+            f"{base['n_missing']} / {jras['n_missing']} |")
     lines += ["", f"Published anchor (ACDC, SegFormer, paper budget): baseline "
               f"{PUBLISHED['baseline']} -> J-RAS {PUBLISHED['jras']} Dice.", "",
-              "## Per class (Dice, HD95, HD; mean +- std over cases; "
+              "## Per class (Dice, HD95, HD; mean +- std over cases, first seed; "
               f"{result['pairs'][0]['jras']['units'] if result['pairs'] else 'pixels'})", "",
-              "| dataset | backbone | mode | class | Dice | HD95 | HD |", "|---|---|---|---|---|---|---|"]
+              "| dataset | backbone | mode | class | Dice | HD95 | HD | missing |",
+              "|---|---|---|---|---|---|---|---|"]
     for pair in result["pairs"]:
         for mode in ("baseline", "jras"):
             for cls, stats in pair[mode]["per_class"].items():
                 lines.append(f"| {pair['dataset']} | {pair['backbone']} | {mode} | {cls} | "
-                             f"{fmt(stats['dice'])} | {fmt(stats['hd95'])} | {fmt(stats['hd'])} |")
+                             f"{fmt(stats['dice'])} | {fmt(stats['hd95'])} | {fmt(stats['hd'])} "
+                             f"| {stats.get('n_missing', '-')} |")
     if result["ablations"]:
         lines += ["", "## Ablations (ACDC, U-Net, J-RAS; differences vs the baseline)", "",
-                  "| variant | Dice | vs baseline | Wilcoxon p |", "|---|---|---|---|"]
+                  "| variant | Dice | vs baseline [95 % CI] | Wilcoxon p | Holm p | verdict |",
+                  "|---|---|---|---|---|---|"]
         for ab in result["ablations"]:
-            p = "-" if ab["comparison"]["wilcoxon_p"] is None else f"{ab['comparison']['wilcoxon_p']:.3g}"
-            lines.append(f"| {ab['variant']} | {fmt(ab['summary']['mean']['dice'])} | "
-                         f"{ab['comparison']['mean_diff']:+.4f} | {p} |")
+            cmp = ab["comparison"]
+            lines.append(f"| {ab['variant']} | {fmt_dice(ab['summary'])} | {fmt_cmp(cmp)} | "
+                         f"{fmt_p(cmp['wilcoxon_p'])} | {fmt_p(cmp['p_holm'])} | "
+                         f"{cmp['verdict']} |")
     lines += ["", "## Commands", ""]
     for pair in result["pairs"]:
         for mode in ("baseline", "jras"):
@@ -274,62 +367,83 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated dataset:backbone pairs")
     parser.add_argument("--ablations", action="store_true", help="also the ACDC U-Net ablations")
     parser.add_argument("--steps", type=int, help="override the budget's steps")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, help="override the budget's image size")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    parser.add_argument("--data", type=Path, default=DATA, help="the shared data folder")
+    parser.add_argument("--work", type=Path, default=WORK, help="splits and run folders")
     args = parser.parse_args(argv)
-    budget = dict(BUDGETS[args.budget])
+    budget = json.loads(json.dumps(BUDGETS[args.budget]))
     if args.steps:
         budget["steps"] = args.steps
+    if args.size:
+        budget["size"] = args.size
+        for options in budget["backbones"].values():
+            for key in ("img_size", "image_size"):
+                if key in options:
+                    options[key] = args.size
+    seeds = [int(v) for v in args.seeds.split(",")]
     pairs = ([tuple(p.split(":")) for p in args.only.split(",")] if args.only else
              [(d, b) for d in args.datasets.split(",") for b in args.backbones.split(",")])
     for dataset, backbone in pairs:
         if dataset not in DATASETS or backbone not in budget["backbones"]:
             parser.error(f"unknown dataset or backbone: {dataset}:{backbone}")
-    runs = WORK / "runs" / f"{args.budget}-{budget['steps']}steps-seed{args.seed}"
-    runs.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    result = {"budget_name": args.budget, "budget": budget, "seed": args.seed,
+    folders = {d: dataset_folders(d, args.data, args.work)
+               for d in {d for d, _ in pairs} | ({"acdc"} if args.ablations else set())}
+    splits = {d: {"train": str(f[0]), "val": str(f[1]),
+                  "groups": len(set(f[2].values())) if f[2] else None} for d, f in folders.items()}
+    result = {"budget_name": args.budget, "budget": budget, "seeds": seeds,
               "command": "python benchmarks/accuracy/run_accuracy.py " + " ".join(sys.argv[1:]),
               "machine": {"python": platform.python_version(), "torch": torch.__version__,
                           "cpu": platform.machine(), "threads": torch.get_num_threads(),
                           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available()
                           else None},
+              "provenance": provenance(data=args.data, splits=splits),
               "pairs": [], "ablations": []}
-    base_acdc_unet = None
+
+    def runs_of(dataset: str, backbone: str, mode: str, flags: list[str], tag: str) -> list[dict]:
+        done = []
+        for seed in seeds:
+            runs = args.work / "runs" / f"{args.budget}-{budget['steps']}steps-seed{seed}"
+            runs.mkdir(parents=True, exist_ok=True)
+            done.append(train_and_evaluate(dataset, backbone, mode, budget, runs, flags, tag,
+                                           seed, folders[dataset][:2]))
+        return done
+
     timed_runs: list[dict] = []
     for dataset, backbone in pairs:
-        done = {m: train_and_evaluate(dataset, backbone, m, budget, runs,
-                                      [], m, args.seed) for m in ("baseline", "jras")}
-        timed_runs += done.values()
-        if (dataset, backbone) == ("acdc", "unet"):
-            base_acdc_unet = done["baseline"]
+        done = {m: runs_of(dataset, backbone, m, [], m) for m in ("baseline", "jras")}
+        timed_runs += done["baseline"] + done["jras"]
         result["pairs"].append({
             "dataset": dataset, "backbone": backbone,
             "baseline": summary(done["baseline"]), "jras": summary(done["jras"]),
-            "comparison": compare(done["jras"], done["baseline"]),
-            "commands": {m: {"train": r["train_command"], "evaluate": r["evaluate_command"]}
+            "comparison": compare(done["jras"], done["baseline"], folders[dataset][2]),
+            "commands": {m: {"train": r[0]["train_command"], "evaluate": r[0]["evaluate_command"]}
                          for m, r in done.items()},
-            "train_s": {m: r["train_s"] for m, r in done.items()},
-            "log": {m: r["log"] for m, r in done.items()},
+            "train_s": {m: [x["train_s"] for x in r] for m, r in done.items()},
+            "log": {m: r[0]["log"] for m, r in done.items()},
+            "reports": {m: [x["report"] for x in r] for m, r in done.items()},
         })
-        print(f"{dataset} {backbone}: baseline {done['baseline']['report']['summary']['mean']['dice']['mean']:.4f}"
-              f"  J-RAS {done['jras']['report']['summary']['mean']['dice']['mean']:.4f}", flush=True)
+        print(f"{dataset} {backbone}: baseline {fmt_dice(result['pairs'][-1]['baseline'])}"
+              f"  J-RAS {fmt_dice(result['pairs'][-1]['jras'])}", flush=True)
+    adjust([p["comparison"] for p in result["pairs"]], len(seeds))
     if args.ablations:
-        if base_acdc_unet is None:
-            base_acdc_unet = train_and_evaluate("acdc", "unet", "baseline", budget, runs, [],
-                                                "baseline", args.seed)
+        base = runs_of("acdc", "unet", "baseline", [], "baseline")
         for variant, flags in {"default (K=2, tau=0.1, joint, dropout 0.5, centred)": [],
                                **ABLATIONS}.items():
             tag = "jras" if not flags else "jras-" + re.sub(r"[^A-Za-z0-9.]+", "_", variant)
-            ab = train_and_evaluate("acdc", "unet", "jras", budget, runs, flags, tag, args.seed)
-            timed_runs.append(ab)
+            ab = runs_of("acdc", "unet", "jras", flags, tag)
+            timed_runs += ab
             result["ablations"].append({"variant": variant, "summary": summary(ab),
-                                        "comparison": compare(ab, base_acdc_unet),
-                                        "command": ab["train_command"]})
-            print(f"ablation {variant}: {ab['report']['summary']['mean']['dice']['mean']:.4f}",
+                                        "comparison": compare(ab, base, {}),
+                                        "command": ab[0]["train_command"],
+                                        "reports": [x["report"] for x in ab]})
+            print(f"ablation {variant}: {fmt_dice(result['ablations'][-1]['summary'])}",
                   flush=True)
+        adjust([a["comparison"] for a in result["ablations"]], len(seeds))
     result["wall_s"] = time.perf_counter() - t0
-    used = {r["train_command"]: r["train_s"] + r["evaluate_s"] for r in timed_runs}
+    used = {(r["train_command"], r["seed"]): r["train_s"] + r["evaluate_s"] for r in timed_runs}
     result["runs_s"] = sum(used.values())
     (args.out / "accuracy.json").write_text(json.dumps(result, indent=1))
     write_report(result, args.out)

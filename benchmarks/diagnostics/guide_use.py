@@ -33,6 +33,7 @@ from napari_jras.core.data import as_slices, resize_labels
 from napari_jras.core.engine import InferenceEngine, RetrievedExemplar
 from napari_jras.core.io import find_cases, load_case
 from napari_jras.core.metrics import dice_per_class
+from napari_jras.core.provenance import provenance
 from napari_jras.core.volume_memory import diagnostic_memory
 
 SOURCES = ("retrieved", "random", "none", "neighbour", "oracle")
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     dice: dict[str, list[float]] = {s: [] for s in (*SOURCES, "guide_alone")}
     rel: dict[str, list[float]] = {"retrieved": [], "random": []}
     gaps, top_weights, retrieved_ids = [], [], set()
-    for case in find_cases(args.data):
+    cases = find_cases(args.data)
+    for case in cases:
         image, label = load_case(case)
         truth = resize_labels(as_slices(label), size)
         for source in SOURCES:
@@ -92,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                     top_weights.append(max(e.weight for e in it))
                     retrieved_ids.update(e.id for e in it)
     result = {
+        "provenance": provenance(data=args.data, cases=cases, model_dir=args.model,
+                                 device=str(engine.device), guide_source="diagnostic: retrieved, "
+                                 "oracle, none, random, guide alone"),
         "model": str(args.model), "data": str(args.data), "cases": len(dice["retrieved"]),
         "working_size": cfg.size, "k": cfg.k, "tau": cfg.tau, "fusion": cfg.fusion,
         "dice": {k: {"mean": float(np.mean(v)), "std": float(np.std(v))} for k, v in dice.items()},

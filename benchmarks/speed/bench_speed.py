@@ -42,6 +42,7 @@ from napari_jras.core.index import EmbeddingIndex
 from napari_jras.core.io import find_cases, read_volume
 from napari_jras.core.model import JRASModel, ModelConfig
 from napari_jras.core.normalize import normalize
+from napari_jras.core.provenance import provenance
 from napari_jras.core.train import JointTrainer, SliceSet, TrainConfig, seed_everything
 from napari_jras.core.workspace import builtin_model_dir
 
@@ -305,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         train.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(f"  {mode}: {train[-1]['step_ms']:.0f} ms/step", flush=True)
     result = {
+        "provenance": provenance(model_dir=builtin_model_dir(), device=str(engine.device),
+                                 train_data=str(args.train_data)),
         "machine": machine(), "device": str(engine.device),
         "command": "python " + " ".join([Path(__file__).relative_to(Path.cwd()).as_posix()
                                          if Path(__file__).is_relative_to(Path.cwd())

@@ -110,8 +110,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         log_every=args.log_every, augment=not args.no_augment)
     with distributed_session(args.device):  # a no-op outside torchrun
         out = train_run(args.data, args.out, model_config, train_config, val=args.val,
-                        patient_regex=args.patient_regex, resume=not args.no_resume,
-                        epochs=args.epochs, progress=_progress_printer(args.quiet))
+                        patient_regex=args.patient_regex, resume=not args.overwrite,
+                        epochs=args.epochs, group_duplicates=args.group_duplicates,
+                        progress=_progress_printer(args.quiet))
         if is_main():
             print(f"Model written to {out}")
     return 0
@@ -135,6 +136,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_report_path(args.report)
     report = evaluate_run(args.model, args.data, bank=args.bank, device=args.device,
                           patient_regex=args.patient_regex, guide_source=args.guide_source,
+                          group_duplicates={"auto": None, "on": True, "off": False}[
+                              args.group_duplicates],
                           progress=_progress_printer(args.quiet), **_engine_options(args))
     atomic_write_json(Path(args.report), report)
     overall = report["summary"]["mean"]
@@ -264,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a J-RAS model (or the same backbone without retrieval).")
     t.add_argument("--data", required=True, help="folder of <name>_image.* + <name>_label.* pairs")
     t.add_argument("--val", help="validation folder (other patients) for val Dice in the log")
-    t.add_argument("--out", required=True, help="run folder to write (resumed if it has checkpoints)")
+    t.add_argument("--out", required=True, help="run folder to write (a run already there is resumed if it "
+                                                "was started with the same settings)")
     t.add_argument("--backbone", default="unet",
                    help="unet, transunet, segformer, sam or litemedsam (see docs/backbones.md)")
     t.add_argument("--backbone-options", help='JSON, e.g. \'{"base_channels": 16}\'')
@@ -322,11 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "their deep image features, in [0, 1)")
     t.add_argument("--no-augment", action="store_true")
     t.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
-    t.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out")
+    t.add_argument("--overwrite", "--no-resume", action="store_true",
+                   help="start afresh: remove the run already in --out (checkpoints, model, bank, "
+                        "log) instead of resuming it")
     t.add_argument("--checkpoint-every", type=int, default=200)
     t.add_argument("--val-every", type=int, default=0)
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--patient-regex", help="regex whose group 1 is the patient id of a case name")
+    t.add_argument("--group-duplicates", action="store_true",
+                   help="treat near-duplicate images (thumbnail correlation >= 0.95) as one "
+                        "patient, so training never retrieves a near-copy of its query")
     _add_common(t)
     t.set_defaults(func=cmd_train)
 
@@ -342,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the bank, never the evaluated patient); none, random (K random "
                         "exemplars of other patients), neighbour (the ground truth of slices "
                         "z+-1 of the same volume), oracle (the slice's own ground truth)")
+    e.add_argument("--group-duplicates", choices=["auto", "on", "off"], default="auto",
+                   help="never retrieve near-duplicates of the evaluated image (thumbnail "
+                        "correlation >= 0.95); auto: on when every case is its own patient")
     _add_inference(e)
     _add_common(e)
     e.set_defaults(func=cmd_evaluate)

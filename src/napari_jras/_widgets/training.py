@@ -275,9 +275,9 @@ class TrainingPanel(QWidget):
             for c, key in enumerate(("dice", "hd95")):
                 m = metrics[key]
                 item = QTableWidgetItem(f"{m['mean']:.3f} \u00b1 {m['std']:.3f}")
-                if m["mean"] != m["mean"]:  # NaN: no case had the class in both masks
+                if m["mean"] != m["mean"]:  # NaN: no case had the class in either mask
                     item = QTableWidgetItem("n/a")
-                    item.setToolTip("the class was missing from the prediction or the labels "
+                    item.setToolTip("the class is absent from the prediction and the labels "
                                     "of every case")
                 self.table.setItem(r, c, item)
         self.table.resizeColumnsToContents()

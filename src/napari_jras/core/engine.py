@@ -238,19 +238,23 @@ class InferenceEngine:
         return images, masks
 
     def _search(self, x: torch.Tensor, k: int, exclude_patient: str | None,
-                timings: dict[str, float]) -> list[list[Hit]]:
+                exclude_ids: Sequence[int], timings: dict[str, float]) -> list[list[Hit]]:
         """The bank's ``k`` best exemplars for each query of ``x`` (B,H,W)."""
         t0 = time.perf_counter()
         q = self._run("retriever", x[:, None]).float().cpu().numpy()
         t1 = time.perf_counter()
-        hits = self.bank.search(q, k, self.version, exclude_patients=[exclude_patient] * len(q))
+        hits = self.bank.search(q, k, self.version, exclude_patients=[exclude_patient] * len(q),
+                                exclude_ids=[exclude_ids] * len(q) if exclude_ids else None)
         timings["embed"] += t1 - t0
         timings["search"] += time.perf_counter() - t1
         return hits
 
-    def _random_hits(self, n: int, exclude_patient: str | None, seed: int) -> list[list[Hit]]:
+    def _random_hits(self, n: int, exclude_patient: str | None, exclude_ids: Sequence[int],
+                     seed: int) -> list[list[Hit]]:
         """``k`` exemplars drawn at random (never of ``exclude_patient``) for each of ``n`` slices."""
-        records = [r for r in self.bank.records() if r.get("patient_id") != exclude_patient]
+        skip = set(exclude_ids)
+        records = [r for r in self.bank.records()
+                   if r.get("patient_id") != exclude_patient and r["id"] not in skip]
         if not records:
             raise BankError("No exemplar could be drawn (every exemplar is excluded or the bank "
                             "is empty)")
@@ -260,8 +264,8 @@ class InferenceEngine:
                  for j in rng.choice(len(records), k, replace=False)] for _ in range(n)]
 
     def _guide(self, x: torch.Tensor, vol: Any, batch: list[int], exclude_patient: str | None,
-               source: str, memory: VolumeMemory | None, timings: dict[str, float]
-               ) -> tuple[Guide | None, list[list[RetrievedExemplar]]]:
+               exclude_ids: Sequence[int], source: str, memory: VolumeMemory | None,
+               timings: dict[str, float]) -> tuple[Guide | None, list[list[RetrievedExemplar]]]:
         """The guide of slices ``batch`` (network input ``x``, (B,H,W)) and what the gallery shows.
 
         Slots are filled in order: the volume's annotated slices (``memory``), then retrieved
@@ -293,11 +297,11 @@ class InferenceEngine:
         hits: list[list[Hit]] = [[] for _ in batch]
         searched = timings["embed"] + timings["search"]
         if max(wanted) > 0 and source == "random":
-            hits = self._random_hits(len(batch), exclude_patient, seed=batch[0])
+            hits = self._random_hits(len(batch), exclude_patient, exclude_ids, seed=batch[0])
         elif max(wanted) > 0:
             own = memory.case_id if memory is not None else None
             hits = self._search(x, max(wanted) + (memory.slots if own else 0), exclude_patient,
-                                timings)
+                                exclude_ids, timings)
             if own:  # no second copy of a memory slice (the bank holds it as a correction)
                 hits = [[h for h in found if h.record.get("case_id") != own
                          or h.record.get("slice_index") not in used]
@@ -343,16 +347,18 @@ class InferenceEngine:
     @torch.inference_mode()
     def predict(self, image: np.ndarray, modality: str | None = None,
                 slices: Sequence[int] | None = None, exclude_patient: str | None = None,
-                return_probabilities: bool = False,
+                exclude_ids: Sequence[int] = (), return_probabilities: bool = False,
                 progress: Callable[[int, int], None] | None = None,
                 cancel: Callable[[], bool] | None = None, guide_source: str = "retrieved",
                 memory: VolumeMemory | None = None) -> Prediction:
         """Segment ``image`` (2-D, or 3-D Z-first); ``slices`` limits which Z slices are predicted.
 
         ``exclude_patient`` keeps exemplars of that patient out of retrieval (evaluation without
-        leakage). ``memory`` holds annotated slices of this same volume, which take the first
-        exemplar slots of the other slices (see :mod:`.volume_memory`); ``guide_source`` is
-        ``retrieved`` (the default), or ``none`` / ``random`` for diagnostics. Raises :class:`JRASError` subclasses with clear messages for bad input.
+        leakage); ``exclude_ids`` keeps single exemplars out (e.g. near-duplicates of the image).
+        ``memory`` holds annotated slices of this same volume, which take the first exemplar
+        slots of the other slices (see :mod:`.volume_memory`); ``guide_source`` is
+        ``retrieved`` (the default), or ``none`` / ``random`` for diagnostics.
+        Raises :class:`JRASError` subclasses with clear messages for bad input.
         A GPU out-of-memory error halves ``batch_size`` (kept for later calls) and retries; at
         one slice the engine moves to the CPU with a warning (see ``on_warning``).
         """
@@ -385,8 +391,8 @@ class InferenceEngine:
                 raise JRASError("Prediction cancelled")
             batch = z_all[start:start + self.batch_size]
             try:
-                self._predict_batch(vol, batch, exclude_patient, result, timings, guide_source,
-                                    memory)
+                self._predict_batch(vol, batch, exclude_patient, exclude_ids, result, timings,
+                                    guide_source, memory)
                 out_of_memory = False
             except torch.cuda.OutOfMemoryError:
                 out_of_memory = True  # recover outside the handler, once its tensors are freed
@@ -403,7 +409,8 @@ class InferenceEngine:
         return result
 
     def _predict_batch(self, vol: np.ndarray, batch: list[int], exclude_patient: str | None,
-                       result: Prediction, timings: dict[str, float], guide_source: str,
+                       exclude_ids: Sequence[int], result: Prediction,
+                       timings: dict[str, float], guide_source: str,
                        memory: VolumeMemory | None) -> None:
         cfg = self.model.config
         size = (cfg.size, cfg.size)
@@ -411,8 +418,8 @@ class InferenceEngine:
         with autocast(self.device, self.amp):
             guide = None
             if cfg.use_retrieval:
-                guide, shown = self._guide(x, vol, batch, exclude_patient, guide_source, memory,
-                                           timings)
+                guide, shown = self._guide(x, vol, batch, exclude_patient, exclude_ids,
+                                           guide_source, memory, timings)
                 result.exemplars.update(zip(batch, shown))
                 if guide is None and not cfg.uses_readout:  # concat: an all-zero guide
                     guide = empty_guide(len(batch), size, cfg.num_classes, self.device)

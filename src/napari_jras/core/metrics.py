@@ -88,6 +88,17 @@ def _hausdorff_all(pred: np.ndarray, gt: np.ndarray, num_classes: int,
     return hd95, hd
 
 
+def missing_penalty(shape: Sequence[int], spacing: Sequence[float] | None = None) -> float:
+    """HD / HD95 of a class missing from one mask: the image diagonal (see the module notes)."""
+    spacing = spacing or (1.0,) * len(shape)
+    return float(np.sqrt(sum(((n - 1) * s) ** 2 for n, s in zip(shape, spacing))))
+
+
+def _missing(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per foreground class: present in exactly one of the two masks."""
+    return np.array([(pred == c).any() != (gt == c).any() for c in range(1, num_classes)])
+
+
 def _surface(mask: np.ndarray) -> np.ndarray:
     """Voxels of ``mask`` with a face-neighbour outside it (the image border counts as outside)."""
     structure = ndimage.generate_binary_structure(mask.ndim, 1)
@@ -97,9 +108,10 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 def _hausdorff(a: np.ndarray, b: np.ndarray, sampling: tuple[float, ...] | None) -> tuple[float, float]:
     a_any, b_any = bool(a.any()), bool(b.any())
     if not a_any and not b_any:
-        return 0.0, 0.0
-    if not (a_any and b_any):
         return float("nan"), float("nan")
+    if not (a_any and b_any):
+        penalty = missing_penalty(a.shape, sampling)
+        return penalty, penalty
     sa, sb = _surface(a), _surface(b)
     # Crop to the surfaces' bounding box: the distance to the nearest surface voxel is unchanged.
     box = ndimage.find_objects((sa | sb).astype(np.uint8))[0]
@@ -143,8 +155,9 @@ def evaluate_case(pred: np.ndarray, gt: np.ndarray, num_classes: int,
                   class_names: Sequence[str] | None = None) -> dict:
     """Per-class Dice, HD95 and HD of one case, and their means over the foreground classes.
 
-    Returns ``{"per_class": {name: {"dice", "hd95", "hd"}}, "mean": {"dice", "hd95", "hd"},
-    "units": "mm" | "pixels"}``. ``class_names`` lists the foreground classes (or all classes,
+    Returns ``{"per_class": {name: {"dice", "hd95", "hd", "missing"}}, "mean": {"dice",
+    "hd95", "hd"}, "units": "mm" | "pixels"}``; ``missing`` is True for a class present in
+    exactly one of the two masks (its distances are the penalty). ``class_names`` lists the foreground classes (or all classes,
     background first); default ``class_1``, ``class_2``, ...
     """
     pred, gt = _check_pair(pred, gt, num_classes)
@@ -152,8 +165,10 @@ def evaluate_case(pred: np.ndarray, gt: np.ndarray, num_classes: int,
     names = _class_names(class_names, num_classes)
     values = {"dice": _dice_all(pred, gt, num_classes)}
     values["hd95"], values["hd"] = _hausdorff_all(pred, gt, num_classes, spacing)
+    missing = _missing(pred, gt, num_classes)
     return {
-        "per_class": {name: {m: float(values[m][i]) for m in METRICS} for i, name in enumerate(names)},
+        "per_class": {name: {**{m: float(values[m][i]) for m in METRICS},
+                             "missing": bool(missing[i])} for i, name in enumerate(names)},
         "mean": {m: _nanmean(values[m]) for m in METRICS},
         "units": "pixels" if spacing is None else "mm",
     }
@@ -162,9 +177,10 @@ def evaluate_case(pred: np.ndarray, gt: np.ndarray, num_classes: int,
 def summarize(case_results: Sequence[dict]) -> dict:
     """Mean, std and NaN count over cases of every per-class and foreground-mean metric.
 
-    Returns ``{"n_cases", "units", "per_class": {name: {metric: {"mean", "std", "n_nan"}}},
-    "mean": {metric: {"mean", "std", "n_nan"}}}``; ``mean`` summarises the per-case
-    foreground means.
+    Returns ``{"n_cases", "units", "n_missing", "per_class": {name: {metric: {"mean", "std",
+    "n_nan"}, "n_missing"}}, "mean": {metric: {"mean", "std", "n_nan"}}}``; ``mean``
+    summarises the per-case foreground means; ``n_missing`` counts the cases where the class was
+    missing from one mask (penalised distances), in all over the classes at the top level.
     """
     if not case_results:
         raise DataError("No case results to summarise")
@@ -180,11 +196,15 @@ def summarize(case_results: Sequence[dict]) -> dict:
         arr = np.asarray(values, dtype=np.float64)
         return {"mean": _nanmean(arr), "std": _nanstd(arr), "n_nan": int(np.isnan(arr).sum())}
 
+    missing = {name: sum(bool(r["per_class"][name].get("missing")) for r in case_results)
+               for name in names}
     return {
         "n_cases": len(case_results),
         "units": units.pop(),
+        "n_missing": sum(missing.values()),
         "per_class": {
-            name: {m: stats([r["per_class"][name][m] for r in case_results]) for m in METRICS}
+            name: {**{m: stats([r["per_class"][name][m] for r in case_results]) for m in METRICS},
+                   "n_missing": missing[name]}
             for name in names
         },
         "mean": {m: stats([r["mean"][m] for r in case_results]) for m in METRICS},

@@ -16,10 +16,12 @@ import torch
 
 from . import distributed as ddp
 from .bank import ExemplarBank
-from .checkpoint import atomic_write_json, read_config, save_model
-from .data import SliceSample, load_slices, num_classes_of
+from .checkpoint import atomic_write_json, save_model
+from .data import SliceSample, as_slices, load_slices, num_classes_of
+from .duplicates import THRESHOLD as DUPLICATE_THRESHOLD
+from .duplicates import duplicate_groups, duplicate_pairs, thumbnails
 from .engine import BANK_DIR, load_engine
-from .errors import DataError, JRASError, ModelError
+from .errors import DataError, JRASError
 from .io import (
     IMAGE_EXTENSIONS,
     Case,
@@ -34,7 +36,9 @@ from .io import (
 )
 from .metrics import evaluate_case, summarize
 from .model import JRASModel, ModelConfig
+from .provenance import provenance
 from .retrieval import embed_images, retriever_version
+from .run_settings import check_resumable, clear_run, record_settings, training_settings
 from .volume_memory import GUIDE_SOURCES, diagnostic_memory
 from .train import CancelFn, JointTrainer, ProgressFn, SliceSet, TrainConfig, seed_everything
 
@@ -80,28 +84,24 @@ def _data_summary(path: str | Path, cases: Sequence[Case], samples: Sequence[Sli
             "patients": len({c.patient_id for c in cases}), "slices": len(samples)}
 
 
-def _check_resumable(out: Path, model: JRASModel) -> None:
-    """Refuse to resume checkpoints in ``out`` that were made with another model config."""
-    done = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / "trainer.json").exists())
-    if not done:
-        return
-    saved, wanted = read_config(done[-1]).to_dict(), model.config.to_dict()
-    changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
-    if changed:
-        raise ModelError(f"{out} holds checkpoints of a model with other settings "
-                         f"({', '.join(changed)}): use --no-resume to start over, or a new --out")
-
-
 def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
               train_config: TrainConfig, val: str | Path | None = None,
               patient_regex: str | None = None, resume: bool = True, epochs: int | None = None,
-              progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> Path:
+              group_duplicates: bool = False, progress: ProgressFn | None = None,
+              cancel: CancelFn | None = None) -> Path:
     """Train a J-RAS (or baseline) model on the cases under ``data`` into the run folder ``out``.
 
     ``model_config`` holds :class:`ModelConfig` fields; ``num_classes`` is read from the labels
     when absent. The run folder receives ``config.json``, ``model.safetensors``,
     ``train_config.json``, ``log.jsonl``, ``checkpoints/`` and (J-RAS only) the training ``bank/``.
     ``epochs`` (when given) sets the number of steps from the number of training slices.
+    ``group_duplicates`` merges patients with near-duplicate slices into one pseudo-patient
+    (:mod:`.duplicates`), so that training never retrieves a near-copy of its query.
+
+    A run folder that already holds a run is resumed only when every setting that affects
+    training matches (:mod:`.run_settings`); otherwise :class:`JRASError` names the differing
+    settings before anything in it is touched. ``resume=False`` (``--overwrite``) removes the
+    previous run's files first and starts afresh.
 
     Under torchrun (an initialised process group) every rank trains and rank 0 alone writes the
     run folder; the function returns on every rank once it is complete.
@@ -115,6 +115,9 @@ def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
     size = model_config.get("size", 128)
     modality = model_config.get("modality", "auto")
     samples = load_slices(cases, size=size, modality=modality)
+    if group_duplicates:
+        pseudo = duplicate_groups([s.patient_id for s in samples], [s.image for s in samples])
+        samples = [replace(s, patient_id=pseudo[s.patient_id]) for s in samples]
     val_samples = None
     if val is not None:
         val_cases = find_cases(val, patient_regex)
@@ -135,11 +138,19 @@ def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
     model = JRASModel(ModelConfig(**config))
     train_set = SliceSet(samples, model.num_classes)
     val_set = SliceSet(val_samples, model.num_classes) if val_samples else None
+    settings = training_settings(model.config.to_dict(), asdict(train_config), cases,
+                                 patient_regex, group_duplicates)
+    if resume:
+        check_resumable(out, settings)
+    elif ddp.is_main():
+        clear_run(out)
+    ddp.barrier()
     trainer = JointTrainer(model, train_set, train_config, run_dir=out, val=val_set,
                            progress=progress, cancel=cancel)
     if resume:
-        _check_resumable(out, model)
         trainer.resume()
+    if ddp.is_main():
+        record_settings(out, settings)
     started = time.time()
     trainer.fit()
     if ddp.is_main():
@@ -147,6 +158,7 @@ def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
         atomic_write_json(out / TRAIN_CONFIG_FILE, {
             "train": asdict(trainer.config), "data": _data_summary(data, cases, samples),
             "val": Path(val).name if val is not None else None, "steps_done": trainer.step,
+            "group_duplicates": group_duplicates,
             "wall_time_s": round(time.time() - started, 1), "device": str(trainer.device),
             "world_size": trainer.world_size, "torch": torch.__version__,
             "machine": platform.machine()})
@@ -160,10 +172,16 @@ def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
 def evaluate_run(model_dir: str | Path, data: str | Path, bank: str | Path | None = None,
                  device: str = "auto", patient_regex: str | None = None,
                  progress: ProgressFn | None = None, guide_source: str = "retrieved",
-                 **engine_options: Any) -> dict[str, Any]:
+                 group_duplicates: bool | None = None, **engine_options: Any) -> dict[str, Any]:
     """Predict every case under ``data`` and score it: per-case and mean +- std Dice/HD95/HD.
 
-    Queries never retrieve exemplars of their own patient, whatever the bank holds.
+    Queries never retrieve exemplars of their own patient, whatever the bank holds. With
+    ``group_duplicates`` they do not retrieve near-duplicates of their image either (bank
+    exemplars whose thumbnail correlates >= 0.95 with a slice of the case,
+    :mod:`.duplicates`); None (default) turns this on for a retrieval model when every case
+    is its own patient (2-D datasets without patient ids, such as BUSI or COVID-19 CT).
+    The report carries its ``provenance`` (:mod:`.provenance`; ``guide_source`` is recorded
+    there) and, per case, the patients and ids of the exemplars retrieved.
     ``guide_source`` (a diagnostic; see :mod:`.volume_memory`): ``retrieved`` (the default),
     ``none``, ``random`` (K random bank exemplars of other patients), ``neighbour`` (the
     ground truth of slices z +- 1 of the same volume, the only exemplars) or ``oracle`` (the
@@ -176,20 +194,41 @@ def evaluate_run(model_dir: str | Path, data: str | Path, bank: str | Path | Non
     engine = load_engine(model_dir, bank=bank, device=device, **engine_options)
     cfg = engine.model.config
     cases = find_cases(data, patient_regex)
+    if group_duplicates is None:
+        group_duplicates = all(c.patient_id == c.case_id for c in cases)
+    group_duplicates = bool(group_duplicates and engine.bank is not None)
+    bank_thumbs = bank_ids = None
+    if group_duplicates:
+        bank_ids, bank_images, _ = engine.bank.load_all()
+        bank_thumbs = thumbnails(list(bank_images))
     results = []
     for i, case in enumerate(cases):
         image, label = load_case(case)
+        near: list[int] = []
+        if bank_thumbs is not None:
+            pairs = duplicate_pairs(thumbnails(list(as_slices(image.data))), bank_thumbs)
+            near = sorted({int(bank_ids[j]) for _, j in pairs})
         memory = diagnostic_memory(guide_source, label) if cfg.use_retrieval else None
-        pred = engine.predict(image.data, exclude_patient=case.patient_id,
+        pred = engine.predict(image.data, exclude_patient=case.patient_id, exclude_ids=near,
                               guide_source=guide_source, memory=memory)
         result = evaluate_case(pred.labels, label, cfg.num_classes, spacing=image.spacing,
                                class_names=cfg.class_names)
+        hits = [e for items in pred.exemplars.values() for e in items]
         results.append({"case_id": case.case_id, "patient_id": case.patient_id,
-                        "image": case.image_path.name, **result})
+                        "image": case.image_path.name, **result,
+                        "retrieved_patients": sorted({str(e.record.get("patient_id"))
+                                                      for e in hits}),
+                        "retrieved_ids": sorted({e.id for e in hits}),
+                        "excluded_duplicates": near})
         if progress is not None:
             progress({"step": i + 1, "total": len(cases), "phase": "evaluate",
                       "case": case.case_id})
     return {
+        "provenance": provenance(data=data, cases=cases, model_dir=model_dir,
+                                 device=str(engine.device), guide_source=guide_source,
+                                 group_duplicates=group_duplicates,
+                                 duplicate_threshold=DUPLICATE_THRESHOLD if group_duplicates
+                                 else None),
         "model": {"path": str(model_dir), "config": cfg.to_dict()},
         "bank": ({"path": str(engine.bank.path), "exemplars": len(engine.bank)}
                  if engine.bank is not None else None),

@@ -1,0 +1,92 @@
+"""Provenance of a report: what produced a number, on which data, with which code, where and when.
+
+``case_list_sha256`` fingerprints a data folder without reading its pixels: the SHA-256 of the
+sorted lines ``<case id>\\t<image size>\\t<label size>`` (sizes in bytes, ``-`` for a missing
+label). It changes when a case is added, removed, renamed or its files change size; a file
+rewritten with different pixels but the same size is not detected (hashing every file would
+read whole datasets for each report).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .io import Case
+
+_PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def case_list_sha256(cases: Sequence[Case]) -> str:
+    """SHA-256 (hex) of the sorted case ids with their image and label file sizes."""
+    lines = sorted(f"{c.case_id}\t{_size(c.image_path)}\t{_size(c.label_path)}" for c in cases)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _size(path: Path | None) -> str:
+    return "-" if path is None else str(Path(path).stat().st_size)
+
+
+def git_state(package: str | Path = _PACKAGE_ROOT) -> dict[str, Any] | None:
+    """``{"commit", "dirty"}`` of the source checkout running this package (``<repo>/src/
+    napari_jras``); None for an installed copy, outside a checkout or without git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(package), *args], capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip()
+    try:
+        top = Path(git("rev-parse", "--show-toplevel"))
+        if (top / "src" / "napari_jras").resolve() != Path(package).resolve():
+            return None  # e.g. site-packages of a virtual environment inside another repo
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": dirty}
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when the file is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def model_settings(model_dir: str | Path) -> dict[str, Any]:
+    """The run folder's ``config.json`` and ``train_config.json`` (None where missing)."""
+    model_dir = Path(model_dir)
+    return {"config": read_json(model_dir / "config.json"),
+            "train_config": read_json(model_dir / "train_config.json")}
+
+
+def provenance(*, data: str | Path | None = None, cases: Sequence[Case] | None = None,
+               model_dir: str | Path | None = None, device: str | None = None,
+               guide_source: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The provenance record of a report (``extra`` items are added as they are).
+
+    Holds the package version, the git commit and dirty flag (None outside a checkout), the UTC
+    time, and where given: the data folder with its case count and ``case_list_sha256``, the
+    model's full settings, the device and the guide source.
+    """
+    from .. import __version__
+
+    record: dict[str, Any] = {"package": "napari-jras", "version": __version__,
+                              "git": git_state(),
+                              "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if data is not None:
+        record["data"] = {"path": str(data)}
+        if cases is not None:
+            record["data"].update(cases=len(cases), case_list_sha256=case_list_sha256(cases))
+    if model_dir is not None:
+        record["model"] = {"path": str(model_dir), **model_settings(model_dir)}
+    if device is not None:
+        record["device"] = device
+    if guide_source is not None:
+        record["guide_source"] = guide_source
+    record.update(extra)
+    return record
