@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 
 from napari_jras.core.io import find_cases, load_case  # noqa: E402
-from napari_jras.core.metrics import dice_per_class  # noqa: E402
+from napari_jras.core.metrics import mean_dice  # noqa: E402
+from napari_jras.core.provenance import git_state, provenance  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "acdc"
 VARIANTS = {
@@ -44,18 +45,6 @@ VARIANTS = {
     "concat": ["--fusion", "concat"],
 }
 SOURCES = ("retrieved", "none", "neighbour", "oracle", "random")
-
-
-def git_commit() -> str:
-    """Commit of the checkout, with '+dirty' when the tree has changes."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=REPO, capture_output=True, text=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def subset(train: Path, n_patients: int, seed: int, work: Path) -> Path:
@@ -82,7 +71,7 @@ def copy_neighbour_dice(val: Path) -> float:
         _, label = load_case(case)
         label = np.asarray(label)
         copied = np.concatenate([label[1:2], label[:-1]])
-        scores.append(float(np.nanmean(dice_per_class(copied, label, 4))))
+        scores.append(mean_dice(copied, label, 4))
     return float(np.mean(scores))
 
 
@@ -154,7 +143,7 @@ def main() -> None:
         for seed in args.seeds:
             train = subset(DATA / "train", n, seed, work)
             jobs += [(v, n, seed, train) for v in args.variants]
-    results = []
+    results, git = [], git_state()  # the code that runs: read at start
     with cf.ThreadPoolExecutor(args.workers) as pool:
         futures = {pool.submit(job, args, v, n, s, t, out, work): (v, n, s) for v, n, s, t in jobs}
         for future in cf.as_completed(futures):
@@ -162,10 +151,10 @@ def main() -> None:
             results.append(result)
             print(json.dumps({k: result[k] for k in ("variant", "patients", "seed")}),
                   {s: round(d["mean"], 4) for s, d in result["dice"].items()}, flush=True)
-            study = {"provenance": {"commit": git_commit(), "time": time.strftime(
-                         "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv),
-                         "data": "acdc/train (patient subsets drawn by seed) -> acdc/val",
-                         "machine": f"{os.cpu_count()} CPUs, one thread per run"},
+            study = {"provenance": provenance(
+                         data="acdc/train (patient subsets drawn by seed) -> acdc/val",
+                         command=" ".join(sys.argv),
+                         machine=f"{os.cpu_count()} CPUs, one thread per run", git_at_start=git),
                      "settings": {k: str(v) if isinstance(v, Path) else v
                                   for k, v in vars(args).items()},
                      "copy_neighbour_dice": copy_neighbour_dice(DATA / "val"),

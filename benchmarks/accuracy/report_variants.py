@@ -141,13 +141,17 @@ def seed_table(out: Path) -> list[str]:
             stats = "- | - | - | -"
         else:
             c, p = cmps[stem], p_holm[stem]
-            fmt_p = (lambda v: "-" if v is None else f"{v:.3g}")
             stats = (f"{c['mean_diff']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | "
-                     f"{fmt_p(c['wilcoxon_p'])} | {fmt_p(p)} | {verdict(c, len(seeds), p)}")
+                     f"{_fmt_p(c['wilcoxon_p'])} | {_fmt_p(p)} | {verdict(c, len(seeds), p)}")
         lines.append(f"| {VARIANTS[stem][0]} | {' / '.join(f'{v:.3f}' for v in d)} | "
                      f"{d.mean():.3f} +- {d.std(ddof=1):.3f} | {gap} | {stats} | {missed} |")
     return lines
 
+
+
+def _fmt_p(value: float | None) -> str:
+    """A p-value for a table cell ("-" when there is none)."""
+    return "-" if value is None else f"{value:.3g}"
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/method_variants"))

@@ -126,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     cases = find_cases(args.data)[:args.limit]
     args.out.mkdir(parents=True, exist_ok=True)
     settings = []
-    progress = (lambda r: print(f"  {r['phase']:20s} {r['case']:22s} Dice {r['dice']:.3f}  "
-                                f"corrected {r['corrected']:6d} px", flush=True))
+
+    def progress(r: dict) -> None:
+        print(f"  {r['phase']:20s} {r['case']:22s} Dice {r['dice']:.3f}  "
+              f"corrected {r['corrected']:6d} px", flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             kind, setting, finetune = SETTINGS[name]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from napari_jras.core.checkpoint import load_model
 from napari_jras.core.data import load_slices
 from napari_jras.core.io import find_cases
+from napari_jras.core.provenance import git_state
 from napari_jras.core.retrieval import LiteMedSAMEncoder, Retriever, embed_images
 from napari_jras.core.train import mask_relevance
 
@@ -63,15 +63,6 @@ def cosine_topk(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tens
     return (q @ b.T).topk(k, dim=1).indices
 
 
-def git_commit() -> str:
-    """The checked-out commit (read at start: the code that runs)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bank", type=Path, required=True)
@@ -88,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    start, commit = time.time(), git_commit()
+    start, commit = time.time(), git_state()  # read at start: the code that runs
     bank_cases = find_cases(args.bank, args.patient_regex)[::args.bank_every]
     bank = load_slices(bank_cases, args.size, args.modality)
     queries = load_slices(find_cases(args.queries, args.patient_regex), args.size, args.modality)

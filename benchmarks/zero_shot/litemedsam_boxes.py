@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 from napari_jras.core.backbones.litemedsam_net import CHECKPOINT_SHA256, load_litemedsam
 from napari_jras.core.data import as_slices
 from napari_jras.core.io import find_cases, load_case
+from napari_jras.core.provenance import git_state
 from napari_jras.core.zero_shot import box_logits, boxes_from_labels
 
 SOURCES = ("oracle", "propagated")
@@ -44,15 +44,6 @@ SOURCES = ("oracle", "propagated")
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
     total = int(pred.sum() + gt.sum())
     return float("nan") if total == 0 else 2.0 * float((pred & gt).sum()) / total
-
-
-def git_commit() -> str:
-    """The checked-out commit (read at start: the code that runs)."""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     per_case: list[dict] = []
     slice_seconds: list[float] = []
     start = time.time()
-    args.commit = git_commit()
+    args.commit = git_state()  # read at start: the code that runs
     for case in cases:
         image, label = load_case(case)
         x, y = as_slices(image.data), as_slices(label)
