@@ -78,8 +78,8 @@ AUTOSAVE_MS = 2000
 LABELS_SUFFIX = " J-RAS"
 BOXES_SUFFIX = " J-RAS boxes"
 BOX_CLASSES = ("background",) + tuple(f"structure {i}" for i in range(1, 9))
-"""Class names of a labels layer made before any model is loaded (box start): box i paints
-class i + 1, so at most 8 boxes per slice."""
+"""Class names of a labels layer made before any model is loaded (box start): the k-th box of a
+slice paints class k, so at most 8 boxes per slice."""
 
 _ASSISTANTS: weakref.WeakValueDictionary[int, AssistantWidget] = weakref.WeakValueDictionary()
 
@@ -307,7 +307,7 @@ class AssistantWidget(QWidget):
         lite = litemedsam_availability()
         if lite["available"]:
             self.box_button.setToolTip(
-                "Segment the current slice from the boxes drawn in the '<image> J-RAS boxes' "
+                "Segment the current slice from the boxes drawn in the image's 'J-RAS boxes' "
                 "Shapes layer (box 1 paints class 1, box 2 class 2, ...); no trained model needed")
             self.box_next_button.setToolTip(
                 "The current slice's painted classes, each as a box, prompt the next (empty) slice")
@@ -819,8 +819,8 @@ class AssistantWidget(QWidget):
     def box_start(self) -> None:
         """Segment the current slice with LiteMedSAM from the boxes of '<image> J-RAS boxes'.
 
-        The first click adds that Shapes layer (rectangle tool). Box i of the slice (in drawing
-        order) paints class i + 1, later boxes over earlier ones; no trained model is needed.
+        The first click adds that Shapes layer (rectangle tool). The k-th box of the slice (in
+        drawing order) paints class k, later boxes over earlier ones; no trained model is needed.
         Slices you edited or accepted are never overwritten.
         """
         target = self._box_target()
