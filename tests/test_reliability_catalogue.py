@@ -1509,6 +1509,37 @@ def widget_propagate_without_a_start(ctx: Ctx) -> None:
     assert notes[-1][0] == "error" and "slices of a volume" in notes[-1][1]
 
 
+@check("W08")
+def widget_box_start_bad_prompts(ctx: Ctx) -> None:
+    notes = _notes(ctx)
+    viewer, widget = _assistant(ctx)
+    viewer.add_image(read_volume(f"{ACDC}_image.tif").data, name="scan")
+    viewer.dims.current_step = (2, *viewer.dims.current_step[1:])
+    widget.box_start()  # adds the Shapes layer to draw in
+    widget.box_start()
+    assert notes[-1][0] == "error" and "No box on slice 2 of 'scan'" in notes[-1][1]
+    shapes = viewer.layers["scan J-RAS boxes"]
+    for i in range(9):
+        shapes.add_rectangles(np.array([[2, i, i], [2, i, i + 9], [2, i + 9, i + 9],
+                                        [2, i + 9, i]], float))
+    widget.box_start()
+    assert notes[-1][0] == "error" and "9 boxes, but 'scan J-RAS' has 8 classes" in notes[-1][1]
+    viewer.layers.remove(shapes)
+    viewer.add_points(np.zeros((1, 3)), name="scan J-RAS boxes")
+    widget.image_combo.setCurrentText("scan")
+    widget.box_start()
+    assert notes[-1][0] == "error" and "must be a 3-D Shapes layer" in notes[-1][1]
+    widget.boxes_to_next_slice()  # adds the labels layer to paint on
+    widget.boxes_to_next_slice()
+    assert notes[-1][0] == "error" and "has no labels: paint it" in notes[-1][1]
+    viewer.add_image(np.zeros((32, 32), np.float32), name="flat")
+    widget.image_combo.setCurrentText("flat")
+    widget.boxes_to_next_slice()
+    assert notes[-1][0] == "error" and "2-D image: it has no next slice" in notes[-1][1]
+    assert widget.task is None  # LiteMedSAM never ran
+    assert not widget.labels_layer("scan").data.any()
+
+
 # =========================================================================== the test
 def catalogue_rows() -> list[str]:
     """Row ids of the catalogue table in docs/reliability.md, in order."""

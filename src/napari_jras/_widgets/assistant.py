@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from napari.layers import Image, Labels
+from napari.layers import Image, Labels, Shapes
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -38,10 +38,12 @@ from qtpy.QtWidgets import (
 
 from .._writer import write_labels
 from ..core import bank_tools
+from ..core.backbones.litemedsam_net import availability as litemedsam_availability
 from ..core.engine import Prediction
 from ..core.errors import DataError, JRASError
 from ..core.propagate import MIN_CONFIDENCE, Propagation, propagate
 from ..core.workspace import BUILTIN, ModelVersion, Workspace, builtin_model_dir
+from ..core.zero_shot import boxes_from_labels, boxes_on_slice, segment_with_boxes
 from ._common import (
     DEVICES,
     Task,
@@ -74,6 +76,10 @@ MEMORY_SLOTS = 2
 """Default number of the volume's own accepted slices that guide each prediction."""
 AUTOSAVE_MS = 2000
 LABELS_SUFFIX = " J-RAS"
+BOXES_SUFFIX = " J-RAS boxes"
+BOX_CLASSES = ("background",) + tuple(f"structure {i}" for i in range(1, 9))
+"""Class names of a labels layer made before any model is loaded (box start): the k-th box of a
+slice paints class k, so at most 8 boxes per slice."""
 
 _ASSISTANTS: weakref.WeakValueDictionary[int, AssistantWidget] = weakref.WeakValueDictionary()
 
@@ -122,6 +128,11 @@ def propagate_job(ws: Workspace, image: np.ndarray, modality: str | None, case_i
                      modality=modality, case_id=case_id, records=records,
                      min_confidence=min_confidence, stop_on_empty=stop_on_empty,
                      progress=lambda done, total: progress((done, total)), cancel=cancel)
+
+
+def box_job(image2d: np.ndarray, boxes: list[list[float]], labels: list[int]) -> np.ndarray:
+    """LiteMedSAM's label map of one slice from box prompts (box i paints ``labels[i]``)."""
+    return segment_with_boxes(image2d, boxes, labels=labels)
 
 
 def case_id_of(layer: Image) -> str:
@@ -289,6 +300,27 @@ class AssistantWidget(QWidget):
         seg.addWidget(self.status)
         seg.addWidget(self.legend)
 
+        self.box_button = QPushButton("Box start (LiteMedSAM)")
+        self.box_button.clicked.connect(self.box_start)
+        self.box_next_button = QPushButton("Boxes \u2192 next slice")
+        self.box_next_button.clicked.connect(self.boxes_to_next_slice)
+        lite = litemedsam_availability()
+        if lite["available"]:
+            self.box_button.setToolTip(
+                "Segment the current slice from the boxes drawn in the image's 'J-RAS boxes' "
+                "Shapes layer (box 1 paints class 1, box 2 class 2, ...); no trained model needed")
+            self.box_next_button.setToolTip(
+                "The current slice's painted classes, each as a box, prompt the next (empty) slice")
+        else:
+            for button in (self.box_button, self.box_next_button):
+                button.setEnabled(False)
+                button.setToolTip(f"Needs LiteMedSAM's weights: {lite['how']}")
+        box_group = QGroupBox("Start without a model: boxes")
+        box_layout = QVBoxLayout(box_group)
+        box_layout.addWidget(_wrapped("Draw a box around each structure (outer ones first), or "
+                                      "paint one slice; LiteMedSAM segments, you correct."))
+        box_layout.addLayout(_row(self.box_button, self.box_next_button))
+
         self.gallery = ExemplarGallery(self.viewer)
         gal_box = QGroupBox("Why: the retrieved exemplars")
         QVBoxLayout(gal_box).addWidget(self.gallery)
@@ -381,7 +413,7 @@ class AssistantWidget(QWidget):
 
         content = QWidget()
         layout = QVBoxLayout(content)
-        for box in (seg_box, gal_box, cor_box, ft_box, info_box):
+        for box in (seg_box, box_group, gal_box, cor_box, ft_box, info_box):
             layout.addWidget(box)
         layout.addStretch(1)
         self.scroll = QScrollArea()
@@ -658,7 +690,7 @@ class AssistantWidget(QWidget):
                                    retrieval=ws.model_config.use_retrieval)
         return kept, restored
 
-    def _new_state(self, image: Image, ws: Workspace) -> ImageState:
+    def _new_state(self, image: Image, ws: Workspace | None) -> ImageState:
         """A fresh, empty J-RAS labels layer for ``image`` and its tracked state."""
         shape = np.shape(image.data)
         state = ImageState(self._add_labels_layer(image, ws), np.zeros(shape, np.uint8),
@@ -666,12 +698,15 @@ class AssistantWidget(QWidget):
         self.states[image.name] = state
         return state
 
-    def _add_labels_layer(self, image: Image, ws: Workspace) -> Labels:
-        names = ws.class_names
+    def _add_labels_layer(self, image: Image, ws: Workspace | None) -> Labels:
+        """The image's empty J-RAS labels layer (the model's classes; :data:`BOX_CLASSES`
+        before any model is loaded)."""
+        names = list(ws.class_names) if ws is not None else list(BOX_CLASSES)
         meta = {key: image.metadata.get(key) for key in ("case_id", "patient_id", "spacing", "source")
                 if key in image.metadata}
-        meta.update(class_names=names, jras_image=image.name, model=ws.source,
-                    version=ws.active.name)
+        meta.update(class_names=names, jras_image=image.name,
+                    model=ws.source if ws is not None else None,
+                    version=ws.active.name if ws is not None else None)
         layer = self.viewer.add_labels(
             np.zeros(np.shape(image.data), np.uint8), name=f"{image.name}{LABELS_SUFFIX}",
             scale=image.scale, translate=image.translate, axis_labels=image.axis_labels,
@@ -780,6 +815,146 @@ class AssistantWidget(QWidget):
                                    ws.class_names, retrieval=ws.model_config.use_retrieval)
         return applied
 
+    # -- zero-training start: boxes (LiteMedSAM) -------------------------------------------
+    def box_start(self) -> None:
+        """Segment the current slice with LiteMedSAM from the boxes of '<image> J-RAS boxes'.
+
+        The first click adds that Shapes layer (rectangle tool). The k-th box of the slice (in
+        drawing order) paints class k, later boxes over earlier ones; no trained model is needed.
+        Slices you edited or accepted are never overwritten.
+        """
+        target = self._box_target()
+        if target is None:
+            return
+        layer, z = target
+        name = layer.name + BOXES_SUFFIX
+        if name not in self.viewer.layers:
+            shapes = self.viewer.add_shapes(
+                ndim=layer.ndim, name=name, scale=layer.scale, translate=layer.translate,
+                face_color="transparent", edge_color="yellow", edge_width=1)
+            self.viewer.layers.selection.active = shapes
+            shapes.mode = "add_rectangle"
+            show_info(f"Draw a box around each structure on slice {z} of '{layer.name}' (outer "
+                      "structures first: box 1 paints class 1, box 2 class 2, ...), then click "
+                      "Box start again")
+            return
+        shapes = self.viewer.layers[name]
+        if not isinstance(shapes, Shapes) or shapes.ndim != layer.ndim:
+            show_error(f"'{name}' must be a {layer.ndim}-D Shapes layer over '{layer.name}': "
+                       "delete it and click Box start to get a new one")
+            return
+        vertices = [np.array([layer.world_to_data(shapes.data_to_world(p)) for p in shape])
+                    for shape in shapes.data]
+        boxes = boxes_on_slice(vertices, z, np.shape(layer.data))
+        if not boxes:
+            show_error(f"No box on slice {z} of '{layer.name}': draw one in '{name}' (rectangle "
+                       "tool), then click Box start")
+            return
+        self._box_segment(layer, z, boxes, list(range(1, len(boxes) + 1)), go=False)
+
+    def boxes_to_next_slice(self) -> None:
+        """Prompt the next slice with the current slice's labels, one box per class (LiteMedSAM).
+
+        Only fills an empty next slice (never your edits or an accepted slice), then moves there,
+        so repeated clicks walk through the volume. Without a labels layer yet, an empty one is
+        added to paint on.
+        """
+        target = self._box_target()
+        if target is None:
+            return
+        layer, z = target
+        if layer.ndim != 3:
+            show_error(f"'{layer.name}' is a 2-D image: it has no next slice (use Box start)")
+            return
+        state = self.states.get(layer.name)
+        if state is None or state.labels not in self.viewer.layers:
+            self.viewer.layers.selection.active = self._new_state(layer, self.workspace).labels
+            show_info(f"Paint the structures on slice {z} of '{layer.name}{LABELS_SUFFIX}', "
+                      "then click Boxes \u2192 next slice")
+            return
+        data = np.asarray(state.labels.data)
+        if z + 1 >= len(data):
+            show_info(f"{layer.name}: this is the last slice")
+            return
+        if not data[z].any():
+            show_error(f"Slice {z} of '{layer.name}{LABELS_SUFFIX}' has no labels: paint it (or "
+                       "use Box start) first")
+            return
+        if data[z + 1].any():
+            show_warning(f"Slice {z + 1} of '{layer.name}' already has labels: Boxes \u2192 next "
+                         "slice only fills an empty slice")
+            return
+        boxes, labels = boxes_from_labels(data[z])
+        self._box_segment(layer, z + 1, boxes, labels, go=True)
+
+    def _box_target(self) -> tuple[Image, int] | None:
+        """The chosen image and its current slice, or None (after an error notification)."""
+        layer = self.current_image()
+        if layer is None:
+            show_error("No image layer: open an image first")
+            return None
+        try:
+            check_image_layer(layer)
+        except DataError as exc:
+            show_error(str(exc))
+            return None
+        return layer, current_index(self.viewer, layer)
+
+    def _kept_slices(self, layer: Image) -> set[int]:
+        """Slices a box start never writes: unaccepted edits and accepted corrections."""
+        kept = set(self.edited_slices(layer.name))
+        if self.workspace is not None:
+            case = case_id_of(layer)
+            kept |= {int(r.get("slice_index") or 0) for r in self.workspace.corrections()
+                     if r["case_id"] == case}
+        return kept
+
+    def _box_segment(self, layer: Image, z: int, boxes: list[list[float]], labels: list[int],
+                     go: bool) -> None:
+        """Run LiteMedSAM on slice ``z`` in the background and write its labels there."""
+        if z in self._kept_slices(layer):
+            show_warning(f"Slice {z} of '{layer.name}' holds your edits or an accepted "
+                         "correction: a box start never overwrites it")
+            return
+        state = self.states.get(layer.name)
+        names = (state.labels.metadata.get("class_names") if state is not None else None) or (
+            self.workspace.class_names if self.workspace is not None else BOX_CLASSES)
+        if max(labels) >= len(names):
+            show_error(f"{len(boxes)} boxes, but '{layer.name}{LABELS_SUFFIX}' has "
+                       f"{len(names) - 1} classes: draw at most {len(names) - 1} boxes per slice")
+            return
+        image = np.asarray(layer.data)
+        name = layer.name
+
+        def done(result: np.ndarray) -> None:
+            if name not in self.viewer.layers:
+                return
+            state = self.states.get(name)
+            if (state is None or state.labels not in self.viewer.layers
+                    or state.labels.data.shape != image.shape):
+                state = self._new_state(layer, self.workspace)
+            if z in self._kept_slices(layer):  # edited while LiteMedSAM ran
+                show_warning(f"Kept your edits on slice {z} of {name}")
+                return
+            data, base = _as_volume(state.labels.data), _as_volume(state.baseline)
+            self._updating = True
+            try:
+                data[z] = result
+                base[z] = result
+                state.predicted.add(z)
+                state.labels.refresh()
+            finally:
+                self._updating = False
+            found = sorted(set(np.unique(result)) - {0})
+            self.status.setText(f"LiteMedSAM: slice {z} of {name} from {len(boxes)} box(es): "
+                                f"class(es) {', '.join(map(str, found)) or 'none'}; correct, "
+                                "then accept")
+            if go:
+                go_to_index(self.viewer, layer, z)
+
+        self._run(box_job, image[z] if image.ndim == 3 else image, boxes, labels,
+                  label=f"LiteMedSAM on slice {z} of {name}", done=done)
+
     # -- accept and drafts -----------------------------------------------------------------
     def accept(self) -> None:
         """Store the edited slices (or the current slice) of the chosen image in the bank."""
@@ -788,8 +963,12 @@ class AssistantWidget(QWidget):
             show_error("No image layer: open and segment an image first")
             return
         state = self.states.get(layer.name)
-        if state is None or self.workspace is None:
+        if state is None:
             show_error(f"Segment '{layer.name}' first, correct the J-RAS labels, then accept")
+            return
+        if self.workspace is None:
+            show_error("Accept stores the slice in a J-RAS model's exemplar bank (the model "
+                       "embeds it): pick a model under Model first; your labels stay as they are")
             return
         zs = self.edited_slices(layer.name) or [current_index(self.viewer, layer)]
         labels = np.array(state.labels.data, copy=True)

@@ -108,3 +108,31 @@ def boxes_from_labels(label2d: np.ndarray) -> tuple[list[list[int]], list[int]]:
         boxes.append([int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())])
         labels.append(int(value))
     return boxes, labels
+
+
+def boxes_on_slice(shapes: Sequence[np.ndarray], z: int, image_shape: Sequence[int]
+                   ) -> list[list[float]]:
+    """Pixel boxes (x1, y1, x2, y2) of the shapes drawn on slice ``z`` of an image, in order.
+
+    ``shapes`` are vertex arrays in the image's pixel (data) coordinates, as napari's Shapes
+    layers hold them: ``(n, 2)`` rows of (row, col) apply to every slice, ``(n, 3)`` rows of
+    (slice, row, col) to the slice their first coordinate rounds to. Each shape's box is the
+    bounding box of its vertices clipped to the ``(H, W)`` of ``image_shape`` (its last two
+    entries); shapes on another slice or entirely outside the image are left out.
+    """
+    height, width = int(image_shape[-2]), int(image_shape[-1])
+    boxes = []
+    for vertices in shapes:
+        points = np.asarray(vertices, dtype=np.float64)
+        if points.ndim != 2 or points.shape[1] not in (2, 3) or not len(points):
+            raise ModelError(f"a shape's vertices must be (n, 2) or (n, 3), got {points.shape}")
+        if points.shape[1] == 3:
+            if round(float(points[:, 0].mean())) != z:
+                continue
+            points = points[:, 1:]
+        (y1, x1), (y2, x2) = points.min(0), points.max(0)
+        if x2 < 0 or y2 < 0 or x1 > width - 1 or y1 > height - 1:
+            continue
+        boxes.append([float(np.clip(x1, 0, width - 1)), float(np.clip(y1, 0, height - 1)),
+                      float(np.clip(x2, 0, width - 1)), float(np.clip(y2, 0, height - 1))])
+    return boxes
