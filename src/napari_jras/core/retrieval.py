@@ -22,7 +22,7 @@ from .errors import ModelError
 
 ENCODERS = ("cnn", "hf", "litemedsam")
 OPTIONS = ("encoder", "embed_dim", "width", "pretrained", "trainable_blocks", "input_size",
-           "center")
+           "center", "checkpoint_sha256")
 MAX_EMBED_DIM = 2048
 MAX_WIDTH = 256  # the CNN's widest layer has 8 x width channels
 MAX_INPUT_SIZE = 2048  # the largest model size (the default input_size is the model size)
@@ -43,6 +43,11 @@ def check_retriever_options(options: Any) -> dict[str, Any]:
     pretrained = options.get("pretrained")
     if pretrained is not None and not (isinstance(pretrained, str) and pretrained):
         raise ModelError(f"{name('pretrained')} must be a folder or hub id, got {pretrained!r}")
+    digest = options.get("checkpoint_sha256")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64
+                                   and all(c in "0123456789abcdef" for c in digest)):
+        raise ModelError(f"{name('checkpoint_sha256')} must be a SHA-256 in hex (recorded by "
+                         f"training with the litemedsam encoder), got {digest!r}")
     return options
 
 
