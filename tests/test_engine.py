@@ -172,7 +172,7 @@ def test_aligned_exemplars_guide_the_prediction(run_copy, volume):
     x = torch.from_numpy(resize_images(normalize(volume, engine.model.config.modality), (32, 32)))
     with torch.inference_mode():
         timings = dict.fromkeys(("embed", "search", "fusion"), 0.0)
-        guide, shown = engine._guide(x, None, list(range(len(x))), None, "retrieved", None,
+        guide, shown = engine._guide(x, None, list(range(len(x))), None, (), "retrieved", None,
                                      timings)
         images, masks = engine._exemplar_tensors([e.id for row in shown for e in row])
     images, masks = images.view(len(x), -1, 32, 32), masks.view(len(x), -1, 32, 32)

@@ -58,7 +58,7 @@ def main(folder: str) -> int:
              "corrections |", "|---|---|---|---|---|---|---|---|---|"]
     for label, what, mean, loop, missing in rows:
         d, h95, hd = mean["dice"], mean["hd95"], mean["hd"]
-        looped = (f"{loop['mean_dice']:.3f} | {loop['total_corrected_pixels']:,} | "
+        looped = (f"{loop['dice']:.3f} | {loop['corrected_pixels']:,} | "
                   f"{loop['own_corrections_retrieved']:.0%}" if loop else
                   f"{base_loop:.3f} (no bank) | - | -")
         lines.append(f"| {label} | {what} | {d['mean']:.3f} +- {d['std']:.3f} | "

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from napari_jras.core.io import find_cases
+from napari_jras.core.provenance import provenance
 from napari_jras.core.simulate import run_setting
 from napari_jras.core.workspace import BUILTIN
 
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                                         finetune_every=args.every if finetune else 0,
                                         finetune_steps=args.steps, progress=progress, name=name))
     result = {
+        "provenance": provenance(data=args.data, cases=cases, model_dir=args.jras,
+                                 device="cpu", baseline=str(args.baseline)),
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "cpu": platform.machine(), "threads": torch.get_num_threads(),
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},

@@ -138,8 +138,9 @@ def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
     model = JRASModel(ModelConfig(**config))
     train_set = SliceSet(samples, model.num_classes)
     val_set = SliceSet(val_samples, model.num_classes) if val_samples else None
-    settings = training_settings(model.config.to_dict(), asdict(train_config), cases,
-                                 patient_regex, group_duplicates)
+    fusion = model.config.fusion if model.config.use_retrieval else "concat"
+    settings = training_settings(model.config.to_dict(), asdict(train_config.resolved(fusion)),
+                                 cases, patient_regex, group_duplicates)
     if resume:
         check_resumable(out, settings)
     elif ddp.is_main():
