@@ -190,8 +190,8 @@ def test_workspace_memory_holds_accepted_corrections_and_keeps_them_out_of_retri
         assert again[0].record["slice_index"] == 5
         own = ws.bank.images([info[3]["correction_id"]])[0]
         retrieved = [e for e in again if e.id >= 0]
-        assert retrieved and (retrieved[0].id == info[3]["correction_id"]
-                              or np.allclose(retrieved[0].image, own, atol=1e-3))
+        same = np.corrcoef(retrieved[0].image.ravel(), np.asarray(own, float).ravel())[0, 1]
+        assert retrieved and (retrieved[0].id == info[3]["correction_id"] or same > 0.99)
         assert ws.volume_memory(CASE, volume.shape, slots=0) is None
         painted = ws.volume_memory("other", volume.shape, extra={2: labels[2]})
         assert list(painted.labels) == [2] and painted.records[2]["not_accepted"]

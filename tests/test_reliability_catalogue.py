@@ -828,7 +828,7 @@ def read_only_bank(ctx: Ctx) -> None:
         opened.set_embeddings(*opened.embeddings(), "older")
     with ctx.fixture("read_only_folder")(bank):
         line = ctx.cli_error("predict", "--model", run, "--input", image, "--output",
-                             ctx.tmp / "out", "--device", "cpu", "--quiet")
+                             ctx.tmp / "out2", "--device", "cpu", "--quiet")
         assert "is read-only and must be re-embedded" in line and "bank rebuild" in line
 
 
