@@ -36,7 +36,7 @@ from . import register_backbone
 from .base import Backbone, check_choice
 from .litemedsam_net import (CHECKPOINT_SHA256, INPUT_SIZE, LiteMedSAM, checkpoint_state,
                              to_encoder_input)
-from .sam import CLASS_TOKEN_STD, MASK_PROMPT_LOGIT, mask_boxes
+from .sam import CLASS_TOKEN_STD, class_logits, guide_prompts
 
 ENCODER_TRAINING = ("none", "last_stage", "all")
 PRETRAINED = ("litemedsam",)
@@ -128,21 +128,12 @@ class LiteMedSAMBackbone(Backbone):
         tokens = self.class_tokens.repeat(batch, 1)[:, None]
         low_res = self.sam.decode(embeddings.repeat_interleave(per_class, dim=0), boxes, masks,
                                   tokens)
-        foreground = low_res.reshape(batch, per_class, *low_res.shape[-2:])
-        logits = torch.cat([foreground.new_zeros(batch, 1, *foreground.shape[-2:]), foreground], 1)
-        return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+        return class_logits(low_res, batch, per_class, (height, width))
 
     def _prompts(self, guide_mask: Tensor | None, count: int,
                  device: torch.device) -> tuple[Tensor, Tensor | None]:
         """Boxes ``(count, 4)`` and mask-prompt logits ``(count, 1, 256, 256)`` (None: baseline)."""
-        if guide_mask is None:
-            whole = torch.tensor([0.0, 0.0, INPUT_SIZE - 1.0, INPUT_SIZE - 1.0], device=device)
-            return whole.expand(count, 4), None
-        foreground = guide_mask[:, 1:].reshape(count, 1, *guide_mask.shape[-2:])
-        boxes = mask_boxes(foreground[:, 0].detach() > 0.5, INPUT_SIZE)
-        masks = F.interpolate(foreground, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear",
-                              align_corners=False)
-        return boxes, MASK_PROMPT_LOGIT * (2.0 * masks - 1.0)
+        return guide_prompts(guide_mask, count, INPUT_SIZE, INPUT_SIZE, device)
 
 
 def _guide_adapter(hidden: int, out_channels: int) -> nn.Sequential:

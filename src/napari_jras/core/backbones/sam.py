@@ -188,22 +188,37 @@ class SAM(Backbone):
             image_positional_embeddings=positions.expand(embeddings.shape[0], -1, -1, -1),
             sparse_prompt_embeddings=torch.cat([sparse, tokens], dim=2),
             dense_prompt_embeddings=dense, multimask_output=False)
-        foreground = low_res.reshape(batch, per_class, *low_res.shape[-2:])
-        logits = torch.cat([foreground.new_zeros(batch, 1, *foreground.shape[-2:]), foreground], 1)
-        return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+        return class_logits(low_res, batch, per_class, (height, width))
 
     def _prompts(self, guide_mask: Tensor | None, count: int,
                  device: torch.device) -> tuple[Tensor, Tensor | None]:
         """Box prompts ``(count, 1, 4)`` and mask prompts ``(count, 1, S, S)`` (None: baseline)."""
-        if guide_mask is None:
-            whole = torch.tensor([0.0, 0.0, self.image_size - 1.0, self.image_size - 1.0],
-                                 device=device)
-            return whole.expand(count, 1, 4), None
-        foreground = guide_mask[:, 1:].reshape(count, 1, *guide_mask.shape[-2:])
-        boxes = mask_boxes(foreground[:, 0].detach() > 0.5, self.image_size)
-        masks = F.interpolate(foreground, size=(self.mask_size, self.mask_size), mode="bilinear",
-                              align_corners=False)
-        return boxes[:, None], MASK_PROMPT_LOGIT * (2.0 * masks - 1.0)
+        boxes, masks = guide_prompts(guide_mask, count, self.image_size, self.mask_size, device)
+        return boxes[:, None], masks
+
+
+def guide_prompts(guide_mask: Tensor | None, count: int, box_size: int, mask_size: int,
+                  device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """SAM prompts of soft guide masks ``(B, C, H, W)``: one per foreground class (``count`` =
+    B x (C - 1)), boxes ``(count, 4)`` in a ``box_size`` square and mask-prompt logits
+    ``(count, 1, mask_size, mask_size)``; the baseline (no guide) gets whole-image boxes and no
+    mask prompt."""
+    if guide_mask is None:
+        whole = torch.tensor([0.0, 0.0, box_size - 1.0, box_size - 1.0], device=device)
+        return whole.expand(count, 4), None
+    foreground = guide_mask[:, 1:].reshape(count, 1, *guide_mask.shape[-2:])
+    boxes = mask_boxes(foreground[:, 0].detach() > 0.5, box_size)
+    masks = F.interpolate(foreground, size=(mask_size, mask_size), mode="bilinear",
+                          align_corners=False)
+    return boxes, MASK_PROMPT_LOGIT * (2.0 * masks - 1.0)
+
+
+def class_logits(low_res: Tensor, batch: int, per_class: int, size: tuple[int, int]) -> Tensor:
+    """Per-class mask logits ``(B x per_class, 1, h, w)`` as ``(B, 1 + per_class, *size)``
+    logits, the background's fixed at 0."""
+    foreground = low_res.reshape(batch, per_class, *low_res.shape[-2:])
+    logits = torch.cat([foreground.new_zeros(batch, 1, *foreground.shape[-2:]), foreground], 1)
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
 def mask_boxes(masks: Tensor, size: int) -> Tensor:
