@@ -98,7 +98,7 @@ def paired(a: Mapping[str, float] | Sequence[Mapping[str, float]],
     units = sorted(set.intersection(*(set(d) for d in a_seeds + b_seeds)))
     if not units:
         raise ValueError("the two results share no case / patient")
-    diff = np.array([[x[u] - y[u] for u in units] for x, y in zip(a_seeds, b_seeds)])
+    diff = np.array([[x[u] - y[u] for u in units] for x, y in zip(a_seeds, b_seeds, strict=True)])
     per_unit = diff.mean(axis=0)
     p = float(wilcoxon(per_unit).pvalue) if len(units) >= 6 and np.any(per_unit) else None
     return {"n_units": len(units), "n_seeds": len(a_seeds), "mean_diff": float(diff.mean()),

@@ -50,7 +50,7 @@ def reduced_bank(source: Path, dest: Path, keep_every: int) -> int:
         records = bank.records(ids)
         emb_ids, embeddings = bank.embeddings()
         version = bank.retriever_version
-        by_id = dict(zip(emb_ids.tolist(), embeddings))
+        by_id = dict(zip(emb_ids.tolist(), embeddings, strict=True))
         keep = select_exemplars(records, masks, keep_every)
         provenance = [{k: records[i][k] for k in ("case_id", "patient_id", "slice_index",
                                                   "source", "origin")} for i in keep]

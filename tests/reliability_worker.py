@@ -129,7 +129,7 @@ def reader_job(args: dict[str, Any], index: int) -> None:
             query = rng.standard_normal((1, DIM)).astype(np.float32)
             [hits] = bank.search(query / np.linalg.norm(query), 3, "v1")
             ids = [h.id for h in hits]
-            for hit, image, mask in zip(hits, bank.images(ids), bank.masks(ids)):
+            for hit, image, mask in zip(hits, bank.images(ids), bank.masks(ids), strict=True):
                 want_image, want_mask, _ = exemplar(hit.record["tag"])
                 if not (np.array_equal(mask, want_mask)
                         and np.allclose(image, want_image, atol=1e-6)):
@@ -246,7 +246,7 @@ def check_bank(path: str | Path, log: list[dict[str, Any]]) -> int:
     """
     from napari_jras.core.bank import ExemplarBank
 
-    added = {i: t for r in log if r["op"] == "add" for i, t in zip(r["ids"], r["tags"])}
+    added = {i: t for r in log if r["op"] == "add" for i, t in zip(r["ids"], r["tags"], strict=True)}
     maybe_removed = {r["id"] for r in log if r["op"] == "removing"}
     removed = {r["id"] for r in log if r["op"] == "removed"}
     with ExemplarBank.open(path) as bank:
@@ -258,7 +258,7 @@ def check_bank(path: str | Path, log: list[dict[str, Any]]) -> int:
         ids, images, masks = bank.load_all()
         emb_ids, embeddings = bank.embeddings()
         assert emb_ids.tolist() == ids.tolist()
-        for i, image, mask, vector in zip(ids.tolist(), images, masks, embeddings):
+        for i, image, mask, vector in zip(ids.tolist(), images, masks, embeddings, strict=True):
             want_image, want_mask, want_vector = exemplar(records[i]["tag"])
             assert np.allclose(image, want_image, atol=1e-6), i
             assert np.array_equal(mask, want_mask) and np.array_equal(vector, want_vector), i

@@ -52,7 +52,7 @@ def test_paired_comparison_and_verdict():
     assert verdict(cmp, 1, cmp["wilcoxon_p"]) == "no claim (1 seed)"
     assert verdict(cmp, 3, 0.2) == "no significant difference"
     assert verdict(paired(b, a), 3, 0.001) == "worse"
-    assert paired({k: 1.0 for k in "abc"}, {k: 1.0 for k in "abc"})["wilcoxon_p"] is None
+    assert paired(dict.fromkeys("abc", 1.0), dict.fromkeys("abc", 1.0))["wilcoxon_p"] is None
     assert mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0) and mean_sd([0.5]) == (0.5, None)
 
 
@@ -61,7 +61,7 @@ def test_seed_disagreement_widens_the_ci():
     rng = np.random.default_rng(3)
     base = [{f"p{i}": 0.7 + 0.01 * rng.random() for i in range(10)} for _ in range(3)]
     shift = [-0.02, 0.18, -0.04]  # like the ACDC seed table: one seed far better
-    jras = [{p: v + s + 0.002 * rng.random() for p, v in b.items()} for b, s in zip(base, shift)]
+    jras = [{p: v + s + 0.002 * rng.random() for p, v in b.items()} for b, s in zip(base, shift, strict=True)]
     cmp = paired(jras, base)
     assert cmp["n_seeds"] == 3 and cmp["mean_diff"] == pytest.approx(np.mean(shift), abs=0.01)
     assert cmp["wilcoxon_p"] < 0.01  # conditional on the seeds: every patient gained on average

@@ -186,8 +186,8 @@ def test_evaluate_report_schema_and_values(runs, acdc_slices_dir, tmp_path, caps
 
 def test_evaluate_report_provenance(runs, acdc_slices_dir, tmp_path):
     from napari_jras import __version__
-    from napari_jras.core.provenance import case_list_sha256
     from napari_jras.core.io import find_cases
+    from napari_jras.core.provenance import case_list_sha256
 
     report_path = tmp_path / "report.json"
     assert cli("evaluate", "--model", runs["jras"], "--data", acdc_slices_dir, "--report",
@@ -654,7 +654,7 @@ def test_simulate_slice_by_slice_report(runs, data_dir, tmp_path, capsys, monkey
     result = json.loads(report.read_text())
     assert list(result["settings"]) == ["static", "bank", "propagate"]
     label = read_volume(data_dir / "acdc" / "patient045_frame01_label.tif").data
-    for name, setting in result["settings"].items():
+    for setting in result["settings"].values():
         (case,) = setting["cases"]
         assert setting["corrected_pixels"] == case["corrected_pixels"] > 0
         assert 0.0 <= setting["dice"] == case["dice"] <= 1.0

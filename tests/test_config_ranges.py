@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from test_jras_core import TINY_RETRIEVER, TINY_UNET, synthetic_samples
 
 from napari_jras.core.checkpoint import load_model, save_model
 from napari_jras.core.data import SliceSample
@@ -16,8 +17,6 @@ from napari_jras.core.errors import DataError, JRASError, ModelError
 from napari_jras.core.fusion import fusion_weights
 from napari_jras.core.model import JRASModel, ModelConfig
 from napari_jras.core.train import JointTrainer, SliceSet, TrainConfig
-
-from test_jras_core import TINY_RETRIEVER, TINY_UNET, synthetic_samples
 
 TINY = {"num_classes": 3, "size": 32, "backbone_options": TINY_UNET,
         "retriever": dict(TINY_RETRIEVER)}

@@ -15,8 +15,8 @@ from napari_jras.core.checkpoint import load_model
 from napari_jras.core.data import resize_images, resize_labels
 from napari_jras.core.device import amp_dtype, select_device
 from napari_jras.core.engine import InferenceEngine, RetrievedExemplar
-from napari_jras.core.fusion import align_exemplars, combine
 from napari_jras.core.errors import BankError, DataError, JRASError
+from napari_jras.core.fusion import align_exemplars, combine
 from napari_jras.core.io import read_volume
 from napari_jras.core.normalize import normalize
 

@@ -69,10 +69,10 @@ def test_approximate_index_recall():
     assert index.kind == "hnsw"
     _, found = index.search(q, 10)
     _, ref = brute_force(x, ids, q, 10)
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, ref)])
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, ref, strict=True)])
     assert recall >= 0.95
     _, excluded = index.search(q[:5], 10, exclude=[set(r[:5].tolist()) for r in ref[:5]])
-    assert all(not set(e) & set(r[:5]) for e, r in zip(excluded, ref[:5]))
+    assert all(not set(e) & set(r[:5]) for e, r in zip(excluded, ref[:5], strict=True))
 
 
 def test_add_and_remove_flat():

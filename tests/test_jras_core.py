@@ -182,14 +182,14 @@ def test_training_is_deterministic_and_resumes(tmp_path):
 
     full, _ = run(tmp_path / "a")
     again, _ = run(tmp_path / "b")
-    for (k, v), (_, w) in zip(full.state_dict().items(), again.state_dict().items()):
+    for (k, v), (_, w) in zip(full.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(v, w), k
     # cancelled after 2 steps (a checkpoint is written), then resumed: same weights as straight
     _, stopped = run(tmp_path / "c", stop_after=2)
     assert stopped.step == 2
     resumed, trainer = run(tmp_path / "c", resume=True)
     assert trainer.step == 4
-    for (k, v), (_, w) in zip(full.state_dict().items(), resumed.state_dict().items()):
+    for (k, v), (_, w) in zip(full.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.allclose(v, w, atol=1e-6), k
 
 

@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 
 from napari_jras.cli import main
-from napari_jras.core.data import (MAX_INFERRED_CLASSES, SliceSample, load_slices,
-                                   num_classes_of, resize_labels)
+from napari_jras.core.data import (
+    MAX_INFERRED_CLASSES,
+    SliceSample,
+    load_slices,
+    num_classes_of,
+    resize_labels,
+)
 from napari_jras.core.errors import DataError, DataWarning
 from napari_jras.core.io import find_cases, read_volume, write_volume
 

@@ -13,9 +13,13 @@ import pytest
 import torch
 
 from napari_jras.core.backbones import litemedsam_net
-from napari_jras.core.backbones.litemedsam_net import (CHECKPOINT_SHA256, LiteMedSAM,
-                                                       checkpoint_path, checkpoint_state,
-                                                       load_litemedsam)
+from napari_jras.core.backbones.litemedsam_net import (
+    CHECKPOINT_SHA256,
+    LiteMedSAM,
+    checkpoint_path,
+    checkpoint_state,
+    load_litemedsam,
+)
 from napari_jras.core.errors import ModelError
 from napari_jras.core.io import read_volume
 from napari_jras.core.zero_shot import boxes_from_labels, boxes_on_slice, segment_with_boxes

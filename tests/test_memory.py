@@ -8,6 +8,7 @@ import resource
 
 import pytest
 import torch
+from test_jras_core import TINY_RETRIEVER, TINY_UNET, synthetic_samples
 
 from napari_jras.cli import main
 from napari_jras.core import memory
@@ -16,8 +17,6 @@ from napari_jras.core.errors import JRASError
 from napari_jras.core.memory import GIB, available_memory, estimate_training_memory
 from napari_jras.core.model import JRASModel, ModelConfig
 from napari_jras.core.train import JointTrainer, SliceSet, TrainConfig
-
-from test_jras_core import TINY_RETRIEVER, TINY_UNET, synthetic_samples
 
 REGEX = r"^(p\d+)_"
 

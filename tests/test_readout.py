@@ -3,6 +3,7 @@ without exemplars, and the guide curriculum feeds it the right exemplars."""
 
 import pytest
 import torch
+from test_jras_core import TINY_RETRIEVER, TINY_UNET, synthetic_samples
 
 from napari_jras.core.errors import JRASError, ModelError
 from napari_jras.core.fusion import make_guide
@@ -16,7 +17,6 @@ from napari_jras.core.train import (
     corrupted_copy,
     seed_everything,
 )
-from test_jras_core import TINY_RETRIEVER, TINY_UNET, synthetic_samples
 
 
 def _model(fusion="readout", use_retrieval=True, backbone="unet", options=TINY_UNET):

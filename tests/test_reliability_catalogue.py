@@ -31,8 +31,7 @@ from napari_jras.core.bank import ExemplarBank
 from napari_jras.core.checkpoint import load_model, load_tensors, save_tensors
 from napari_jras.core.engine import InferenceEngine
 from napari_jras.core.errors import BankError, DataError, ModelError, StorageError
-from napari_jras.core.io import (MAX_VOXELS_ENV, check_image, check_label, read_volume,
-                                 write_volume)
+from napari_jras.core.io import MAX_VOXELS_ENV, check_image, check_label, read_volume, write_volume
 from napari_jras.core.model import ModelConfig
 from napari_jras.core.normalize import normalize
 from napari_jras.core.workspace import Workspace
@@ -1141,7 +1140,7 @@ def crafted_paths_in_a_bank(ctx: Ctx) -> None:
     db.close()
     with ExemplarBank.open(path) as bank:
         with pytest.raises(BankError, match="not a plain token"):
-            bank.retriever_version
+            _ = bank.retriever_version
         with pytest.raises(BankError, match="not a plain token"):
             bank.search(vecs, 1, "../../../escaped")
     crafted = ctx.tmp / "crafted"  # a bank whose exemplar ids are file paths
@@ -1174,9 +1173,8 @@ def pickled_objects_in_bank_pixels_and_drafts(ctx: Ctx) -> None:
     path, ids, _ = _bank(ctx)
     np.savez(path / "pixels" / f"{ids[0]}.npz", image=np.array([Payload(marker)], dtype=object),
              mask=np.zeros((16, 16), np.uint8))
-    with ExemplarBank.open(path) as bank:
-        with pytest.raises(BankError, match="damaged"):
-            bank.images(ids[:1])
+    with ExemplarBank.open(path) as bank, pytest.raises(BankError, match="damaged"):
+        bank.images(ids[:1])
     ctx.monkeypatch.setenv("NAPARI_JRAS_HOME", str(ctx.tmp / "home"))
     with Workspace.open(ctx.run()) as ws:
         ws.save_draft("scan", np.zeros((4, 4), np.uint8))

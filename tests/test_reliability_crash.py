@@ -95,9 +95,9 @@ def test_training_survives_random_kills(acdc_slices_dir, tmp_path, record_proper
 
 def test_checkpoint_replaced_by_a_killed_save_is_never_half_there(tmp_path, monkeypatch):
     """A kill while an old checkpoint folder is deleted must not leave half of it as 'newest'."""
+    from napari_jras.core.data import SliceSample
     from napari_jras.core.model import JRASModel, ModelConfig
     from napari_jras.core.train import JointTrainer, SliceSet
-    from napari_jras.core.data import SliceSample
 
     rng = np.random.default_rng(0)
     samples = [SliceSample(rng.random((32, 32), dtype=np.float32),
@@ -145,7 +145,7 @@ def test_finetune_survives_random_kills(tiny_run, tmp_path, monkeypatch, record_
         for version in ws.versions():
             load_model(version.path)
         after = ws.bank.load_all()
-        for got, want in zip(after, before):
+        for got, want in zip(after, before, strict=True):
             np.testing.assert_array_equal(got, want)
         if ws.pending_finetune() is not None:
             newest_checkpoint(path / "finetune")

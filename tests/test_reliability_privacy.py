@@ -123,7 +123,7 @@ def test_anonymise_a_bank(tiny_run, tmp_path, capsys):
     assert sorted(pairs.values()) == [f"patient-{i:04d}" for i in range(1, 5)]
     with ExemplarBank.open(bank_dir) as bank:
         after = bank.records()
-        for old, new in zip(before, after):
+        for old, new in zip(before, after, strict=True):
             assert new["patient_id"] == pairs[old["patient_id"]]
             assert new["case_id"].startswith(f"{new['patient_id']}-case-")
             assert new["source"] == "" and new["slice_index"] == old["slice_index"]

@@ -94,7 +94,7 @@ def test_fusion_weights_are_a_distribution(scores, tau):
     torch.testing.assert_close(weights.sum(-1), torch.ones(len(scores)), atol=1e-5, rtol=0)
     assert torch.all(weights[torch.isinf(scores)] == 0)
     # a higher score never gets a lower weight
-    for row_s, row_w in zip(scores, weights):
+    for row_s, row_w in zip(scores, weights, strict=True):
         order = torch.argsort(row_s)
         assert torch.all(torch.diff(row_w[order]) >= -1e-6)
 

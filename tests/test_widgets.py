@@ -110,7 +110,7 @@ def test_gallery_follows_z_slider_and_opens_exemplars(assistant, qtbot):
     assert len(viewer.layers) == n + 2
     assert viewer.layers[-1].data.shape == viewer.layers[-2].data.shape
     assert "exemplar" in viewer.layers[-2].name
-    assert SAMPLE == widget.image_combo.currentText()  # exemplar images are not offered
+    assert widget.image_combo.currentText() == SAMPLE  # exemplar images are not offered
 
 
 def test_current_slice_scope_and_next_slice_shortcut(assistant, qtbot):

@@ -89,8 +89,8 @@ def run(cmd: list[str], log: Path) -> None:
 def job(args: argparse.Namespace, variant: str, n_patients: int, seed: int, train: Path,
         out: Path, work: Path) -> dict:
     """Train one variant and evaluate it with its guide sources; returns mean Dice per source."""
-    settings = dict(size=args.size, steps=args.steps, base=args.base_channels, seed=seed,
-                    patients=n_patients, variant=variant, extra=args.extra)
+    settings = {"size": args.size, "steps": args.steps, "base": args.base_channels, "seed": seed,
+                "patients": n_patients, "variant": variant, "extra": args.extra}
     tag = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     name = f"{variant}_{n_patients}p_seed{seed}"
     run_dir = work / f"{name}_{tag}"

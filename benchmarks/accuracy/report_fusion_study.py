@@ -92,7 +92,7 @@ def main() -> None:
         ("neighbour vs baseline", side(args.variant, "neighbour"), base),
         ("neighbour vs retrieved", side(args.variant, "neighbour"), side(args.variant, "retrieved")),
         ("neighbour vs copying the neighbour", side(args.variant, "neighbour"),
-         {s: copy for s in side(args.variant, "neighbour")}),
+         dict.fromkeys(side(args.variant, "neighbour"), copy)),
         ("retrieved vs none", side(args.variant, "retrieved"), side(args.variant, "none")),
         ("oracle vs none", side(args.variant, "oracle"), side(args.variant, "none")),
     ]
@@ -102,7 +102,7 @@ def main() -> None:
             continue
         result = paired([a[s] for s in seeds], [b[s] for s in seeds])
         rows.append({"comparison": name, "seeds": seeds, **result})
-    for row, p in zip(rows, holm([r["wilcoxon_p"] for r in rows])):
+    for row, p in zip(rows, holm([r["wilcoxon_p"] for r in rows]), strict=True):
         row["p_holm"] = p
         row["verdict"] = verdict(row, len(row["seeds"]), p)
     means = {}

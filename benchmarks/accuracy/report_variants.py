@@ -120,7 +120,7 @@ def seed_table(out: Path) -> list[str]:
     dice = {s: np.array([m["mean"]["dice"]["mean"] for m in summaries[s]]) for s in stems}
     patients = {s: [_patient_dice(r) for r in reports[s]] for s in stems}  # per seed
     cmps = {s: paired(patients[s], patients["baseline"]) for s in stems if s != "baseline"}
-    p_holm = dict(zip(cmps, holm([c["wilcoxon_p"] for c in cmps.values()])))
+    p_holm = dict(zip(cmps, holm([c["wilcoxon_p"] for c in cmps.values()]), strict=True))
     n_patients = len(patients["baseline"][0])
     lines = ["", f"## Spread over seeds {', '.join(seeds)} (no simulation)", "",
              f"Minus baseline, by patient: the mean of each patient's two frames, paired seed by "

@@ -230,7 +230,7 @@ def summary(results: list[dict]) -> dict:
 
 def adjust(comparisons: list[dict], n_seeds: int) -> None:
     """Holm-adjust the p-values of one table in place and add each verdict."""
-    for cmp, p in zip(comparisons, holm([c["wilcoxon_p"] for c in comparisons])):
+    for cmp, p in zip(comparisons, holm([c["wilcoxon_p"] for c in comparisons]), strict=True):
         cmp["p_holm"] = p
         cmp["verdict"] = verdict(cmp, n_seeds, p)
 
@@ -336,7 +336,7 @@ def write_report(result: dict, out: Path) -> None:
         fig.savefig(out / "accuracy.png", dpi=120)
         plt.close(fig)
         fig, axes = plt.subplots(1, len(pairs), figsize=(3.2 * len(pairs), 3), squeeze=False)
-        for ax, pair in zip(axes[0], pairs):
+        for ax, pair in zip(axes[0], pairs, strict=True):
             for mode in ("baseline", "jras"):
                 steps = [r["step"] for r in pair["log"][mode] if r.get("phase") == "train"]
                 loss = [r["loss"] for r in pair["log"][mode] if r.get("phase") == "train"]

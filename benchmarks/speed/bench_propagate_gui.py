@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeats):
         ticks: list[float] = []
         timer = QTimer()
-        timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+        timer.timeout.connect(lambda ticks=ticks: ticks.append(time.perf_counter()))
         timer.start(10)
         t0 = time.perf_counter()
         widget.propagate()

@@ -114,11 +114,11 @@ def search_latency(real: np.ndarray, sizes: list[int], k: int, volume_slices: in
                 if kind == "hnsw" else index
             got, _ = index.search(queries, k)
             want, _ = exact.search(queries, k)
-            recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, want)]))
+            recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, want, strict=True)]))
             rows.append({
                 "bank_size": n, "index": kind, "build_s": build, "recall_at_k": recall,
-                "slice_ms": timed(lambda: index.search(queries[:1], k), repeats),
-                "volume_ms": timed(lambda: index.search(queries, k), repeats),
+                "slice_ms": timed(lambda index=index, q=queries: index.search(q[:1], k), repeats),
+                "volume_ms": timed(lambda index=index, q=queries: index.search(q, k), repeats),
             })
             print(f"  search {kind:5s} n={n:>8,}: slice {rows[-1]['slice_ms']:.3f} ms, "
                   f"volume {rows[-1]['volume_ms']:.3f} ms, recall {recall:.3f}", flush=True)
@@ -211,7 +211,7 @@ def write_report(result: dict, out: Path) -> None:
         p = lat[key]
         lines.append(f"| {label} | {p['embed']:.1f} | {p['search']:.2f} | {p['fusion']:.1f} | "
                      f"{p['network']:.1f} | {p['total']:.1f} |")
-    lines += ["", "## Bank search against bank size (K = %d)" % result["k"], "",
+    lines += ["", f"## Bank search against bank size (K = {result['k']})", "",
               "| exemplars | index | build s | search, slice ms | search, volume ms | recall@K "
               "vs exact | slice total ms (est.) |", "|---|---|---|---|---|---|---|"]
     other = lat["slice"]["total"] - lat["slice"]["search"]

@@ -71,13 +71,13 @@ def main(argv: list[str] | None = None) -> int:
             prompts = []  # (source, class, box)
             for source, ref in (("oracle", y[z]), ("propagated", y[neighbour])):
                 boxes, labels = boxes_from_labels(ref)
-                prompts += [(source, c, b) for b, c in zip(boxes, labels)]
+                prompts += [(source, c, b) for b, c in zip(boxes, labels, strict=True)]
             if not prompts:
                 continue
             t = time.time()
             logits = box_logits(x[z], [b for _, _, b in prompts], model)
             slice_seconds.append(time.time() - t)
-            for (source, c, _), mask in zip(prompts, logits):
+            for (source, c, _), mask in zip(prompts, logits, strict=True):
                 if c in pred[source]:
                     pred[source][c][z] = mask > 0
         row = {"case": case.case_id, "slices": len(x)}

@@ -313,13 +313,13 @@ class ExemplarBank:
         with self._transaction() as db:
             if embeddings is not None:
                 self._check_version_matches(retriever_version)
-            for row, blob in zip(rows, blobs):
+            for row, blob in zip(rows, blobs, strict=True):
                 ids.append(db.execute(
                     "INSERT INTO exemplars (case_id, patient_id, slice_index, source, origin, "
                     "author, created, extra, embedding, retriever_version) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (*row, blob, version)).lastrowid)
             try:
-                for i, image, mask in zip(ids, images, masks):
+                for i, image, mask in zip(ids, images, masks, strict=True):
                     _write_pixels(self._pixel_file(i), image, mask)
             except BaseException:
                 for i in ids:
@@ -421,7 +421,7 @@ class ExemplarBank:
                     f"{len(ids)} ids ({len(stored - set(ids))} missing, "
                     f"{len(set(ids) - stored)} unknown); re-embed the whole bank")
             db.executemany("UPDATE exemplars SET embedding = ?, retriever_version = ? WHERE id = ?",
-                           [(v.tobytes(), retriever_version, i) for i, v in zip(ids, vecs)])
+                           [(v.tobytes(), retriever_version, i) for i, v in zip(ids, vecs, strict=True)])
             _, token = self._bump_token()
         self._index = EmbeddingIndex(ids, vecs, use_gpu=self._use_gpu) if ids else None
         self._damaged = []
@@ -534,20 +534,20 @@ class ExemplarBank:
             if given is not None and len(given) != len(queries):
                 raise BankError(f"{name} has {len(given)} entries for {len(queries)} queries")
         if exclude_ids is not None:
-            for blocked, extra in zip(exclude, exclude_ids):
+            for blocked, extra in zip(exclude, exclude_ids, strict=True):
                 blocked.update(_id_list(extra))
         if exclude_patients is not None:
             for patient in {p for p in exclude_patients if p is not None}:
                 same = {r[0] for r in self._db.execute(
                     "SELECT id FROM exemplars WHERE patient_id = ?", (str(patient),))}
-                for blocked, p in zip(exclude, exclude_patients):
+                for blocked, p in zip(exclude, exclude_patients, strict=True):
                     if p == patient:
                         blocked.update(same)
         scores, ids = self._index.search(queries, k, exclude)
         found = {int(i) for i in ids.flat if i >= 0}
         rows = self._fetch(found, RECORD_COLUMNS)
-        return [[Hit(int(i), float(s), _record(rows[int(i)])) for s, i in zip(srow, irow) if i >= 0]
-                for srow, irow in zip(scores, ids)]
+        return [[Hit(int(i), float(s), _record(rows[int(i)])) for s, i in zip(srow, irow, strict=True) if i >= 0]
+                for srow, irow in zip(scores, ids, strict=True)]
 
     # --- internals: validation ------------------------------------------------------------
     def _check_pixels(self, images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -911,7 +911,7 @@ def _record(row: Sequence) -> dict:
             raise TypeError("not a JSON object")
     except (TypeError, ValueError) as exc:
         raise BankError(f"The provenance of exemplar {row[0]} is damaged ({exc})") from exc
-    return {**dict(zip(keys, row[:len(keys)])), **extra}
+    return {**dict(zip(keys, row[:len(keys)], strict=True)), **extra}
 
 
 def _id_list(ids: Iterable[int]) -> list[int]:

@@ -7,6 +7,7 @@ configuration is plain JSON.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -51,10 +52,8 @@ def atomic_write_bytes(path: Path, data: bytes, *, tmp: Path | None = None,
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as exc:
-        try:
+        with contextlib.suppress(OSError):  # the folder gone or read-only: nothing left in it
             tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # the folder itself is gone or read-only: nothing was left in it
         if isinstance(exc, (FileExistsError, NotADirectoryError)):  # from mkdir / open
             raise StorageError(f"Cannot write {target}: a part of its folder path is a file, "
                                "not a folder") from exc

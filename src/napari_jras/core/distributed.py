@@ -158,7 +158,7 @@ def all_gather_rows(part: torch.Tensor, total: int) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in range(world_size())]
     dist.all_gather(gathered, padded)
     sizes = [len(s) for s in torch.empty(total).tensor_split(world_size())]
-    return torch.cat([g[:n] for g, n in zip(gathered, sizes)]).to(part.device)
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes, strict=True)]).to(part.device)
 
 
 def gather_strings(text: str) -> list[str]:

@@ -57,7 +57,7 @@ def duplicate_pairs(a: np.ndarray, b: np.ndarray | None = None,
         i, j = np.nonzero(corr >= threshold)
         i = i + start
         keep = i < j if b is None else np.ones(len(i), bool)
-        pairs += list(zip(i[keep].tolist(), j[keep].tolist()))
+        pairs += list(zip(i[keep].tolist(), j[keep].tolist(), strict=True))
     return pairs
 
 

@@ -305,16 +305,16 @@ class InferenceEngine:
             if own:  # no second copy of a memory slice (the bank holds it as a correction)
                 hits = [[h for h in found if h.record.get("case_id") != own
                          or h.record.get("slice_index") not in used]
-                        for found, used in zip(hits, in_memory)]
-            if any(len(h) == 0 and not r for h, r in zip(hits, rows)):
+                        for found, used in zip(hits, in_memory, strict=True)]
+            if any(len(h) == 0 and not r for h, r in zip(hits, rows, strict=True)):
                 raise BankError("No exemplar could be retrieved (every exemplar is excluded or "
                                 "the bank is empty)")
         searched = timings["embed"] + timings["search"] - searched
-        for row, found, n in zip(rows, hits, wanted):
+        for row, found, n in zip(rows, hits, wanted, strict=True):
             found = found[:n]
             if found:
                 images, masks = self._exemplar_tensors([h.id for h in found])
-                for h, image, mask in zip(found, images, masks):
+                for h, image, mask in zip(found, images, masks, strict=True):
                     row.append((h.score, image, mask, RetrievedExemplar(
                         h.id, h.score, 0.0, dict(h.record), image.numpy(),
                         mask.numpy().astype(np.uint8))))
@@ -420,7 +420,7 @@ class InferenceEngine:
             if cfg.use_retrieval:
                 guide, shown = self._guide(x, vol, batch, exclude_patient, exclude_ids,
                                            guide_source, memory, timings)
-                result.exemplars.update(zip(batch, shown))
+                result.exemplars.update(zip(batch, shown, strict=True))
                 if guide is None and not cfg.uses_readout:  # concat: an all-zero guide
                     guide = empty_guide(len(batch), size, cfg.num_classes, self.device)
             t0 = time.perf_counter()

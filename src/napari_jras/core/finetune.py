@@ -22,9 +22,10 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,8 +34,16 @@ from .data import SliceSample, resize_images, resize_labels
 from .errors import CancelledError, DataError, JRASError
 from .model import JRASModel
 from .train import JointTrainer, SliceSet, TrainConfig
-from .workspace import (CORRECTION, FINETUNE_DIR, TRAIN_CONFIG_FILE, VERSIONS_DIR, CancelFn,
-                        ModelVersion, ProgressFn, Workspace)
+from .workspace import (
+    CORRECTION,
+    FINETUNE_DIR,
+    TRAIN_CONFIG_FILE,
+    VERSIONS_DIR,
+    CancelFn,
+    ModelVersion,
+    ProgressFn,
+    Workspace,
+)
 
 log = logging.getLogger(__name__)
 FINETUNE_FILE = "finetune.json"
@@ -72,7 +81,7 @@ def take_snapshot(ws: Workspace) -> Snapshot:
     images, masks = resize_images(images, size), resize_labels(masks, size)
     samples = [SliceSample(image, mask, by_id[i]["case_id"], by_id[i]["patient_id"],
                            by_id[i]["slice_index"], by_id[i]["source"])
-               for i, image, mask in zip(ids.tolist(), images, masks)]
+               for i, image, mask in zip(ids.tolist(), images, masks, strict=True)]
     return Snapshot(parent, ids.tolist(), samples, [by_id[i]["origin"] for i in ids.tolist()])
 
 
@@ -144,7 +153,7 @@ def _finetune(ws: Workspace, steps: int, oversample: float, batch_size: int, dev
     model = trainer.model.cpu().eval()
     known = None
     if trainer.bank_emb is not None:
-        known = dict(zip(snap.ids, trainer.bank_emb.cpu().numpy()))
+        known = dict(zip(snap.ids, trainer.bank_emb.cpu().numpy(), strict=True))
     corrections = int(sum(o == CORRECTION for o in snap.origins))
     losses = [r["loss"] for r in history if "loss" in r]
     metrics = {"steps": trainer.step, "exemplars": len(snap.ids), "corrections_used": corrections,
@@ -154,7 +163,7 @@ def _finetune(ws: Workspace, steps: int, oversample: float, batch_size: int, dev
         "parent": snap.parent.name, "steps": trainer.step, "oversample": oversample,
         "batch_size": batch_size, "lr": config.lr, "device": str(trainer.device),
         "exemplars": len(snap.ids), "corrections_used": corrections,
-        "correction_ids": [i for i, o in zip(snap.ids, snap.origins) if o == CORRECTION],
+        "correction_ids": [i for i, o in zip(snap.ids, snap.origins, strict=True) if o == CORRECTION],
         "wall_time_s": round(time.time() - started, 1), "train": asdict(config),
         "losses": history})
     version = ws._install_version(model, folder, snap.parent.name, note, metrics,

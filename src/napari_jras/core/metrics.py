@@ -17,7 +17,7 @@ The NaNs are plain floats: turn them into ``null`` when writing strict JSON.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -91,7 +91,7 @@ def _hausdorff_all(pred: np.ndarray, gt: np.ndarray, num_classes: int,
 def missing_penalty(shape: Sequence[int], spacing: Sequence[float] | None = None) -> float:
     """HD / HD95 of a class missing from one mask: the image diagonal (see the module notes)."""
     spacing = spacing or (1.0,) * len(shape)
-    return float(np.sqrt(sum(((n - 1) * s) ** 2 for n, s in zip(shape, spacing))))
+    return float(np.sqrt(sum(((n - 1) * s) ** 2 for n, s in zip(shape, spacing, strict=True))))
 
 
 def _missing(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:

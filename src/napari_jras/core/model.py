@@ -88,7 +88,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Rebuild from :meth:`to_dict` output, with a clear error for unknown or missing keys."""
         if not isinstance(data, dict):
             raise ModelError("config.json must hold a JSON object")

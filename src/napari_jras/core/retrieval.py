@@ -161,7 +161,7 @@ class LiteMedSAMEncoder(nn.Module):
         self.out_dim = 256
         self.model.eval()
 
-    def train(self, mode: bool = True) -> "LiteMedSAMEncoder":
+    def train(self, mode: bool = True) -> LiteMedSAMEncoder:
         """Keep the batch norms on their pretrained statistics."""
         super().train(mode)
         self.model.eval()

@@ -144,7 +144,7 @@ class TrainConfig:
             raise JRASError(f"extra must be a JSON object, got {type(self.extra).__name__}")
 
 
-    def resolved(self, fusion: str) -> "TrainConfig":
+    def resolved(self, fusion: str) -> TrainConfig:
         """This config with the curriculum fractions left at None set for ``fusion``.
 
         Unset fractions take :data:`CURRICULUM`'s, scaled so that the parts of the default

@@ -27,18 +27,25 @@ import shutil
 import threading
 import uuid
 import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 from urllib.parse import quote, unquote
 
 import numpy as np
 import torch
 
 from .bank import DB_FILE, ExemplarBank
-from .checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_write_bytes, atomic_write_json,
-                         load_model, read_config)
+from .checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_model,
+    read_config,
+)
 from .data import as_slices, resize_images, resize_labels
 from .engine import BANK_DIR, InferenceEngine, Prediction
 from .errors import BankError, DataError, JRASError, ModelError
@@ -470,7 +477,7 @@ class Workspace:
         if progress is not None:
             progress({"phase": "embed", "step": 0, "total": len(missing)})
         vectors.update(zip(missing, embed_exemplars(model.retriever, self._bank, missing,
-                                                    model.config.size, progress)))
+                                                    model.config.size, progress), strict=True))
         stack = (np.stack([vectors[i] for i in ids]) if ids
                  else np.zeros((0, self._bank.embed_dim), np.float32))
         self._bank.set_embeddings(ids, stack, version)
@@ -487,7 +494,7 @@ class Workspace:
         file = self.path / EMBEDDINGS_DIR / f"{version}.npz"
         try:
             with np.load(file) as data:
-                return dict(zip(data["ids"].tolist(), data["vectors"]))
+                return dict(zip(data["ids"].tolist(), data["vectors"], strict=True))
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             return {}  # missing or damaged: the vectors are simply recomputed
 

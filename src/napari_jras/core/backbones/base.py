@@ -18,7 +18,6 @@ from torch import Tensor, nn
 from .. import ranges
 from ..errors import ModelError
 
-
 MAX_CLASSES = 256  # labels are stored as 8-bit values
 
 

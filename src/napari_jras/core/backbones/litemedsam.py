@@ -34,8 +34,13 @@ from torch import Tensor, nn
 from ..errors import ModelError
 from . import register_backbone
 from .base import Backbone, check_choice
-from .litemedsam_net import (CHECKPOINT_SHA256, INPUT_SIZE, LiteMedSAM, checkpoint_state,
-                             to_encoder_input)
+from .litemedsam_net import (
+    CHECKPOINT_SHA256,
+    INPUT_SIZE,
+    LiteMedSAM,
+    checkpoint_state,
+    to_encoder_input,
+)
 from .sam import CLASS_TOKEN_STD, class_logits, guide_prompts
 
 ENCODER_TRAINING = ("none", "last_stage", "all")
@@ -90,7 +95,7 @@ class LiteMedSAMBackbone(Backbone):
         for module in unused:
             module.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "LiteMedSAMBackbone":
+    def train(self, mode: bool = True) -> LiteMedSAMBackbone:
         """Train mode for everything but the image encoder, whose batch norms keep their
         pretrained statistics."""
         super().train(mode)

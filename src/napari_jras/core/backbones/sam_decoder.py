@@ -177,7 +177,7 @@ class MLP(nn.Module):
     def __init__(self, in_dim: int, hidden: int, out_dim: int, num_layers: int):
         super().__init__()
         dims = [in_dim] + [hidden] * (num_layers - 1) + [out_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., in_dim) -> (..., out_dim)."""

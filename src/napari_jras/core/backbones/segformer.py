@@ -25,8 +25,13 @@ from torch import Tensor, nn
 
 from . import register_backbone
 from .base import Backbone, check_choice
-from .hf_utils import (architecture_record, check_source, expand_rgb_stem, grey_adapter,
-                       load_pretrained)
+from .hf_utils import (
+    architecture_record,
+    check_source,
+    expand_rgb_stem,
+    grey_adapter,
+    load_pretrained,
+)
 
 #: MiT encoder hyper-parameters; "tiny" is for tests only
 VARIANTS: dict[str, dict[str, Any]] = {

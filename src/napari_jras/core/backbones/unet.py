@@ -81,7 +81,7 @@ class ConvEncoder(nn.Module):
         self.stem = ConvBlock(in_channels, channels[0], norm, dropout)
         self.downs = nn.ModuleList(
             nn.Sequential(nn.MaxPool2d(2), ConvBlock(c_in, c_out, norm, dropout))
-            for c_in, c_out in zip(channels[:-1], channels[1:])
+            for c_in, c_out in zip(channels[:-1], channels[1:], strict=True)
         )
 
     def forward(self, x: Tensor, upto: int | None = None) -> list[Tensor]:
@@ -104,7 +104,7 @@ class ConvDecoder(nn.Module):
 
     def forward(self, features: list[Tensor]) -> Tensor:
         x = features[-1]
-        for up, skip in zip(self.ups, reversed(features[:-1])):
+        for up, skip in zip(self.ups, reversed(features[:-1]), strict=True):
             x = up(x, skip)
         return x
 
