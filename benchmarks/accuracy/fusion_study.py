@@ -110,7 +110,7 @@ def job(args: argparse.Namespace, variant: str, n_patients: int, seed: int, trai
     dice = {}
     for source in sources:
         report = out / f"{name}_{source}.json"
-        run(cli + ["evaluate", "--model", str(run_dir), "--data", str(DATA / "val"),
+        run(cli + ["evaluate", "--model", str(run_dir), "--data", str(args.data / "val"),
                    "--report", str(report), "--guide-source", source, "--quiet",
                    "--device", "cpu"], log)
         summary = json.loads(report.read_text())["summary"]
@@ -134,14 +134,17 @@ def main() -> None:
     parser.add_argument("--base-channels", type=int, default=8)
     parser.add_argument("--extra", default="", help="more train flags for every J-RAS variant")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=DATA, help="an ACDC folder with train/, val/")
+    parser.add_argument("--work", type=Path, default=REPO / "benchmarks/_work/fusion_study",
+                        help="patient subsets and run folders")
     args = parser.parse_args()
-    out, work = args.out, REPO / "benchmarks/_work/fusion_study"
+    out, work = args.out, args.work
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     jobs = []
     for n in args.patients:
         for seed in args.seeds:
-            train = subset(DATA / "train", n, seed, work)
+            train = subset(args.data / "train", n, seed, work)
             jobs += [(v, n, seed, train) for v in args.variants]
     results, git = [], git_state()  # the code that runs: read at start
     with cf.ThreadPoolExecutor(args.workers) as pool:
@@ -152,12 +155,12 @@ def main() -> None:
             print(json.dumps({k: result[k] for k in ("variant", "patients", "seed")}),
                   {s: round(d["mean"], 4) for s, d in result["dice"].items()}, flush=True)
             study = {"provenance": provenance(
-                         data="acdc/train (patient subsets drawn by seed) -> acdc/val",
+                         data=f"{args.data}/train (patient subsets drawn by seed) -> {args.data}/val",
                          command=" ".join(sys.argv),
                          machine=f"{os.cpu_count()} CPUs, one thread per run", git_at_start=git),
                      "settings": {k: str(v) if isinstance(v, Path) else v
                                   for k, v in vars(args).items()},
-                     "copy_neighbour_dice": copy_neighbour_dice(DATA / "val"),
+                     "copy_neighbour_dice": copy_neighbour_dice(args.data / "val"),
                      "results": sorted(results, key=lambda r: (r["patients"], r["variant"],
                                                                r["seed"]))}
             (out / "study.json").write_text(json.dumps(study, indent=2))

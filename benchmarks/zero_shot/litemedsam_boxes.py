@@ -13,7 +13,8 @@ image's native size. Two prompt sources per foreground class:
   what a user drawing a perfect box gets); no box where the class is absent;
 - ``propagated``: the bounding box of the class in the *neighbouring* slice's ground truth
   (z - 1; z + 1 for the first slice), the case of a user who painted one slice and lets its
-  boxes prompt the next; no box where the class is absent from the neighbour.
+  boxes prompt the next; no box where the class is absent from the neighbour; not measured on
+  2-D images (BUSI: one slice, no neighbour).
 
 Each class's binary mask is scored separately (nested structures such as LV in myocardium are
 not painted over each other): 3-D Dice per case and class; a class absent from both prediction
@@ -69,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         for z in range(len(x)):
             neighbour = z - 1 if z > 0 else min(1, len(x) - 1)
             prompts = []  # (source, class, box)
-            for source, ref in (("oracle", y[z]), ("propagated", y[neighbour])):
+            sources = (("oracle", y[z]), ("propagated", y[neighbour])) if len(x) > 1 \
+                else (("oracle", y[z]),)  # a 2-D image has no neighbouring slice
+            for source, ref in sources:
                 boxes, labels = boxes_from_labels(ref)
                 prompts += [(source, c, b) for b, c in zip(boxes, labels, strict=True)]
             if not prompts:
@@ -81,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
                 if c in pred[source]:
                     pred[source][c][z] = mask > 0
         row = {"case": case.case_id, "slices": len(x)}
-        for source in SOURCES:
+        for source in SOURCES if len(x) > 1 else SOURCES[:1]:
             scores = {str(c): dice(pred[source][c], y == c) for c in classes}
             row[source] = {c: None if np.isnan(v) else v for c, v in scores.items()}  # strict JSON
         per_case.append(row)
-        print(case.case_id, {s: row[s] for s in SOURCES}, flush=True)
+        print(case.case_id, {s: row[s] for s in SOURCES if s in row}, flush=True)
         write_report(args, per_case, slice_seconds, start, complete=False)  # partial results
     summary = write_report(args, per_case, slice_seconds, start, complete=True)
     for source, row in summary.items():
@@ -100,8 +103,11 @@ def write_report(args: argparse.Namespace, per_case: list[dict], slice_seconds: 
     classes = sorted({c for row in per_case for c in row["oracle"]}, key=int)
     summary = {}
     for source in SOURCES:
-        by_class = {c: float(np.nanmean([np.nan if row[source].get(c) is None else row[source][c]
-                                          for row in per_case])) for c in classes}
+        rows = [row[source] for row in per_case if source in row]
+        if not rows:  # 2-D data: no propagated source
+            continue
+        by_class = {c: float(np.nanmean([np.nan if r.get(c) is None else r[c] for r in rows]))
+                    for c in classes}
         summary[source] = {"per_class": by_class, "mean": float(np.mean(list(by_class.values())))}
     report = {
         "what": "LiteMedSAM zero-shot, per-class 3-D Dice per case, mean over cases",
