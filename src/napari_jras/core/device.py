@@ -10,7 +10,19 @@ from .errors import JRASError
 
 
 def select_device(name: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then CPU; an explicit name must be available."""
+    """``auto`` picks CUDA, then Apple MPS, then CPU; an explicit name must be available.
+
+    Args:
+        name: ``auto`` (also for an empty string), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``
+            (case-insensitive), or a :class:`torch.device`, returned as it is.
+
+    Returns:
+        The device to use.
+
+    Raises:
+        JRASError: CUDA or MPS was asked for but is not available here, or the name is not
+            a device PyTorch knows.
+    """
     if isinstance(name, torch.device):
         return name
     name = (name or "auto").lower()
@@ -40,7 +52,16 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """Mixed precision context on CUDA; a no-op on CPU/MPS or when disabled."""
+    """Mixed precision context on CUDA; a no-op on CPU/MPS or when disabled.
+
+    Args:
+        device: the device the computation runs on.
+        enabled: False gives the no-op context whatever the device.
+
+    Returns:
+        ``torch.autocast`` with :func:`amp_dtype`'s data type (bf16, else fp16) on CUDA, else
+        a ``contextlib.nullcontext``.
+    """
     dtype = amp_dtype(device)
     if not enabled or dtype is None:
         return contextlib.nullcontext()

@@ -55,7 +55,11 @@ def local_rank() -> int:
 
 
 def training_device(name: str | torch.device = "auto") -> torch.device:
-    """:func:`select_device`, except that distributed CUDA training uses ``cuda:LOCAL_RANK``."""
+    """:func:`select_device`, except that distributed CUDA training uses ``cuda:LOCAL_RANK``.
+
+    Raises:
+        JRASError: the device name is unknown or not available (:func:`select_device`).
+    """
     device = select_device(name)
     if device.type == "cuda" and (is_distributed() or launched_by_torchrun()):
         return torch.device("cuda", local_rank())
@@ -68,6 +72,17 @@ def distributed_session(device: str = "auto") -> Iterator[torch.device]:
 
     Outside torchrun (or with one process) nothing is initialised and the device is simply
     :func:`select_device`'s choice. The group is destroyed on exit.
+
+    Args:
+        device: device name as for :func:`select_device`.
+
+    Yields:
+        This rank's device: NCCL with ``cuda:LOCAL_RANK``, or Gloo on the CPU. Within an
+        already initialised group, the device alone (the group is left as it is).
+
+    Raises:
+        JRASError: the device is unknown or unavailable, ``LOCAL_RANK`` has no GPU, the
+            device is neither CUDA nor the CPU, or PyTorch has no ``torch.distributed``.
     """
     if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
         yield training_device(device)
@@ -148,6 +163,13 @@ def all_gather_rows(part: torch.Tensor, total: int) -> torch.Tensor:
     """Concatenate every rank's :func:`shard` of a ``total``-row tensor, in rank order.
 
     Shards are padded to equal length for the collective; every rank gets identical bits.
+
+    Args:
+        part: this rank's shard (rows :func:`shard` gives it), on any device.
+        total: number of rows of the whole tensor.
+
+    Returns:
+        The (total, ...) tensor on ``part``'s device; ``part`` itself in one process.
     """
     if not is_distributed():
         return part

@@ -33,6 +33,15 @@ def thumbnails(images: Sequence[np.ndarray], size: int = THUMB) -> np.ndarray:
 
     Each image is 2-D (a 3-D input is reduced to its middle slice); a constant image gives a
     zero row (correlation 0 with everything).
+
+    Args:
+        images: N 2-D or 3-D arrays of any size and numeric dtype.
+        size: side of the thumbnails; each image is resized to ``size`` x ``size`` (bilinear,
+            antialiased, aspect ratio ignored).
+
+    Returns:
+        (N, size * size) float32 array of unit-norm, zero-mean rows ((0, size * size) for no
+        images).
     """
     rows = []
     for image in images:
@@ -49,6 +58,15 @@ def duplicate_pairs(a: np.ndarray, b: np.ndarray | None = None,
     """Index pairs (i, j) whose thumbnails correlate >= ``threshold``.
 
     With ``b`` None: pairs i < j within ``a``; else pairs between rows of ``a`` and of ``b``.
+
+    Args:
+        a: (N, P) rows from :func:`thumbnails`.
+        b: (M, P) rows from :func:`thumbnails` of the same size, or None.
+        threshold: smallest correlation (in [-1, 1]) that makes a pair.
+
+    Returns:
+        Pairs (i, j) of Python ints, i a row of ``a`` and j a row of ``b`` (of ``a`` when ``b``
+        is None), ordered by i, then j.
     """
     pairs = []
     other = a if b is None else b
@@ -68,6 +86,18 @@ def duplicate_groups(names: Sequence[str], images: Sequence[np.ndarray],
     ``names[i]`` names ``images[i]``; a name may repeat (e.g. a patient id for each of its
     slices): images of one name always share a group, and a near-duplicate pair joins the
     groups of its two names.
+
+    Args:
+        names: one name per image (converted with ``str``).
+        images: the 2-D (or 3-D: middle slice) images, as for :func:`thumbnails`.
+        threshold: smallest thumbnail correlation that makes two images near-duplicates.
+
+    Returns:
+        ``{name: group name}`` for every distinct name; a name without near-duplicates maps
+        to itself.
+
+    Raises:
+        ValueError: ``names`` and ``images`` differ in length.
     """
     if len(names) != len(images):
         raise ValueError(f"{len(names)} names for {len(images)} images")

@@ -29,7 +29,17 @@ class StorageError(JRASError, OSError):
 
     @classmethod
     def of(cls, exc: OSError, action: str, path: object) -> "StorageError":
-        """``Cannot <action> <path>: <reason>`` for an :class:`OSError` ``exc`` (errno kept)."""
+        """``Cannot <action> <path>: <reason>`` for an :class:`OSError` ``exc`` (errno kept).
+
+        Args:
+            exc: the error the operating system raised.
+            action: what was attempted, as a verb phrase (e.g. ``"write"``).
+            path: the file or folder concerned, shown with ``str``.
+
+        Returns:
+            A new :class:`StorageError` (to ``raise ... from exc``) whose ``errno`` is
+            ``exc.errno``; the reason is ``exc.strerror``, else ``str(exc)``.
+        """
         error = cls(f"Cannot {action} {path}: {exc.strerror or exc}")
         error.errno = exc.errno
         return error

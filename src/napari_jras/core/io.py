@@ -26,7 +26,12 @@ DEFAULT_MAX_VOXELS = 1 << 30  # ~1.07e9 voxels, e.g. 1024^3: 4 GiB as float32
 
 
 def split_extension(path: str | Path) -> tuple[str, str]:
-    """Split ``path``'s name into (stem, extension), treating ``.nii.gz`` as one extension."""
+    """Split ``path``'s name into (stem, extension), treating ``.nii.gz`` as one extension.
+
+    Returns:
+        The stem as written and the extension with its dot: lower case, ``""`` when there is
+        none (``a_image.NII.GZ`` gives ``("a_image", ".nii.gz")``).
+    """
     name = Path(path).name
     lower = name.lower()
     for ext in IMAGE_EXTENSIONS:
@@ -53,6 +58,19 @@ def read_volume(path: str | Path) -> Volume:
 
     NIfTI volumes are returned as (Z, Y, X) with spacing in millimetres. Raises
     :class:`DataError` for missing, unreadable or unsupported files.
+
+    Args:
+        path: a ``.tif``/``.tiff``, ``.png``, ``.nii`` or ``.nii.gz`` file.
+
+    Returns:
+        The array as stored (dtype unchanged; a PNG's grey channel only; a 2-D NIfTI
+        transposed to (Y, X)) and its spacing: from the NIfTI header, from ImageJ TIFF
+        metadata (None for other TIFFs), None for PNG.
+
+    Raises:
+        DataError: the file is missing, a folder, empty, of another type, damaged or
+            truncated, unreadable (permission, memory), a colour PNG, or larger than
+            :func:`max_voxels`.
     """
     path = Path(path)
     if not path.exists():
@@ -92,7 +110,15 @@ def max_voxels() -> int:
 
 
 def check_size(shape: tuple[int, ...], source: str | Path) -> None:
-    """Refuse to load an image whose header declares more than :func:`max_voxels` voxels."""
+    """Refuse to load an image whose header declares more than :func:`max_voxels` voxels.
+
+    Args:
+        shape: the array shape the file declares.
+        source: the file, named in the message.
+
+    Raises:
+        DataError: the shape holds more voxels than the limit.
+    """
     voxels = int(np.prod([int(n) for n in shape], dtype=np.float64))
     limit = max_voxels()
     if voxels > limit:
@@ -193,6 +219,23 @@ def write_volume(path: str | Path, data: np.ndarray, spacing: tuple[float, ...] 
 
     The file is written next to its destination and renamed into place, so an interrupted
     write never leaves a half-written file under the final name.
+
+    Args:
+        path: destination ending in ``.tif``, ``.tiff``, ``.nii`` or ``.nii.gz``; missing
+            parent folders are made.
+        data: 2-D (Y, X) or 3-D (Z, Y, X) array.
+        spacing: voxel size per axis of ``data`` (Z, Y, X order), in millimetres, or None.
+            A TIFF records it as ImageJ metadata when ImageJ can hold the array (its dtype,
+            more than one pixel wide), else it is dropped; a NIfTI as its zooms (1.0 when
+            None), with int64/uint64 data stored in the smallest integer type that holds it.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        DataError: another extension, an array that is not 2-D or 3-D, or a failed write
+            (disk, permission, a dtype the format cannot store); any earlier file at
+            ``path`` is intact.
     """
     path = Path(path)
     stem, ext = split_extension(path)
@@ -280,7 +323,20 @@ def _imagej_compatible(data: np.ndarray) -> np.ndarray | None:
 
 
 def check_image(data: np.ndarray, source: str = "image") -> np.ndarray:
-    """Validate an image array: 2-D or 3-D, real numbers, finite; returns it unchanged."""
+    """Validate an image array: 2-D or 3-D, real numbers, finite; returns it unchanged.
+
+    Args:
+        data: the image (anything ``np.asarray`` takes).
+        source: what to call it in the messages (e.g. a file name).
+
+    Returns:
+        ``np.asarray(data)``.
+
+    Raises:
+        DataError: the image looks like RGB/RGBA (3-D, last axis 3 or 4, first axis longer
+            than 4), is not 2-D or 3-D, has an empty axis, is not boolean/integer/float, or
+            holds NaN or infinite values.
+    """
     data = np.asarray(data)
     if data.ndim == 3 and data.shape[-1] in (3, 4) and data.shape[0] > 4:
         raise DataError(
@@ -306,7 +362,22 @@ def check_image(data: np.ndarray, source: str = "image") -> np.ndarray:
 
 def check_label(label: np.ndarray, image_shape: tuple[int, ...] | None = None,
                 num_classes: int | None = None, source: str = "label") -> np.ndarray:
-    """Validate a label map and return it as ``uint8``/``int64`` class indices."""
+    """Validate a label map and return it as ``uint8``/``int64`` class indices.
+
+    Args:
+        label: the label map; float values must be whole numbers.
+        image_shape: shape the label must have (its image's), or None to skip the check.
+        num_classes: classes including background (every value must be below it), or None.
+        source: what to call the label in the messages.
+
+    Returns:
+        The labels as ``uint8`` when all are below 256 (or the map is empty), else ``int64``;
+        not copied when the dtype already matches.
+
+    Raises:
+        DataError: the map is 4-D, of another shape than ``image_shape``, holds non-integer,
+            NaN/inf or negative values or a class >= ``num_classes``, or is not numeric.
+    """
     label = np.asarray(label)
     if label.ndim == 4:
         raise DataError(f"{source} is 4-D (shape {label.shape}); expected 2-D or 3-D")
@@ -347,7 +418,17 @@ class Case:
 
 
 def patient_of(case_id: str, patient_regex: str | None = None) -> str:
-    """Patient id of a case id: the prefix before ``_frame``/``_slice``, or the regex's group 1."""
+    """Patient id of a case id: the prefix before ``_frame``/``_slice``, or the regex's group 1.
+
+    Args:
+        case_id: the case's id (file stem without ``_image``).
+        patient_regex: a regular expression matched at the start of ``case_id`` (group 1, or
+            the whole match when it has no group, is the patient id); None for the default
+            ``_frameNN``/``_sliceNN`` rule.
+
+    Returns:
+        The patient id; ``case_id`` itself when the regex does not match.
+    """
     match = re.match(patient_regex or DEFAULT_PATIENT_REGEX, case_id)
     if not match:
         return case_id
@@ -360,6 +441,21 @@ def find_cases(root: str | Path, patient_regex: str | None = None,
 
     Raises :class:`DataError` for a missing or empty folder, or (with ``require_labels``) an
     image without its label.
+
+    Args:
+        root: a folder (paired files searched recursively, or nnU-Net ``imagesTr`` /
+            ``labelsTr``) or a single image file.
+        patient_regex: how case ids map to patient ids (:func:`patient_of`).
+        require_labels: refuse images without a label; when False their ``label_path`` is
+            None.
+
+    Returns:
+        The cases, sorted by folder and name (nnU-Net: by image file name).
+
+    Raises:
+        DataError: ``root`` is missing, holds no images, an image lacks its label (with
+            ``require_labels``), two files would be one case (:func:`refuse_same_names`), or
+            a single file has an unsupported type.
     """
     root = Path(root)
     if not root.exists():
@@ -405,6 +501,13 @@ def refuse_same_names(groups: dict[str, list[Path]], root: Path) -> None:
 
     ``groups`` maps a case key to its files. ``a_image.tif`` next to ``a_image.nii.gz`` made
     training silently drop one of them and ``predict`` write both to one ``a_label`` file.
+
+    Args:
+        groups: case key -> the files found for it (paths under ``root``).
+        root: the dataset folder; the message shows paths relative to it.
+
+    Raises:
+        DataError: some key has more than one file (up to three such cases are listed).
     """
     same = [sorted(paths, key=str) for paths in groups.values() if len(paths) > 1]
     if same:
@@ -454,6 +557,14 @@ def load_case(case: Case) -> tuple[Volume, np.ndarray | None]:
     """Read and validate a case's image and label (shapes must match).
 
     A binary mask stored as 0/255 is returned as classes 0/1 (:func:`binary_255_as_classes`).
+
+    Returns:
+        The image :class:`Volume` (data as stored) and the label map as class indices
+        (:func:`check_label`: ``uint8`` or ``int64``), None when the case has no label.
+
+    Raises:
+        DataError: either file cannot be read, the image fails :func:`check_image`, or the
+            label fails :func:`check_label` (including a shape other than the image's).
     """
     image = read_volume(case.image_path)
     check_image(image.data, source=str(case.image_path.name))
@@ -470,6 +581,9 @@ def binary_255_as_classes(label: np.ndarray) -> np.ndarray:
 
     Read as class indices it made a 256-class model; a :class:`DataWarning` says it was mapped.
     Any other label map is returned unchanged.
+
+    Returns:
+        A new ``uint8`` 0/1 array for a 0/255 mask (it must contain 255), else ``label``.
     """
     if not label.size or label.max() != 255 or not ((label == 0) | (label == 255)).all():
         return label

@@ -40,7 +40,15 @@ RELEVANCE_SIZE = 32  # side of the downsampled one-hot masks the trainer keeps p
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes needed to train: weights, optimizer state, activations of one step, device data."""
+    """Bytes needed to train: weights, optimizer state, activations of one step, device data.
+
+    Attributes:
+        parameters: number of parameters (a count, not bytes).
+        weights: bytes of the parameters.
+        optimizer: bytes of gradients and AdamW moments (12 per trainable parameter).
+        activations: bytes autograd keeps for the largest step, times ``BACKWARD_FACTOR``.
+        data: bytes of the training slices, labels and relevance masks kept on the device.
+    """
 
     parameters: int
     weights: int
@@ -50,7 +58,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        """Everything together."""
+        """Everything together, in bytes (``parameters`` is a count and not included)."""
         return self.weights + self.optimizer + self.activations + self.data
 
 
@@ -61,6 +69,16 @@ def estimate_training_memory(model: torch.nn.Module, batch_size: int,
     ``slices``: training slices the trainer keeps next to the model (its retrieval bank).
     Nothing is allocated: the steps run on the ``meta`` device with the model's parameters
     swapped for meta tensors of the same shapes.
+
+    Args:
+        model: the model to train; its ``config`` gives the image size, classes and K.
+        batch_size: training batch size.
+        contrastive_candidates: extra images the contrastive step embeds with a batch
+            (counted only for retrieval models).
+        slices: training slices kept on the device (each ``size`` x ``size``).
+
+    Returns:
+        The estimate, every part in bytes.
     """
     cfg = model.config
     params = list(model.parameters())
@@ -143,7 +161,15 @@ def _saved_bytes(model: torch.nn.Module, step: Callable[[torch.nn.Module], torch
 
 
 def available_memory(device: torch.device) -> int | None:
-    """Free bytes on ``device`` for a new allocation, or None when they cannot be read."""
+    """Free bytes on ``device`` for a new allocation, or None when they cannot be read.
+
+    Args:
+        device: a CUDA device (``torch.cuda.mem_get_info``), the CPU (the smaller of
+            ``MemAvailable`` and the cgroup's limit minus usage) or anything else (None).
+
+    Returns:
+        Free bytes, or None (e.g. MPS, or a CPU without ``/proc/meminfo`` and cgroup limit).
+    """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
@@ -186,6 +212,20 @@ def check_training_memory(model: torch.nn.Module, batch_size: int, device: torch
 
     ``model`` is still on the CPU: there its weights and the training slices are already
     allocated and do not count again. Returns the estimate.
+
+    Args:
+        model: the model to train, still on the CPU.
+        batch_size: training batch size.
+        device: the training device.
+        contrastive_candidates: as for :func:`estimate_training_memory`.
+        slices: as for :func:`estimate_training_memory`.
+
+    Returns:
+        The estimate (also when the check is skipped or the free memory is unknown).
+
+    Raises:
+        JRASError: the memory still to be allocated exceeds the free memory of ``device``
+            (never when ``NAPARI_JRAS_SKIP_MEMORY_CHECK`` is set to anything but ``0``).
     """
     estimate = estimate_training_memory(model, batch_size, contrastive_candidates, slices)
     if os.environ.get(SKIP_ENV, "") not in ("", "0"):

@@ -8,7 +8,9 @@ Conventions for a foreground class c (label maps are 2-D or 3-D class indices):
 * Hausdorff (HD, HD95): symmetric distances between the surface (boundary) voxels of the two
   masks, in the units of ``spacing`` (millimetres) or pixels when it is None. HD is the maximum
   and HD95 the 95th percentile of the pooled distances of both directions (as MedPy's ``hd95``).
-  Both empty -> 0.0; exactly one empty -> NaN (undefined).
+  Both empty -> NaN (undefined); exactly one empty -> the image diagonal
+  (:func:`missing_penalty`, the largest possible distance), and the class is marked
+  ``missing``.
 * Means over classes and cases ignore NaNs, and :func:`summarize` reports how many there were.
 * std is the population standard deviation (``ddof=0``).
 
@@ -53,7 +55,20 @@ def _check_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, .
 
 
 def dice_per_class(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
-    """Dice of each foreground class 1..C-1, shape (C-1,); NaN when both masks are empty."""
+    """Dice of each foreground class 1..C-1, shape (C-1,); NaN when both masks are empty.
+
+    Args:
+        pred: 2-D or 3-D predicted label map (class indices).
+        gt: ground-truth label map of the same shape.
+        num_classes: classes including background, an integer >= 2.
+
+    Returns:
+        float64 array of (C-1) values in [0, 1] or NaN.
+
+    Raises:
+        DataError: ``num_classes`` < 2 or not an integer, shapes differ, the maps are not
+            2-D/3-D, or a map fails :func:`~.io.check_label` (e.g. a value >= ``num_classes``).
+    """
     pred, gt = _check_pair(pred, gt, num_classes)
     return _dice_all(pred, gt, num_classes)
 
@@ -74,7 +89,22 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def hausdorff_per_class(pred: np.ndarray, gt: np.ndarray, num_classes: int,
                         spacing: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(HD95, HD) of each foreground class, each shape (C-1,); see the module conventions."""
+    """(HD95, HD) of each foreground class, each shape (C-1,); see the module conventions.
+
+    Args:
+        pred: 2-D or 3-D predicted label map (class indices).
+        gt: ground-truth label map of the same shape.
+        num_classes: classes including background, an integer >= 2.
+        spacing: voxel size per axis of the maps (positive, finite; millimetres), or None to
+            measure in pixels.
+
+    Returns:
+        Two float64 arrays of (C-1) distances: HD95 and HD.
+
+    Raises:
+        DataError: as for :func:`dice_per_class`, or ``spacing`` of the wrong length or with
+            a value that is not positive and finite.
+    """
     pred, gt = _check_pair(pred, gt, num_classes)
     return _hausdorff_all(pred, gt, num_classes, _check_spacing(spacing, pred.ndim))
 
@@ -89,7 +119,16 @@ def _hausdorff_all(pred: np.ndarray, gt: np.ndarray, num_classes: int,
 
 
 def missing_penalty(shape: Sequence[int], spacing: Sequence[float] | None = None) -> float:
-    """HD / HD95 of a class missing from one mask: the image diagonal (see the module notes)."""
+    """HD / HD95 of a class missing from one mask: the image diagonal (see the module notes).
+
+    Args:
+        shape: the label map's shape.
+        spacing: voxel size per axis, or None for pixels.
+
+    Returns:
+        The distance between the centres of two opposite corner voxels, in the units of
+        ``spacing``.
+    """
     spacing = spacing or (1.0,) * len(shape)
     return float(np.sqrt(sum(((n - 1) * s) ** 2 for n, s in zip(shape, spacing, strict=True))))
 
@@ -157,8 +196,23 @@ def evaluate_case(pred: np.ndarray, gt: np.ndarray, num_classes: int,
 
     Returns ``{"per_class": {name: {"dice", "hd95", "hd", "missing"}}, "mean": {"dice",
     "hd95", "hd"}, "units": "mm" | "pixels"}``; ``missing`` is True for a class present in
-    exactly one of the two masks (its distances are the penalty). ``class_names`` lists the foreground classes (or all classes,
-    background first); default ``class_1``, ``class_2``, ...
+    exactly one of the two masks (its distances are the penalty). ``class_names`` lists the
+    foreground classes (or all classes, background first); default ``class_1``, ``class_2``,
+    ...
+
+    Args:
+        pred: 2-D or 3-D predicted label map (class indices).
+        gt: ground-truth label map of the same shape.
+        num_classes: classes including background, an integer >= 2.
+        spacing: voxel size per axis (millimetres), or None for pixels.
+        class_names: C - 1 or C unique names, or None.
+
+    Returns:
+        The dict above; values are Python floats (NaN where undefined) and bools.
+
+    Raises:
+        DataError: bad maps or ``spacing`` (:func:`hausdorff_per_class`), or a wrong number
+            of class names, or repeated names.
     """
     pred, gt = _check_pair(pred, gt, num_classes)
     spacing = _check_spacing(spacing, pred.ndim)
@@ -181,6 +235,15 @@ def summarize(case_results: Sequence[dict]) -> dict:
     "n_nan"}, "n_missing"}}, "mean": {metric: {"mean", "std", "n_nan"}}}``; ``mean``
     summarises the per-case foreground means; ``n_missing`` counts the cases where the class was
     missing from one mask (penalised distances), in all over the classes at the top level.
+
+    Args:
+        case_results: :func:`evaluate_case` outputs, all with the same classes and units.
+
+    Returns:
+        The summary dict above (means and population stds ignore NaNs; NaN when all are).
+
+    Raises:
+        DataError: no results, mixed units, or results with different classes.
     """
     if not case_results:
         raise DataError("No case results to summarise")

@@ -29,6 +29,18 @@ def normalize(image: np.ndarray, modality: str = "auto",
     * ``auto``: 8-bit data divided by 255, anything else as MRI.
 
     A constant image maps to zeros (no division by zero).
+
+    Args:
+        image: 2-D or 3-D array of booleans, integers or floats.
+        modality: ``auto``, ``mri``, ``ct`` or ``us``.
+        percentiles: (low, high) percentiles in [0, 100] clipped to with ``mri``.
+        ct_window: (level, width) in Hounsfield units used with ``ct``.
+
+    Returns:
+        A new float32 array of ``image``'s shape with values in [0, 1].
+
+    Raises:
+        DataError: an unknown modality, a non-numeric image, or NaN/inf values.
     """
     return intensity_map(image, modality, percentiles, ct_window)(image)
 
@@ -42,6 +54,16 @@ def intensity_map(image: np.ndarray, modality: str = "auto",
     The returned function maps any part of ``image`` (same data type) to float32 in [0, 1]
     exactly as ``normalize(image)`` maps that part. Raises :class:`DataError` for an unknown
     modality, a non-numeric image or NaN/inf values.
+
+    Args:
+        image: the whole image or volume the scaling is measured on.
+        modality: as for :func:`normalize`.
+        percentiles: as for :func:`normalize`.
+        ct_window: as for :func:`normalize`.
+
+    Returns:
+        A function from any array (part of ``image``) to a new float32 array of its shape in
+        [0, 1].
     """
     if modality not in MODALITIES:
         raise DataError(f"Unknown modality '{modality}'; choose one of {', '.join(MODALITIES)}")
@@ -76,6 +98,13 @@ class NormalizedSlices:
     """A (Z, H, W) volume normalised on access: ``slices[zs]`` maps only the slices asked for.
 
     ``scale`` comes from :func:`intensity_map` of the whole volume; a 2-D image is one slice.
+
+    Args:
+        volume: (Z, H, W) volume or (H, W) image, kept as it is (not copied).
+        scale: the intensity map applied to each part read.
+
+    Raises:
+        DataError: ``volume`` is neither 2-D nor 3-D.
     """
 
     def __init__(self, volume: np.ndarray, scale: Callable[[np.ndarray], np.ndarray]) -> None:
@@ -91,9 +120,11 @@ class NormalizedSlices:
         return self._volume.shape
 
     def __len__(self) -> int:
+        """Number of slices Z."""
         return self._volume.shape[0]
 
     def __getitem__(self, index: object) -> np.ndarray:
+        """The normalised float32 ``volume[index]`` (e.g. a slice number or a range of Z)."""
         return self._scale(self._volume[index])
 
 

@@ -23,7 +23,17 @@ _PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def case_list_sha256(cases: Sequence[Case]) -> str:
-    """SHA-256 (hex) of the sorted case ids with their image and label file sizes."""
+    """SHA-256 (hex) of the sorted case ids with their image and label file sizes.
+
+    Args:
+        cases: the cases of a data folder (:func:`~.io.find_cases`).
+
+    Returns:
+        64 lowercase hex digits (see the module docstring for what it covers).
+
+    Raises:
+        OSError: a case's image or label file no longer exists or cannot be examined.
+    """
     lines = sorted(f"{c.case_id}\t{_size(c.image_path)}\t{_size(c.label_path)}" for c in cases)
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
@@ -34,7 +44,15 @@ def _size(path: Path | None) -> str:
 
 def git_state(package: str | Path = _PACKAGE_ROOT) -> dict[str, Any] | None:
     """``{"commit", "dirty"}`` of the source checkout running this package (``<repo>/src/
-    napari_jras``); None for an installed copy, outside a checkout or without git."""
+    napari_jras``); None for an installed copy, outside a checkout or without git.
+
+    Args:
+        package: the package folder to ask about (default: this package).
+
+    Returns:
+        ``{"commit": <full hex SHA of HEAD>, "dirty": <True when tracked files differ from
+        HEAD>}`` (untracked files are ignored), or None.
+    """
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(package), *args], capture_output=True,
                               text=True, check=True, timeout=10).stdout.strip()
@@ -50,7 +68,11 @@ def git_state(package: str | Path = _PACKAGE_ROOT) -> dict[str, Any] | None:
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object in ``path``, or None when the file is missing or unreadable."""
+    """The JSON object in ``path``, or None when the file is missing or unreadable.
+
+    Invalid JSON also gives None; a valid file is returned as parsed, whatever its top-level
+    type.
+    """
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -72,6 +94,22 @@ def provenance(*, data: str | Path | None = None, cases: Sequence[Case] | None =
     Holds the package version, the git commit and dirty flag (None outside a checkout), the UTC
     time, and where given: the data folder with its case count and ``case_list_sha256``, the
     model's full settings, the device and the guide source.
+
+    Args:
+        data: the data folder evaluated, or None.
+        cases: its cases (counted and fingerprinted; ignored without ``data``), or None.
+        model_dir: the run folder whose ``config.json`` and ``train_config.json`` are
+            copied in, or None.
+        device: the device name, or None.
+        guide_source: the guide source of the evaluation, or None.
+        **extra: further JSON-serialisable items, added last (they may override the above).
+
+    Returns:
+        A JSON-serialisable dict: ``package``, ``version``, ``git``, ``time_utc``, then
+        ``data``, ``model``, ``device`` and ``guide_source`` where given.
+
+    Raises:
+        OSError: a case file is gone (:func:`case_list_sha256`).
     """
     from .. import __version__
 

