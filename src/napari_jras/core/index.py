@@ -65,6 +65,12 @@ def copy_to_gpu(index: faiss.Index) -> faiss.Index:
     """A GPU copy of a CPU flat index (``GpuIndexFlatIP``) on the GPU torch uses.
 
     ``index_cpu_to_gpu`` converts IVF indexes the same way; HNSW has no GPU version.
+
+    Args:
+        index: a CPU FAISS index (the inner flat index, not the id map).
+
+    Returns:
+        The GPU index, on torch's current CUDA device (device 0 when torch sees no CUDA).
     """
     import torch
 
@@ -80,6 +86,18 @@ class EmbeddingIndex:
     ``DEFAULT_APPROX_THRESHOLD`` on the CPU and ``GPU_APPROX_THRESHOLD`` with a GPU.
     ``use_gpu=None`` searches a flat index on the GPU when available (see
     :func:`gpu_by_default`), ``False`` never, ``True`` requires it.
+
+    Args:
+        ids: N unique non-negative integer ids, one per row of ``embeddings``.
+        embeddings: (N, D) finite numbers, D >= 1 (stored as float32; not normalised here).
+        approx_threshold: size from which an HNSW graph replaces the flat index (>= 1);
+            None for the default above.
+        ef_search: HNSW search breadth (>= 1): larger is more exact and slower.
+        use_gpu: None, False or True, as above.
+
+    Raises:
+        BankError: a bad shape, dtype, NaN/inf, ids that are negative, repeated or not one
+            per row, thresholds below 1, or ``use_gpu=True`` without FAISS GPU support.
     """
 
     def __init__(self, ids: Sequence[int] | np.ndarray, embeddings: np.ndarray, *,
@@ -109,6 +127,7 @@ class EmbeddingIndex:
 
     # --- properties -----------------------------------------------------------------------
     def __len__(self) -> int:
+        """Number of vectors in the index (removed ones not counted)."""
         return self._cpu.ntotal - len(self._removed)
 
     @property
@@ -123,7 +142,19 @@ class EmbeddingIndex:
 
     # --- changes --------------------------------------------------------------------------
     def add(self, ids: Sequence[int] | np.ndarray, embeddings: np.ndarray) -> None:
-        """Add vectors under new, unused ids."""
+        """Add vectors under new, unused ids.
+
+        Crossing ``approx_threshold`` rebuilds a flat index as an HNSW graph.
+
+        Args:
+            ids: M unique non-negative integer ids not in the index (ids removed before may
+                come back).
+            embeddings: (M, D) finite numbers, D the index's dimension.
+
+        Raises:
+            BankError: a bad shape, dtype, NaN/inf, or an id that is invalid or already in
+                the index; the index is unchanged.
+        """
         vecs = self._check_vectors(embeddings, "embeddings")
         new_ids = self._check_ids(ids, len(vecs))
         if not new_ids.size:
@@ -146,7 +177,17 @@ class EmbeddingIndex:
             self._attach(self._cpu)  # the first vectors of an empty index: copy it to the GPU
 
     def remove(self, ids: Iterable[int]) -> None:
-        """Remove vectors by id; unknown ids raise :class:`BankError`."""
+        """Remove vectors by id; unknown ids raise :class:`BankError`.
+
+        A flat index drops them at once; an HNSW graph filters them out of searches and is
+        rebuilt once more than ``COMPACT_FRACTION`` of its vectors are removed.
+
+        Args:
+            ids: ids in the index (repeats are ignored).
+
+        Raises:
+            BankError: an id is not in the index (nothing is removed).
+        """
         gone = np.unique(np.asarray(list(ids), dtype=np.int64))
         present = np.isin(gone, self._row_ids) & ~np.isin(gone, list(self._removed))
         if not present.all():
@@ -166,6 +207,18 @@ class EmbeddingIndex:
 
         ``exclude[q]`` lists ids query ``q`` must never get. Rows with fewer than ``k`` valid
         neighbours are padded with id -1 and score -inf.
+
+        Args:
+            queries: (Q, D) finite numbers (unit vectors for cosine scores).
+            k: neighbours per query, a whole number >= 1.
+            exclude: one iterable of ids per query, or None.
+
+        Returns:
+            Scores (Q, k) float32 (inner products, best first) and ids (Q, k) int64.
+
+        Raises:
+            BankError: a bad ``queries`` shape or value, ``k`` < 1 or not whole, or
+                ``exclude`` not of length Q.
         """
         queries = self._check_vectors(queries, "queries")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -210,7 +263,13 @@ class EmbeddingIndex:
 
     # --- persistence ----------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        """Write the index (CPU form, with its ids) to ``path`` atomically."""
+        """Write the index (CPU form, with its ids) to ``path`` atomically.
+
+        Removed vectors of an HNSW graph are dropped (the graph is rebuilt) first.
+
+        Raises:
+            BankError: the file cannot be written; an existing file at ``path`` is intact.
+        """
         path = Path(path)
         if self._removed:
             self._compact()
@@ -226,7 +285,23 @@ class EmbeddingIndex:
     def load(cls, path: str | Path, expected_dim: int, *,
              approx_threshold: int | None = None,
              ef_search: int = DEFAULT_EF_SEARCH, use_gpu: bool | None = None) -> EmbeddingIndex:
-        """Read an index written by :meth:`save`; a missing, damaged or foreign file raises."""
+        """Read an index written by :meth:`save`; a missing, damaged or foreign file raises.
+
+        Args:
+            path: the index file.
+            expected_dim: embedding dimension the caller's retriever produces.
+            approx_threshold: as for the constructor; applies to later additions.
+            ef_search: HNSW search breadth, as for the constructor.
+            use_gpu: as for the constructor.
+
+        Returns:
+            The loaded index (flat or HNSW, as saved).
+
+        Raises:
+            BankError: the file is missing, damaged, not a napari-jras (ID-mapped
+                inner-product flat or HNSW) index, or holds vectors of another dimension;
+                or ``use_gpu=True`` without FAISS GPU support.
+        """
         path = Path(path)
         if not path.is_file():
             raise BankError(f"Search index not found: {path}")

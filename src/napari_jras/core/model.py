@@ -32,7 +32,30 @@ READOUT_BACKBONES = ("unet", "transunet")  # "auto" fusion: readout for these, c
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild a model (saved as a run folder's ``config.json``)."""
+    """Everything needed to rebuild a model (saved as a run folder's ``config.json``).
+
+    Every field is checked on construction (ranges in docs/cli.md); a bad value raises
+    :class:`ModelError`.
+
+    Attributes:
+        num_classes: classes including background, 2..256.
+        backbone: registered segmenter name (:mod:`.backbones`).
+        backbone_options: the backbone's keyword options; after building a
+            :class:`JRASModel`, all of them with their resolved values.
+        use_retrieval: False for the baseline (no retriever, no exemplars).
+        k: exemplars per query, 1..8.
+        tau: softmax temperature of the fusion weights, 0.01..10.
+        align_shift: largest exemplar-to-query translation as a fraction of ``size``,
+            0..0.5 (0: no alignment).
+        size: working image side in pixels, 16..2048.
+        modality: intensity normalisation (:data:`.normalize.MODALITIES`).
+        class_names: one non-empty, distinct name per class (background first); empty
+            means ``background``, ``class 1``, ...
+        retriever: retriever options (:func:`.retrieval.check_retriever_options`).
+        fusion: ``concat`` or ``readout``; ``auto`` becomes ``readout`` for U-Net and
+            TransUNet, ``concat`` for the other backbones.
+        format_version: version of this layout (newer ones are refused).
+    """
 
     num_classes: int
     backbone: str = "unet"
@@ -89,7 +112,19 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Rebuild from :meth:`to_dict` output, with a clear error for unknown or missing keys."""
+        """Rebuild from :meth:`to_dict` output, with a clear error for unknown or missing keys.
+
+        Args:
+            data: the parsed ``config.json``; a config without ``fusion`` (saved before the
+                readout fusion existed) gets ``concat``.
+
+        Returns:
+            The checked config.
+
+        Raises:
+            ModelError: ``data`` is not a dict, comes from a newer format, has unknown or
+                missing keys, or a value of the wrong type or out of range.
+        """
         if not isinstance(data, dict):
             raise ModelError("config.json must hold a JSON object")
         version = data.get("format_version", FORMAT_VERSION)
@@ -109,7 +144,18 @@ class ModelConfig:
 
 
 class JRASModel(nn.Module):
-    """Retriever + segmenter. ``forward(query, guide)`` returns logits (B, C, H, W)."""
+    """Retriever + segmenter. ``forward(query, guide)`` returns logits (B, C, H, W).
+
+    Building the model writes the resolved retriever and backbone options back into
+    ``config`` (so a saved run rebuilds without pretrained sources).
+
+    Args:
+        config: the model's configuration.
+
+    Raises:
+        ModelError: the backbone or retriever cannot be built, or the ``readout`` fusion is
+            asked of a backbone without an encoder-decoder structure.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -149,6 +195,17 @@ class JRASModel(nn.Module):
 
         A ``readout`` model given no guide (or a guide whose slots are all empty) predicts
         exactly as its image path alone.
+
+        Args:
+            query: (B, 1, H, W) float images in [0, 1]; any H, W (padded internally).
+            guide: the retrieved exemplars (:class:`Guide`), or None.
+
+        Returns:
+            Logits (B, C, H, W).
+
+        Raises:
+            ModelError: a ``concat`` retrieval model is given no guide, or the inputs do not
+                fit the backbone (shape, channels, classes).
         """
         if self.readout is not None:
             return self.forward_readout(query, guide)[0]
@@ -168,6 +225,17 @@ class JRASModel(nn.Module):
         bool (training only, image-path dropout): those queries' encoder features below the
         readout scale are zeroed before decoding, so the decoder must take the structures'
         identity and place from the readout; the keys still see the whole query.
+
+        Args:
+            query: (B, 1, H, W) float images in [0, 1].
+            guide: a guide with ``exemplars``, ``exemplar_masks`` and ``present`` (as made by
+                :func:`~.fusion.make_guide`), or None.
+            drop_deep: (B,) bool, or None.
+
+        Returns:
+            Logits (B, C, H, W) and ``P_read`` (B, C, ceil(H / 4), ceil(W / 4)), the
+            propagated class probabilities (zero for queries without exemplars); None when no
+            query of the batch has an exemplar.
         """
         seg, readout = self.segmenter, self.readout
         height, width = query.shape[-2:]
@@ -201,7 +269,14 @@ class JRASModel(nn.Module):
         return logits[..., :height, :width], p_read
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Retriever embeddings of (B,1,H,W) images."""
+        """Retriever embeddings of (B,1,H,W) images.
+
+        Returns:
+            (B, D) float32 unit vectors (:meth:`.retrieval.Retriever.forward`).
+
+        Raises:
+            ModelError: a baseline model (it has no retriever), or images not (B, 1, H, W).
+        """
         if self.retriever is None:
             raise ModelError("A baseline model (no retrieval) has no retriever")
         return self.retriever(images)

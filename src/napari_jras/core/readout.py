@@ -34,7 +34,13 @@ EPS = 1e-6
 
 
 class MemoryReadout(nn.Module):
-    """Keys, affinity and the zero-initialised injections of the readout fusion."""
+    """Keys, affinity and the zero-initialised injections of the readout fusion.
+
+    Args:
+        feature_channels: channels F of the encoder features the keys are computed from.
+        num_classes: classes C including background.
+        key_dim: channels of the keys.
+    """
 
     def __init__(self, feature_channels: int, num_classes: int, key_dim: int = KEY_DIM):
         super().__init__()
@@ -92,7 +98,16 @@ class MemoryReadout(nn.Module):
         return p_read * on, confidence.reshape(b, 1, h, w) * on
 
     def inject(self, p_read: Tensor, confidence: Tensor) -> tuple[Tensor, Tensor]:
-        """(skip residual (B, F, h, w), logit residual at 1/4 scale (B, C, h, w))."""
+        """(skip residual (B, F, h, w), logit residual at 1/4 scale (B, C, h, w)).
+
+        Args:
+            p_read: (B, C, h, w) propagated probabilities from :meth:`read`.
+            confidence: (B, 1, h, w) confidence from :meth:`read`.
+
+        Returns:
+            The residual added to the encoder features at the readout level and the one added
+            (upsampled) to the logits; both zero at initialisation.
+        """
         cue = torch.cat([p_read, confidence], 1).to(self.to_skip.weight.dtype)
         return self.to_skip(cue), self.to_logits(cue)
 
@@ -102,6 +117,15 @@ def readout_loss(p_read: Tensor, target: Tensor, present: Tensor) -> Tensor:
 
     ``p_read`` (B, C, h, w) probabilities, ``target`` (B, H, W) labels, ``present`` (B, K).
     Returns 0 when no query of the batch has an exemplar.
+
+    Args:
+        p_read: (B, C, h, w) propagated class probabilities.
+        target: (B, H, W) int64 ground-truth class indices.
+        present: (B, K) bool, True for filled exemplar slots.
+
+    Returns:
+        A scalar: mean cross-entropy plus (1 - mean foreground Dice, pooled over the batch),
+        both over the queries with at least one exemplar.
     """
     rows = present.any(1)
     if not bool(rows.any()):

