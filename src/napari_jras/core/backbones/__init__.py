@@ -17,7 +17,15 @@ _FIXED_ARGS = ("self", "num_classes", "use_retrieval")
 
 
 def register_backbone(cls: type[Backbone]) -> type[Backbone]:
-    """Class decorator: make ``cls`` buildable by :func:`build_backbone` under ``cls.name``."""
+    """Class decorator: make ``cls`` buildable by :func:`build_backbone` under ``cls.name``.
+
+    Returns:
+        ``cls`` itself (registering the same class twice is harmless).
+
+    Raises:
+        TypeError: ``cls`` is not a :class:`Backbone` subclass.
+        ValueError: another class is registered under the same name.
+    """
     if not (isinstance(cls, type) and issubclass(cls, Backbone)):
         raise TypeError(f"{cls!r} is not a Backbone subclass")
     if BACKBONES.get(cls.name, cls) is not cls:
@@ -27,7 +35,10 @@ def register_backbone(cls: type[Backbone]) -> type[Backbone]:
 
 
 def backbone_class(name: str) -> type[Backbone]:
-    """The backbone class registered as ``name``; :class:`ModelError` for an unknown name."""
+    """The backbone class registered as ``name``; :class:`ModelError` for an unknown name.
+
+    ``name`` is matched in lower case.
+    """
     cls = BACKBONES.get(str(name).lower())
     if cls is None:
         raise ModelError(f"Unknown backbone '{name}'; available: {', '.join(sorted(BACKBONES))}")
@@ -36,7 +47,20 @@ def backbone_class(name: str) -> type[Backbone]:
 
 def check_backbone_options(name: str, options: Any) -> type[Backbone]:
     """Refuse an unknown backbone, option names it does not take (listing the valid ones) and
-    option values out of range (:meth:`Backbone.check_options`); builds nothing."""
+    option values out of range (:meth:`Backbone.check_options`); builds nothing.
+
+    Args:
+        name: registered backbone name (case-insensitive).
+        options: the backbone's keyword options (without ``num_classes`` and
+            ``use_retrieval``); missing ones take the constructor's defaults for the check.
+
+    Returns:
+        The backbone class.
+
+    Raises:
+        ModelError: an unknown backbone, ``options`` not a dict, an unknown option name or
+            a value out of range.
+    """
     cls = backbone_class(name)
     if not isinstance(options, dict):
         raise ModelError(f"backbone_options must be a JSON object, got {type(options).__name__}")
@@ -60,6 +84,16 @@ def build_backbone(name: str, num_classes: int, use_retrieval: bool, **options: 
     """Build the backbone registered as ``name``; ``build_backbone(**model.config())`` rebuilds it.
 
     Raises :class:`ModelError` for an unknown name or option, or an invalid option value.
+
+    Args:
+        name: registered backbone name (case-insensitive).
+        num_classes: classes including background, 2..256.
+        use_retrieval: True: the backbone takes the guide image and mask too (stacked onto
+            the query, or as prompts for SAM); False: the query alone.
+        **options: the backbone's keyword options.
+
+    Returns:
+        The new backbone (weights random or pretrained, as the options say).
     """
     cls = check_backbone_options(name, options)
     return cls(num_classes, use_retrieval, **options)

@@ -25,9 +25,18 @@ class Backbone(nn.Module):
     """Base class of the segmentation backbones.
 
     Subclasses set ``name`` (the registry key) and ``size_multiple`` (the network's total
-    stride, which may depend on the options), pass their keyword options to ``super().__init__`` so :meth:`config` can rebuild
-    them, and implement :meth:`segment`. Subclasses that need the guides separately (e.g. as
-    a prompt) override :meth:`forward` instead.
+    stride, which may depend on the options), pass their keyword options to
+    ``super().__init__`` so :meth:`config` can rebuild them, and implement :meth:`segment`.
+    Subclasses that need the guides separately (e.g. as a prompt) override :meth:`forward`
+    instead.
+
+    Args:
+        num_classes: classes including background, 2..256.
+        use_retrieval: whether the input carries the guide image and mask.
+        **options: the subclass's keyword options, recorded for :meth:`config`.
+
+    Raises:
+        ModelError: ``num_classes`` is not a whole number in 2..256.
     """
 
     name: ClassVar[str]
@@ -50,6 +59,9 @@ class Backbone(nn.Module):
         """Refuse option values out of range (``options``: every keyword option, defaults filled).
 
         Runs before anything is built: from :class:`ModelConfig` and from the constructor.
+
+        Raises:
+            ModelError: a value out of range (nothing to check in this base class).
         """
 
     @classmethod
@@ -58,6 +70,13 @@ class Backbone(nn.Module):
 
         Empty here; e.g. SAM's encoder input side follows ``size`` instead of the 1024 of the
         published model.
+
+        Args:
+            size: the model's working image side in pixels.
+            options: the options the user gave.
+
+        Returns:
+            Option defaults to use; options given in ``options`` override them.
         """
         return {}
 
@@ -80,6 +99,18 @@ class Backbone(nn.Module):
         """Validate the inputs and concatenate them to ``(B, in_channels, H, W)``.
 
         Without retrieval the guides are ignored and the query is returned as is.
+
+        Args:
+            query: (B, 1, H, W) float tensor.
+            guide_image: (B, 1, H, W) float tensor (required with retrieval).
+            guide_mask: (B, num_classes, H, W) float tensor (required with retrieval).
+
+        Returns:
+            (B, in_channels, H, W) in ``query``'s dtype.
+
+        Raises:
+            ModelError: a missing guide with retrieval, or an input that is not a 4-D
+                floating-point tensor of the expected channels, batch size and H, W.
         """
         _check_tensor(query, "query", 1)
         if not self.use_retrieval:
@@ -111,6 +142,9 @@ class Backbone(nn.Module):
         ``(B, num_classes, H, W)``; both are required with retrieval and ignored without.
         Any H, W works: the input is zero-padded to a multiple of ``size_multiple`` and the
         logits are cropped back.
+
+        Raises:
+            ModelError: the inputs fail :meth:`stack_inputs`.
         """
         x = self.stack_inputs(query, guide_image, guide_mask)
         height, width = x.shape[-2:]
@@ -137,7 +171,10 @@ def _check_tensor(t: Tensor, label: str, channels: int | None) -> None:
 
 
 def check_int(value: Any, option: str, minimum: int = 1, maximum: int = 4096) -> int:
-    """Return ``value`` if it is an integer in ``[minimum, maximum]``; else :class:`ModelError`."""
+    """Return ``value`` if it is an integer in ``[minimum, maximum]``; else :class:`ModelError`.
+
+    ``option`` names the option in the message; a bool is not an integer here.
+    """
     return ranges.check_int(value, f"option '{option}'", minimum, maximum)
 
 

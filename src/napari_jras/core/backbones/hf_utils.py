@@ -43,6 +43,18 @@ def load_pretrained(model_cls: Any, source: str, **kwargs: Any) -> Any:
 
     ``source`` is a local folder (a path starting with ``/``, ``.`` or ``~`` must exist) or a hub
     id, which works offline only when it is already in the local hub cache.
+
+    Args:
+        model_cls: a ``transformers`` model class.
+        source: the folder or hub id.
+        **kwargs: passed on to ``from_pretrained``.
+
+    Returns:
+        The loaded model.
+
+    Raises:
+        ModelError: ``source`` is empty or not text, the folder is missing, or loading fails
+            (offline, not a ``transformers`` model); the message says how to get the weights.
     """
     if not isinstance(source, str) or not source:
         raise ModelError(f"option 'pretrained' must be a folder or hub id, got {source!r}")
@@ -75,7 +87,19 @@ def _strip(record: dict[str, Any]) -> dict[str, Any]:
 
 def check_source(variant: str | None, pretrained: str | None,
                  hf_config: dict[str, Any] | None, variants: tuple[str, ...]) -> None:
-    """Refuse contradictory architecture sources (``variant`` with ``pretrained``/``hf_config``)."""
+    """Refuse contradictory architecture sources (``variant`` with ``pretrained``/``hf_config``).
+
+    Args:
+        variant: a named architecture, or None.
+        pretrained: a folder or hub id, or None.
+        hf_config: a recorded architecture (:func:`architecture_record`), or None.
+        variants: the valid variant names.
+
+    Raises:
+        ModelError: an unknown variant, a variant given with another source, an ``hf_config``
+            that is not a dict, or one with integers outside [-1, 16384] or lists longer than
+            64 entries.
+    """
     if variant is not None and variant not in variants:
         raise ModelError(f"option 'variant' must be one of {', '.join(variants)}; got {variant!r}")
     if variant is not None and (pretrained or hf_config is not None):
@@ -112,6 +136,12 @@ def grey_adapter(in_channels: int) -> nn.Conv2d:
 
     Initialised so that the query alone maps to the ImageNet-normalised RGB image (R = G = B =
     query); the other channels start with small random weights, so gradients reach them at once.
+
+    Args:
+        in_channels: grey input channels (the query first).
+
+    Returns:
+        A new ``Conv2d(in_channels, 3, 1)``.
     """
     conv = nn.Conv2d(in_channels, 3, 1)
     mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
@@ -131,6 +161,18 @@ def expand_rgb_stem(conv: nn.Conv2d, in_channels: int, image_channels: int) -> n
     grey RGB image, up to the zero padding at the border); the guide image gets the same filter
     scaled by :data:`GUIDE_IMAGE_SCALE`; new channels start at ``NEW_CHANNEL_SCALE`` times the
     pretrained weights' standard deviation.
+
+    Args:
+        conv: the pretrained stem convolution, with 3 input channels.
+        in_channels: input channels of the new convolution.
+        image_channels: 1 (query only) or 2 (query and guide image).
+
+    Returns:
+        A new convolution with ``conv``'s output channels, kernel, stride and padding, a
+        bias, on ``conv``'s device and dtype.
+
+    Raises:
+        ModelError: ``conv`` does not take 3 input channels.
     """
     weight = conv.weight.detach()
     if weight.shape[1] != 3:

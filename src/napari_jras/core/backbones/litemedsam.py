@@ -56,6 +56,19 @@ class LiteMedSAMBackbone(Backbone):
     Options: ``pretrained`` (``litemedsam``, the only choice), ``train_image_encoder``
     (``none``, ``last_stage`` or ``all``; default ``none``) and ``checkpoint_sha256`` (filled
     in when the released weights are loaded; given, the weights are not read).
+
+    Args:
+        num_classes: classes including background (one decoder pass per foreground class).
+        use_retrieval: guide masks as prompts and a guide-image adapter (True), or the fixed
+            baseline prompts (False).
+        pretrained: ``litemedsam``.
+        train_image_encoder: ``none``, ``last_stage`` or ``all``.
+        checkpoint_sha256: None for a new model (the released weights are read and their
+            hash recorded); a string for a saved run (random weights, the run's follow).
+
+    Raises:
+        ModelError: an invalid option, or (new model) LiteMedSAM weights missing or not the
+            released file.
     """
 
     name = "litemedsam"
@@ -118,7 +131,20 @@ class LiteMedSAMBackbone(Backbone):
 
     def forward(self, query: Tensor, guide_image: Tensor | None = None,
                 guide_mask: Tensor | None = None) -> Tensor:
-        """Logits ``(B, num_classes, H, W)``; see the module docstring for the prompts."""
+        """Logits ``(B, num_classes, H, W)``; see the module docstring for the prompts.
+
+        Args:
+            query: (B, 1, H, W) float images in [0, 1], any H, W.
+            guide_image: (B, 1, H, W) guide image (required with retrieval).
+            guide_mask: (B, num_classes, H, W) soft one-hot guide mask (required with
+                retrieval).
+
+        Returns:
+            Logits (B, num_classes, H, W), the background's 0.
+
+        Raises:
+            ModelError: the inputs fail :meth:`stack_inputs`.
+        """
         self.stack_inputs(query, guide_image, guide_mask)  # validates; guides unused in baseline
         batch, _, height, width = query.shape
         per_class = self.num_classes - 1

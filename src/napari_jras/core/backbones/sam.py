@@ -92,6 +92,11 @@ class SAM(Backbone):
     embeddings), ``freeze_image_encoder`` (keep the encoder's weights fixed; the adapter,
     prompt encoder, decoder and class tokens still train) and ``hf_config`` (filled in from
     ``pretrained``; rebuilds the architecture without it).
+
+    Raises:
+        ModelError: an invalid option, an ``image_size`` that is not a multiple of the patch
+            size, ``pretrained`` weights that cannot be loaded or adapted to ``image_size``,
+            or ``pretrained="litemedsam"`` (the ``litemedsam`` backbone).
     """
 
     name = "sam"
@@ -133,7 +138,11 @@ class SAM(Backbone):
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:
-        """Architecture source, ``image_size`` 16..2048, ``freeze_image_encoder`` a bool."""
+        """Architecture source, ``image_size`` 16..2048, ``freeze_image_encoder`` a bool.
+
+        Raises:
+            ModelError: one of them is invalid (:func:`~.hf_utils.check_source`).
+        """
         check_source(options["variant"], options["pretrained"], options["hf_config"],
                      tuple(VARIANTS))
         if options["image_size"] is not None:
@@ -148,6 +157,14 @@ class SAM(Backbone):
 
         The variants' 1024 (ViT-B) would upsample a 128-pixel task 64-fold and need tens of GiB
         to train; a checkpoint (``pretrained``, ``hf_config``) keeps its own size.
+
+        Args:
+            size: the model's working image side in pixels.
+            options: the options the user gave.
+
+        Returns:
+            ``{"image_size": ...}`` for a variant without an explicit ``image_size``, else
+            ``{}``.
         """
         variant = options.get("variant") or DEFAULT_VARIANT
         if (options.get("image_size") is not None or options.get("pretrained")
@@ -168,7 +185,20 @@ class SAM(Backbone):
 
     def forward(self, query: Tensor, guide_image: Tensor | None = None,
                 guide_mask: Tensor | None = None) -> Tensor:
-        """Logits ``(B, num_classes, H, W)``; see the module docstring for the prompts."""
+        """Logits ``(B, num_classes, H, W)``; see the module docstring for the prompts.
+
+        Args:
+            query: (B, 1, H, W) float images in [0, 1], any H, W.
+            guide_image: (B, 1, H, W) guide image (required with retrieval).
+            guide_mask: (B, num_classes, H, W) soft one-hot guide mask (required with
+                retrieval).
+
+        Returns:
+            Logits (B, num_classes, H, W), the background's 0.
+
+        Raises:
+            ModelError: the inputs fail :meth:`stack_inputs`.
+        """
         self.stack_inputs(query, guide_image, guide_mask)  # validates; guides unused in baseline
         batch, _, height, width = query.shape
         images = torch.cat([query, guide_image.to(query.dtype)], 1) if self.use_retrieval else query
@@ -202,7 +232,20 @@ def guide_prompts(guide_mask: Tensor | None, count: int, box_size: int, mask_siz
     """SAM prompts of soft guide masks ``(B, C, H, W)``: one per foreground class (``count`` =
     B x (C - 1)), boxes ``(count, 4)`` in a ``box_size`` square and mask-prompt logits
     ``(count, 1, mask_size, mask_size)``; the baseline (no guide) gets whole-image boxes and no
-    mask prompt."""
+    mask prompt.
+
+    Args:
+        guide_mask: (B, C, H, W) soft one-hot guide masks, or None for the baseline.
+        count: number of prompts, B x (C - 1).
+        box_size: side of the square the boxes are given in (the encoder input).
+        mask_size: side of the mask prompt (4x the embedding grid).
+        device: where the baseline's boxes are made.
+
+    Returns:
+        Boxes (count, 4) as (x1, y1, x2, y2) around each class's > 0.5 region (the whole
+        square when it is empty; not differentiable), and the mask-prompt logits, guide
+        probability p mapped to 10 (2p - 1), or None for the baseline.
+    """
     if guide_mask is None:
         whole = torch.tensor([0.0, 0.0, box_size - 1.0, box_size - 1.0], device=device)
         return whole.expand(count, 4), None
@@ -215,7 +258,18 @@ def guide_prompts(guide_mask: Tensor | None, count: int, box_size: int, mask_siz
 
 def class_logits(low_res: Tensor, batch: int, per_class: int, size: tuple[int, int]) -> Tensor:
     """Per-class mask logits ``(B x per_class, 1, h, w)`` as ``(B, 1 + per_class, *size)``
-    logits, the background's fixed at 0."""
+    logits, the background's fixed at 0.
+
+    Args:
+        low_res: (B x per_class, 1, h, w) foreground logits; row b x per_class + c holds
+            class c + 1 of image b.
+        batch: B.
+        per_class: number of foreground classes.
+        size: (H, W) the logits are upsampled to (bilinear).
+
+    Returns:
+        (B, 1 + per_class, H, W) logits.
+    """
     foreground = low_res.reshape(batch, per_class, *low_res.shape[-2:])
     logits = torch.cat([foreground.new_zeros(batch, 1, *foreground.shape[-2:]), foreground], 1)
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
@@ -225,6 +279,14 @@ def mask_boxes(masks: Tensor, size: int) -> Tensor:
     """Boxes ``(N, 4)`` as (x1, y1, x2, y2) of boolean masks ``(N, H, W)`` in a ``size`` square.
 
     An empty mask gets the whole square.
+
+    Args:
+        masks: (N, H, W) bool masks.
+        size: side of the square the boxes are scaled to.
+
+    Returns:
+        (N, 4) float boxes; a pixel's full extent is covered, so a mask touching every border
+        gives (0, 0, size - 1, size - 1).
     """
     _, height, width = masks.shape
     rows, cols = masks.any(dim=2), masks.any(dim=1)

@@ -66,7 +66,16 @@ class PromptEncoder(nn.Module):
 
     def forward(self, boxes: Tensor, masks: Tensor | None) -> tuple[Tensor, Tensor]:
         """Boxes ``(N, 4)`` (x1, y1, x2, y2 in input pixels) and mask logits ``(N, 1, 4h, 4w)``
-        or None (SAM's "no mask" embedding) -> sparse ``(N, 2, C)``, dense ``(N, C, h, w)``."""
+        or None (SAM's "no mask" embedding) -> sparse ``(N, 2, C)``, dense ``(N, C, h, w)``.
+
+        Args:
+            boxes: (N, 4) boxes in pixels of the ``input_size`` square.
+            masks: (N, 1, 4h, 4w) mask-prompt logits, or None.
+
+        Returns:
+            The sparse embeddings (N, 2, C) of the two box corners and the dense embeddings
+            (N, C, h, w) of the mask prompt.
+        """
         corners = (boxes.reshape(-1, 2, 2) + 0.5) / self.input_size
         sparse = self.pe_layer.encode(corners)
         sparse = sparse + torch.cat([self.point_embeddings[2].weight,
@@ -134,7 +143,17 @@ class TwoWayAttentionBlock(nn.Module):
 
     def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor,
                 key_pe: Tensor) -> tuple[Tensor, Tensor]:
-        """Update the tokens (queries) and the image embedding (keys)."""
+        """Update the tokens (queries) and the image embedding (keys).
+
+        Args:
+            queries: (B, N, C) tokens.
+            keys: (B, h*w, C) image tokens.
+            query_pe: (B, N, C) the tokens as first given (their positional part).
+            key_pe: (B, h*w, C) positional encoding of the image tokens.
+
+        Returns:
+            The updated queries (B, N, C) and keys (B, h*w, C).
+        """
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:

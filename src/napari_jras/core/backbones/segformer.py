@@ -55,6 +55,9 @@ class SegFormer(Backbone):
     Options: ``variant`` (tiny, b0, b1, b2; default b0 without ``pretrained``), ``pretrained``
     (hub id such as ``nvidia/mit-b2`` or a local folder), ``stem`` (expand or adapter) and
     ``hf_config`` (filled in from ``pretrained``; rebuilds the architecture without it).
+
+    Raises:
+        ModelError: an invalid option, or ``pretrained`` weights that cannot be loaded.
     """
 
     name = "segformer"
@@ -97,5 +100,6 @@ class SegFormer(Backbone):
                      tuple(VARIANTS))
 
     def segment(self, x: Tensor) -> Tensor:
+        """Logits ``(B, num_classes, H, W)``: the decode head's 1/4-scale logits upsampled."""
         logits = self.model(pixel_values=self.adapter(x)).logits
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)

@@ -251,6 +251,16 @@ class TinyViT(nn.Module):
 
         ``stages`` runs part of the encoder: ``slice(None, 3)`` gives the tokens after the
         third stage, which ``slice(3, None)`` (the last stage and the neck) takes as input.
+
+        Args:
+            x: (B, 3, S, S) image with S = ``img_size`` (the stages are built for it), or
+                tokens from an earlier partial run when ``stages`` does not start at 0.
+            stages: which of the four stages to run; the patch embedding runs with stage 0
+                and the neck after the last stage.
+
+        Returns:
+            The embedding (B, out_channels, S/4, S/4) when the last stage runs, else tokens
+            (B, h*w, C) of the last stage run.
         """
         start, stop, _ = stages.indices(len(self.layers) + 1)
         if start == 0:

@@ -45,6 +45,7 @@ class TransformerBottleneck(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, channels, h, w) -> (B, channels, h, w); the positional grid is interpolated."""
         batch, _, height, width = x.shape
         pos = self.pos_embed
         if pos.shape[-2:] != (height, width):
@@ -60,6 +61,22 @@ class TransUNet(Backbone):
 
     ``img_size`` is the input size the positional embedding grid is laid out for
     (``img_size // 16`` per side); other sizes interpolate it.
+
+    Args:
+        num_classes: classes including background.
+        use_retrieval: whether the input carries the guide image and mask channels.
+        base_channels: channels at full resolution; ``base_channels * 2**level`` at level
+            0..4 (base_channels * 16 at most 2048).
+        hidden_size: transformer width, divisible by ``num_heads``.
+        num_layers: transformer layers.
+        num_heads: attention heads.
+        mlp_ratio: transformer MLP width as a multiple of ``hidden_size``, in (0, 16].
+        img_size: input side the positional grid is laid out for.
+        norm: ``group``, ``instance`` or ``batch``.
+        dropout: transformer dropout in [0, 1).
+
+    Raises:
+        ModelError: an option out of range (:meth:`check_options`).
     """
 
     name = "transunet"
@@ -84,7 +101,11 @@ class TransUNet(Backbone):
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:
-        """Ranges of the options (docs/cli.md, "Configuration reference")."""
+        """Ranges of the options (docs/cli.md, "Configuration reference").
+
+        Raises:
+            ModelError: an option out of range or of the wrong type.
+        """
         check_int(options["base_channels"], "base_channels", 1, MAX_CHANNELS)
         check_widest(options["base_channels"] * STRIDE, "base_channels * 16")
         check_int(options["hidden_size"], "hidden_size", 1, 2048)
@@ -103,6 +124,13 @@ class TransUNet(Backbone):
         """Encoder feature maps, finest first; the deepest through the transformer.
 
         With ``upto`` only levels 0..``upto`` are computed (no transformer unless it is the last).
+
+        Args:
+            x: (B, in_channels, H, W) stacked inputs, H and W multiples of 16.
+            upto: last level to compute (0..4), or None for all.
+
+        Returns:
+            Feature maps; level l is (B, base_channels * 2**l, H / 2**l, W / 2**l).
         """
         features = self.encoder(x, upto)
         if upto is None or upto >= len(self.feature_channels) - 1:
@@ -110,8 +138,9 @@ class TransUNet(Backbone):
         return features
 
     def decode(self, features: list[Tensor]) -> Tensor:
-        """Logits from the encoder's feature maps."""
+        """Logits (B, num_classes, H, W) from all five encoder feature maps."""
         return self.head(self.decoder(features))
 
     def segment(self, x: Tensor) -> Tensor:
+        """Logits (B, num_classes, H, W): :meth:`encode`, then :meth:`decode`."""
         return self.decode(self.encode(x))

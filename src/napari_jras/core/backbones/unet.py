@@ -31,7 +31,16 @@ def check_widest(channels: int, what: str) -> None:
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
-    """Normalisation layer ``kind`` ("group" uses up to 8 groups) for ``channels`` channels."""
+    """Normalisation layer ``kind`` ("group" uses up to 8 groups) for ``channels`` channels.
+
+    Args:
+        kind: ``group`` (``gcd(channels, 8)`` groups), ``instance`` (affine) or anything else
+            for batch norm.
+        channels: channels to normalise.
+
+    Returns:
+        A new normalisation module.
+    """
     if kind == "group":
         return nn.GroupNorm(math.gcd(channels, 8), channels)
     if kind == "instance":
@@ -70,6 +79,7 @@ class UpBlock(nn.Module):
         self.conv = ConvBlock(out_channels + skip_channels, out_channels, norm, dropout)
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        """Coarse features (B, in, h, w) and skip features (B, skip, 2h, 2w) -> (B, out, 2h, 2w)."""
         return self.conv(torch.cat([self.up(x), skip], dim=1))
 
 
@@ -103,6 +113,7 @@ class ConvDecoder(nn.Module):
         )
 
     def forward(self, features: list[Tensor]) -> Tensor:
+        """Encoder feature maps (finest first, all levels) -> (B, channels[0], H, W)."""
         x = features[-1]
         for up, skip in zip(self.ups, reversed(features[:-1]), strict=True):
             x = up(x, skip)
@@ -111,7 +122,22 @@ class ConvDecoder(nn.Module):
 
 @register_backbone
 class UNet(Backbone):
-    """U-Net with ``depth`` downsamplings; channels ``base_channels * 2**level``."""
+    """U-Net with ``depth`` downsamplings; channels ``base_channels * 2**level``.
+
+    Args:
+        num_classes: classes including background.
+        use_retrieval: whether the input carries the guide image and mask channels.
+        base_channels: channels at full resolution, 1..2048.
+        depth: number of downsamplings, 1..6 (inputs are padded to multiples of 2**depth);
+            ``base_channels * 2**depth`` at most 2048.
+        norm: ``group``, ``instance`` or ``batch``.
+        upsample: ``bilinear`` (then a 1x1 convolution) or ``transpose`` (transposed
+            convolution).
+        dropout: channel dropout inside every conv block, in [0, 1).
+
+    Raises:
+        ModelError: an option out of range (:meth:`check_options`).
+    """
 
     name = "unet"
 
@@ -131,7 +157,11 @@ class UNet(Backbone):
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:
-        """``base_channels`` 1..2048, ``depth`` 1..6, widest map <= 2048 channels, ..."""
+        """``base_channels`` 1..2048, ``depth`` 1..6, widest map <= 2048 channels, ...
+
+        Raises:
+            ModelError: an option out of range or of the wrong type.
+        """
         check_int(options["base_channels"], "base_channels", 1, MAX_CHANNELS)
         check_int(options["depth"], "depth", 1, MAX_DEPTH)
         check_widest(options["base_channels"] * 2 ** options["depth"], "base_channels * 2**depth")
@@ -140,12 +170,21 @@ class UNet(Backbone):
         check_fraction(options["dropout"], "dropout")
 
     def encode(self, x: Tensor, upto: int | None = None) -> list[Tensor]:
-        """Encoder feature maps, finest first (levels 0..``upto`` if given)."""
+        """Encoder feature maps, finest first (levels 0..``upto`` if given).
+
+        Args:
+            x: (B, in_channels, H, W) stacked inputs, H and W multiples of 2**depth.
+            upto: last level to compute (0..depth), or None for all.
+
+        Returns:
+            Feature maps; level l is (B, base_channels * 2**l, H / 2**l, W / 2**l).
+        """
         return self.encoder(x, upto)
 
     def decode(self, features: list[Tensor]) -> Tensor:
-        """Logits from the encoder's feature maps."""
+        """Logits (B, num_classes, H, W) from all ``depth + 1`` encoder feature maps."""
         return self.head(self.decoder(features))
 
     def segment(self, x: Tensor) -> Tensor:
+        """Logits (B, num_classes, H, W): :meth:`encode`, then :meth:`decode`."""
         return self.decode(self.encode(x))
