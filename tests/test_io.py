@@ -113,6 +113,13 @@ def test_write_volume_creates_parent_folders(tmp_path):
     assert out.exists()
 
 
+def test_write_volume_under_a_file_is_a_data_error(tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    with pytest.raises(DataError, match="Cannot create the folder"):
+        write_volume(tmp_path / "taken" / "sub" / "c.tif", _volume())
+    assert (tmp_path / "taken").read_text() == "a file, not a folder"
+
+
 # Regressions: spacing, dtypes and small volumes must round-trip through TIFF and NIfTI.
 def test_roundtrip_2d_tiff_spacing(tmp_path):
     back = read_volume(write_volume(tmp_path / "a.tif", _volume((7, 9)), (0.5, 0.5)))

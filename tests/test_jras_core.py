@@ -68,6 +68,19 @@ def test_fusion_rejects_bad_k_and_empty_bank():
         soft_topk_guide(q, torch.randn(3, 4), torch.rand(3, 8, 8), torch.zeros(3, 8, 8, dtype=torch.long), 2, k=9)
     with pytest.raises(ModelError, match="empty"):
         soft_topk_guide(q, torch.zeros(0, 4), torch.rand(0, 8, 8), torch.zeros(0, 8, 8, dtype=torch.long), 2, k=2)
+    with pytest.raises(ModelError, match="needs the query images"):
+        soft_topk_guide(q, torch.randn(3, 4), torch.rand(3, 8, 8),
+                        torch.zeros(3, 8, 8, dtype=torch.long), 2, k=2, max_shift=2)
+
+
+def test_embed_images_restores_training_mode_when_embedding_fails():
+    from napari_jras.core.retrieval import embed_images
+
+    retriever = Retriever(encoder="cnn", embed_dim=8, width=4, input_size=16)
+    retriever.train()
+    with pytest.raises(ModelError):
+        embed_images(retriever, torch.rand(2, 3, 5, 16, 16))  # 5-D: the encoder refuses it
+    assert retriever.training
 
 
 def _blob_pair(shift, size=32):

@@ -72,7 +72,7 @@ def empty_guide(batch: int, size: tuple[int, int], num_classes: int,
         batch: number of queries B.
         size: (H, W) of the queries.
         num_classes: number of classes C including background.
-        device: where the tensors are made (``indices`` stays on the CPU).
+        device: where the tensors are made.
 
     Returns:
         A guide with one empty slot per query: zero ``image`` (B, 1, H, W), ``mask``
@@ -82,7 +82,7 @@ def empty_guide(batch: int, size: tuple[int, int], num_classes: int,
     none = torch.full((batch, 1), -torch.inf, device=device)
     return Guide(zeros, torch.zeros((batch, num_classes, *size), device=device),
                  torch.zeros((batch, 1), device=device), none,
-                 torch.zeros((batch, 1), dtype=torch.long), zeros, zeros.long(),
+                 torch.zeros((batch, 1), dtype=torch.long, device=device), zeros, zeros.long(),
                  torch.zeros((batch, 1), dtype=torch.bool, device=device))
 
 
@@ -259,6 +259,8 @@ def soft_topk_guide(query_emb: torch.Tensor, bank_emb: torch.Tensor, bank_images
             are all excluded, or a mask class >= ``num_classes``.
     """
     check_k_tau(k, tau)
+    if max_shift > 0 and query is None:
+        raise ModelError("Aligning exemplars (max_shift > 0) needs the query images")
     if bank_emb.shape[0] == 0:
         raise ModelError("The exemplar bank is empty: add annotated exemplars first")
     sim = query_emb @ bank_emb.detach().t()

@@ -244,7 +244,10 @@ def write_volume(path: str | Path, data: np.ndarray, spacing: tuple[float, ...] 
     data = np.asarray(data)
     if data.ndim not in (2, 3):
         raise DataError(f"Can only write 2-D or 3-D arrays, got shape {data.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"Cannot create the folder of {path}: {exc.strerror or exc}") from exc
     tmp = path.with_name(f".{stem}.partial{ext}")
     try:
         if ext in (".tif", ".tiff"):

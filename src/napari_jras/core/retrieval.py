@@ -379,7 +379,9 @@ def embed_images(retriever: Retriever, images: torch.Tensor, batch_size: int = 6
     was_training = retriever.training
     retriever.eval()
     fn = retriever.features if features else retriever
-    out = [fn(images[i:i + batch_size].to(device, torch.float32)).cpu()
-           for i in range(0, images.shape[0], batch_size)]
-    retriever.train(was_training)
+    try:
+        out = [fn(images[i:i + batch_size].to(device, torch.float32)).cpu()
+               for i in range(0, images.shape[0], batch_size)]
+    finally:  # a failed embedding leaves the retriever in the mode it had
+        retriever.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, retriever.embed_dim)

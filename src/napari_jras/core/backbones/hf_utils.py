@@ -180,10 +180,10 @@ def expand_rgb_stem(conv: nn.Conv2d, in_channels: int, image_channels: int) -> n
                          "(RGB); use stem='adapter'")
     new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     bias=True).to(weight.device, weight.dtype)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=weight.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=weight.dtype).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=weight.dtype, device=weight.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=weight.dtype, device=weight.device).view(1, 3, 1, 1)
     grey = (weight / std).sum(dim=1)
-    bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
+    bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(conv.out_channels)
     with torch.no_grad():
         nn.init.normal_(new.weight, std=NEW_CHANNEL_SCALE * float(weight.std()))
         new.weight[:, 0] = grey
