@@ -23,6 +23,7 @@ import io
 import re
 import uuid
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -179,7 +180,7 @@ class PixelStore:
         try:
             with np.load(io.BytesIO(blob)) as data:
                 image, mask = data["image"], data["mask"]
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
             raise BankError(f"The pixels of exemplar {exemplar_id} are damaged ({where}): "
                             "restore the file or remove the exemplar") from exc
         side = (self._size, self._size)
