@@ -57,6 +57,18 @@ def add_cases(bank_dir: str | Path, model_dir: str | Path, data: str | Path,
 
     The bank is created when ``bank_dir`` holds none; if adding fails, a bank created here is
     removed again, so a failed command leaves nothing behind.
+
+    Args:
+        bank_dir: an existing bank, or a new or empty folder for one (at the model's size,
+            classes and embedding size).
+        model_dir: a J-RAS run folder whose retriever embeds the exemplars.
+        data: labelled cases (a folder, or one image file with its label).
+        origin: the exemplars' origin (``import``, ``training`` or ``correction``).
+        device: where to embed.
+        patient_regex: how to find the patient id in a case name (default: the built-in rule).
+
+    Returns:
+        The open bank (the caller closes it) and the new exemplars' ids.
     """
     model = load_model(model_dir)
     if model.retriever is None:
@@ -101,6 +113,11 @@ def write_key(path: Path, patients: dict[str, str], bank_dir: Path | None = None
 
     An existing file is never replaced (it may be the only key of an earlier anonymisation),
     and a key inside the bank folder ``bank_dir`` is refused (it would travel with the bank).
+
+    Args:
+        path: the new key file.
+        patients: {patient id: pseudonym}.
+        bank_dir: the bank folder the key must stay out of.
     """
     path = Path(path)
     if path.exists() or path.is_symlink():
@@ -123,6 +140,14 @@ def anonymise(bank: ExemplarBank, prefix: str = "patient",
 
     When the key cannot be written (its folder is a file, disk full, file exists, inside the
     bank) nothing in the bank changes.
+
+    Args:
+        bank: an open, writable bank.
+        prefix: pseudonyms are ``<prefix>-0001``, ...
+        key: a new CSV file for the ``patient_id,pseudonym`` key (None: no key is kept).
+
+    Returns:
+        The key, {old patient id: pseudonym}.
     """
     if key is None:
         return bank.pseudonymise(prefix)

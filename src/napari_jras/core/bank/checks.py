@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import operator
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import numpy as np
 from ..data import resize_images, resize_labels
 from ..errors import BankError
 from ..io import patient_of
+from .schema import id_list
 
 ORIGINS = ("training", "correction", "import")
 PROVENANCE_KEYS = ("case_id", "patient_id", "slice_index", "source", "origin", "author", "created")
@@ -160,6 +161,47 @@ def check_embeddings(embeddings: np.ndarray, n: int, embed_dim: int) -> np.ndarr
     if vecs.dtype.kind not in "biuf" or not np.isfinite(vecs).all():
         raise BankError("Embeddings must be finite numbers (found NaN, infinity or non-numbers)")
     return np.ascontiguousarray(vecs, dtype=np.float32)
+
+
+def embedding_blobs(embeddings: np.ndarray | None, retriever_version: str | None, n: int,
+                    embed_dim: int) -> list[bytes | None]:
+    """The database blobs of the embeddings of ``n`` new exemplars.
+
+    Args:
+        embeddings: (n, embed_dim) finite numbers, or None (exemplars without embeddings).
+        retriever_version: the version that made ``embeddings`` (required with them only).
+        n: the number of new exemplars.
+        embed_dim: the bank's embedding length.
+
+    Returns:
+        One float32 blob per exemplar, or ``n`` Nones without embeddings.
+    """
+    if embeddings is None:
+        if retriever_version is not None:
+            raise BankError("retriever_version was given without embeddings")
+        return [None] * n
+    blobs = [v.tobytes() for v in check_embeddings(embeddings, n, embed_dim)]
+    if not isinstance(retriever_version, str) or not retriever_version:
+        raise BankError("Embeddings need the retriever_version that made them")
+    check_version_name(retriever_version)
+    return blobs
+
+
+def check_replacement(ids: Iterable[int], embeddings: np.ndarray, retriever_version: str,
+                      embed_dim: int) -> tuple[list[int], np.ndarray]:
+    """Validate new embeddings for every exemplar (``ExemplarBank.set_embeddings``).
+
+    Returns:
+        ``ids`` as a list and the embeddings as contiguous float32 (len(ids), embed_dim).
+    """
+    if not isinstance(retriever_version, str) or not retriever_version:
+        raise BankError("set_embeddings needs the retriever_version that made the embeddings")
+    check_version_name(retriever_version)
+    ids = id_list(ids)
+    vecs = check_embeddings(embeddings, len(ids), embed_dim)
+    if len(set(ids)) != len(ids):
+        raise BankError("set_embeddings got the same exemplar id twice")
+    return ids, vecs
 
 
 def check_version_name(version: str) -> None:

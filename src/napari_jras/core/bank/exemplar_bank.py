@@ -1,7 +1,4 @@
-""":class:`ExemplarBank`: the bank's public interface, composing the database (:mod:`.schema`),
-the pixel store (:mod:`.pixels`), the search index (:mod:`.index_sync`), the checks of what
-goes in and out (:mod:`.checks`), searching (:mod:`.search`), packing (:mod:`.pack`) and
-pseudonymisation (:mod:`.pseudonyms`)."""
+""":class:`ExemplarBank`, the bank's interface; it composes the other modules of the package."""
 
 from __future__ import annotations
 
@@ -181,15 +178,7 @@ class ExemplarBank:
         """
         images, masks = checks.check_pixels(images, masks, self.size, self.num_classes)
         rows = checks.check_provenance(provenance, len(images))
-        blobs = [None] * len(images)
-        if embeddings is not None:
-            blobs = [v.tobytes() for v in checks.check_embeddings(embeddings, len(images),
-                                                                   self.embed_dim)]
-            if not isinstance(retriever_version, str) or not retriever_version:
-                raise BankError("Embeddings need the retriever_version that made them")
-            checks.check_version_name(retriever_version)
-        elif retriever_version is not None:
-            raise BankError("retriever_version was given without embeddings")
+        blobs = checks.embedding_blobs(embeddings, retriever_version, len(images), self.embed_dim)
         if not rows:
             return []
         version = retriever_version if embeddings is not None else None
@@ -213,7 +202,7 @@ class ExemplarBank:
     @_locked
     def remove(self, ids: Iterable[int]) -> None:
         """Delete exemplars (rows, pixels and embeddings); unknown ids raise :class:`BankError`."""
-        embedded = self._fetch(ids, "embedding IS NOT NULL")
+        embedded = fetch(self._db, self._path, ids, "embedding IS NOT NULL")
         with self._transaction() as db:
             db.executemany("DELETE FROM exemplars WHERE id = ?", [(i,) for i in embedded])
             forget_packed(db, list(embedded))
@@ -231,7 +220,7 @@ class ExemplarBank:
             return [record(r) for r in self._db.execute(
                 f"SELECT {RECORD_COLUMNS} FROM exemplars ORDER BY id")]
         ids = id_list(ids)
-        rows = self._fetch(ids, RECORD_COLUMNS)
+        rows = fetch(self._db, self._path, ids, RECORD_COLUMNS)
         return [record(rows[i]) for i in ids]
 
     @_locked
@@ -274,13 +263,7 @@ class ExemplarBank:
     def set_embeddings(self, ids: Iterable[int], embeddings: np.ndarray,
                        retriever_version: str) -> None:
         """Replace every exemplar's embedding at once (after re-embedding the whole bank)."""
-        if not isinstance(retriever_version, str) or not retriever_version:
-            raise BankError("set_embeddings needs the retriever_version that made the embeddings")
-        checks.check_version_name(retriever_version)
-        ids = id_list(ids)
-        vecs = checks.check_embeddings(embeddings, len(ids), self.embed_dim)
-        if len(set(ids)) != len(ids):
-            raise BankError("set_embeddings got the same exemplar id twice")
+        ids, vecs = checks.check_replacement(ids, embeddings, retriever_version, self.embed_dim)
         with self._transaction() as db:
             stored = {r[0] for r in db.execute("SELECT id FROM exemplars")}
             if stored != set(ids):
@@ -360,23 +343,17 @@ class ExemplarBank:
         if queries.ndim != 2 or queries.shape[1] != self.embed_dim:
             raise BankError(f"Query embeddings must have shape (Q, {self.embed_dim}), got "
                             f"{queries.shape}: the retriever does not match this bank")
-        with snapshot(self._db):  # index, rows and counts from one state of the bank
-            rebuilt = self._sync.refresh(self._db)
-            hits = self._search(queries, k, retriever_version, exclude_patients, exclude_ids)
+        with snapshot(self._db) as db:  # index, rows and counts from one state of the bank
+            rebuilt = self._sync.refresh(db)
+            total, embedded = db.execute(
+                "SELECT COUNT(*), COUNT(embedding) FROM exemplars").fetchone()
+            checks.check_search_ready(total, embedded, self._sync.damaged, self._path)
+            checks.check_query_version(self._versions(), retriever_version)
+            exclude = exclusions(db, len(queries), exclude_patients, exclude_ids)
+            found = hits(db, self._path, self._sync.index, queries, k, exclude)
         if rebuilt:
             self._try_save_index()
-        return hits
-
-    def _search(self, queries: np.ndarray, k: int, retriever_version: str,
-                exclude_patients: Sequence[str | None] | None,
-                exclude_ids: Sequence[Iterable[int]] | None) -> list[list[Hit]]:
-        """:meth:`search` inside a snapshot whose embeddings the cached index reflects."""
-        total, embedded = self._db.execute(
-            "SELECT COUNT(*), COUNT(embedding) FROM exemplars").fetchone()
-        checks.check_search_ready(total, embedded, self._sync.damaged, self._path)
-        checks.check_query_version(self._versions(), retriever_version)
-        exclude = exclusions(self._db, len(queries), exclude_patients, exclude_ids)
-        return hits(self._db, self._path, self._sync.index, queries, k, exclude)
+        return found
 
     # --- internals ------------------------------------------------------------------------
     def _check_writable(self, action: str) -> None:
@@ -395,15 +372,11 @@ class ExemplarBank:
             "SELECT DISTINCT retriever_version FROM exemplars "
             "WHERE retriever_version IS NOT NULL ORDER BY 1")], self._path)
 
-    def _fetch(self, ids: Iterable[int], columns: str) -> dict[int, tuple]:
-        """Rows of ``ids`` keyed by id, in the given order; unknown ids raise."""
-        return fetch(self._db, self._path, ids, columns)
-
     def _read_pixels(self, ids: Iterable[int]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Checked (image, mask) of each id; unknown ids raise."""
         ids = id_list(ids)
         with nullcontext() if self._db.in_transaction else snapshot(self._db):
-            self._fetch(ids, "id")
+            fetch(self._db, self._path, ids, "id")
             pack = pack_name(self._db)
             return self._pixels.read(ids, packed_spans(self._db, self._path, ids, pack), pack)
 
