@@ -65,11 +65,22 @@ def test_pack_keeps_the_content_and_replaces_the_files(tmp_path):
     assert (path / "index.faiss").read_bytes() == index_before  # embeddings were not touched
 
 
+def _dump(path: Path) -> list[str]:
+    db = sqlite3.connect(path / "bank.sqlite")
+    try:
+        return list(db.iterdump())
+    finally:
+        db.close()
+
+
 def test_a_per_file_bank_opens_unchanged(tmp_path):
     path, ids = _filled(tmp_path)
     files = sorted(p.name for p in (path / "pixels").iterdir())
+    database = _dump(path)
     with ExemplarBank.open(path) as b:
         b.load_all()
+        b.search(unit(6), 2, "v1")
+    assert _dump(path) == database  # no pack table, same metadata: older versions still read it
     assert _meta(path, "format_version") == "1" and _meta(path, "pixel_pack") is None
     assert sorted(p.name for p in (path / "pixels").iterdir()) == files == \
         sorted(f"{i}.npz" for i in ids)
