@@ -249,3 +249,20 @@ def test_builtin_bank_ships_packed_with_its_content(tmp_path):
                "embeddings": sha(b.embeddings()[1].tobytes()),
                "records": sha(json.dumps(b.records(), sort_keys=True).encode())}
     assert len(ids) == 371 and got == BUILTIN_SHA256
+
+
+def test_bank_tools_return_data_and_print_nothing(tmp_path, capsys):
+    from napari_jras.core import bank_tools
+
+    path, ids = _filled(tmp_path)
+    with sqlite3.connect(path / "bank.sqlite") as db:
+        db.execute("UPDATE exemplars SET embedding = ? WHERE id = ?", (b"\x00" * 7, ids[2]))
+    with ExemplarBank.open(path) as b:
+        info, records = bank_tools.listing(b, 2)
+        assert info["exemplars"] == len(ids) and info["damaged_embeddings"] == [ids[2]]
+        assert [r["id"] for r in records] == ids[:2] and bank_tools.listing(b, 0)[1] == []
+        result = bank_tools.rebuild(b)
+        assert result == bank_tools.RebuildResult(None, [], len(ids) - 1, [ids[2]])
+    assert bank_tools.pack(path)[:1] == (len(ids),)
+    assert bank_tools.distinct_ids([3, 1, 3]) == [3, 1]
+    assert capsys.readouterr() == ("", "")
