@@ -320,9 +320,8 @@ class ExemplarBank:
             The number of exemplars packed and the new pack file.
         """
         self._check_writable("packing its pixels")
-        old = pack_name(self._db)
         with self._transaction() as db:
-            ids, name = pack_pixels(db, self._path, self._pixels)
+            ids, name, old = pack_pixels(db, self._path, self._pixels)
         self._pixels.discard(ids)
         if old is not None:
             self._pixels.pack_file(old).unlink(missing_ok=True)

@@ -38,7 +38,8 @@ def forget_packed(db: sqlite3.Connection, ids: Sequence[int]) -> None:
         db.executemany("DELETE FROM packed_pixels WHERE id = ?", [(i,) for i in ids])
 
 
-def pack_pixels(db: sqlite3.Connection, path: Path, store: PixelStore) -> tuple[list[int], str]:
+def pack_pixels(db: sqlite3.Connection, path: Path,
+                store: PixelStore) -> tuple[list[int], str, str | None]:
     """Copy every exemplar's pixels into a new pack file; call inside a write transaction.
 
     The stored archives are copied byte for byte, each decoded first (damaged pixels raise
@@ -52,7 +53,7 @@ def pack_pixels(db: sqlite3.Connection, path: Path, store: PixelStore) -> tuple[
         store: the bank's pixel store.
 
     Returns:
-        The packed ids and the new pack's file name.
+        The packed ids, the new pack's file name and the previous one (None: there was none).
     """
     old = pack_name(db)
     ids = [r[0] for r in db.execute("SELECT id FROM exemplars ORDER BY id")]
@@ -66,4 +67,4 @@ def pack_pixels(db: sqlite3.Connection, path: Path, store: PixelStore) -> tuple[
     except BaseException:
         (path / name).unlink(missing_ok=True)
         raise
-    return ids, name
+    return ids, name, old
