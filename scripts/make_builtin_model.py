@@ -8,7 +8,8 @@ Usage (from the repository root)::
 Copies the config and the weights (stored in float16; they load back into float32) and rebuilds
 a reduced exemplar bank from the run's training bank: every ``--keep-every``-th slice of each case
 (slices without any foreground are dropped, they guide nothing), embedded with the packaged
-retriever so nothing is re-embedded at start-up. Absolute paths are removed from the copied
+retriever so nothing is re-embedded at start-up, its pixels packed into one file (as
+``napari-jras bank pack`` does). Absolute paths are removed from the copied
 training record: only the data folder's name, case counts and the settings stay. Writes
 ``MODEL_CARD.md`` with the validation numbers.
 """
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     size = reduced_bank(args.run / "bank", tmp / "bank", args.keep_every)
     with ExemplarBank.open(tmp / "bank") as bank:  # embed with the float16-rounded retriever
         InferenceEngine(load_model(tmp, "cpu"), bank, device="cpu").ensure_bank_embeddings()
+        bank.pack()  # one pixel file instead of one per exemplar (`napari-jras bank pack`)
+    (tmp / "bank" / "pixels").rmdir()  # empty now; git would not keep it anyway
     reports = [json.loads(p.read_text()) if p else None for p in (args.report, args.baseline_report)]
     (tmp / "MODEL_CARD.md").write_text(model_card(args.run, reports[0], reports[1], size, train))
     shutil.rmtree(args.out, ignore_errors=True)

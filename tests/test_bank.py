@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import napari_jras.core.bank as bank_module
+import napari_jras.core.bank.pixels as pixels_module
 from napari_jras.core.bank import ExemplarBank, Hit
 from napari_jras.core.errors import BankError
 
@@ -207,7 +207,7 @@ def test_stale_index_file_is_rebuilt(tmp_path):
 def test_failed_add_keeps_committed_exemplars(bank, monkeypatch):
     images, masks, prov = exemplars(4)
     ids = bank.add(images[:2], masks[:2], prov[:2], unit(2), "v1")
-    real_write, calls = bank_module._write_pixels, []
+    real_write, calls = pixels_module._write_pixels, []
 
     def write_then_fail(*args):
         calls.append(args)
@@ -215,7 +215,7 @@ def test_failed_add_keeps_committed_exemplars(bank, monkeypatch):
             raise OSError("disk full")
         real_write(*args)
 
-    monkeypatch.setattr(bank_module, "_write_pixels", write_then_fail)
+    monkeypatch.setattr(pixels_module, "_write_pixels", write_then_fail)
     with pytest.raises(OSError, match="disk full"):
         bank.add(images[2:], masks[2:], prov[2:], unit(2, seed=1), "v1")
     monkeypatch.undo()
@@ -233,13 +233,14 @@ def test_process_killed_mid_add_leaves_bank_usable(tmp_path):
     script = textwrap.dedent(f"""
         import os
         import numpy as np
-        import napari_jras.core.bank as bank_module
-        real_write = bank_module._write_pixels
+        import napari_jras.core.bank.pixels as pixels_module
+        from napari_jras.core.bank import ExemplarBank
+        real_write = pixels_module._write_pixels
         def write_then_die(*args):
             real_write(*args)
             os._exit(3)  # the process dies after one pixel file, before the commit
-        bank_module._write_pixels = write_then_die
-        bank = bank_module.ExemplarBank.open({str(tmp_path / "b")!r})
+        pixels_module._write_pixels = write_then_die
+        bank = ExemplarBank.open({str(tmp_path / "b")!r})
         bank.add(np.zeros((2, 8, 8)), np.zeros((2, 8, 8), int),
                  [{{"case_id": "new", "origin": "correction"}}] * 2,
                  np.eye(2, {DIM}, dtype=np.float32), "v1")

@@ -26,8 +26,8 @@ import pytest
 
 import napari_jras.cli as cli_module
 from napari_jras.cli import main
-from napari_jras.core import bank as bank_module
 from napari_jras.core.bank import ExemplarBank
+from napari_jras.core.bank import schema as bank_schema
 from napari_jras.core.checkpoint import load_model, load_tensors, save_tensors
 from napari_jras.core.engine import InferenceEngine
 from napari_jras.core.errors import BankError, DataError, ModelError, StorageError
@@ -759,7 +759,7 @@ def disk_full_adding_exemplars(ctx: Ctx) -> None:
 @check("B12")
 def bank_busy(ctx: Ctx) -> None:
     path, ids, vecs = _bank(ctx)
-    ctx.monkeypatch.setattr(bank_module, "BUSY_TIMEOUT_S", 0.1)
+    ctx.monkeypatch.setattr(bank_schema, "BUSY_TIMEOUT_S", 0.1)
     other = sqlite3.connect(path / "bank.sqlite", isolation_level=None)
     try:
         with ExemplarBank.open(path) as bank:

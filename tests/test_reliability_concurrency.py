@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from reliability_worker import check_bank, exemplar, read_log, run_worker, seed_bank
 
-import napari_jras.core.bank as bank_module
+import napari_jras.core.bank.schema as bank_schema
 from napari_jras.core.bank import ExemplarBank
 from napari_jras.core.errors import BankError
 
@@ -44,7 +44,7 @@ def test_two_writers_and_a_reader_share_one_bank(tmp_path):
 
 
 def test_a_writer_waits_for_the_lock_then_gives_up_clearly(tmp_path, monkeypatch):
-    monkeypatch.setattr(bank_module, "BUSY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(bank_schema, "BUSY_TIMEOUT_S", 0.3)
     seed_bank(tmp_path / "bank", 2)
     image, mask, vector = exemplar("late")
     other = sqlite3.connect(tmp_path / "bank" / "bank.sqlite", isolation_level=None)

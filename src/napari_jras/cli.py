@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .cli_bank import add_bank_parser
 from .core.errors import JRASError
 
 
@@ -175,13 +176,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
                             progress=_progress_printer(args.quiet), **_engine_options(args))
     print(f"Wrote {len(written)} label file(s) to {args.output}")
     return 0
-
-
-def cmd_bank(args: argparse.Namespace) -> int:
-    """Manage an exemplar bank."""
-    from .core import bank_tools
-
-    return bank_tools.run(args)
 
 
 HEADLESS_QT_PLATFORMS = ("offscreen", "minimal", "vnc", "eglfs", "linuxfb", "vkkhrdisplay")
@@ -398,32 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_predict)
 
-    b = sub.add_parser("bank", help="list, add to, rebuild or prune an exemplar bank")
-    bsub = b.add_subparsers(dest="bank_command", required=True, metavar="ACTION")
-    bl = bsub.add_parser("list", help="summary and exemplars of a bank")
-    bl.add_argument("--bank", required=True)
-    bl.add_argument("--limit", type=int, default=20, help="exemplars to list (0: summary only)")
-    bl.add_argument("--json", action="store_true")
-    ba = bsub.add_parser("add", help="add labelled cases to a bank (created if missing)")
-    ba.add_argument("--bank", required=True)
-    ba.add_argument("--model", required=True, help="run folder whose retriever embeds them")
-    ba.add_argument("--data", required=True)
-    ba.add_argument("--origin", default="import", choices=["import", "training", "correction"])
-    ba.add_argument("--patient-regex")
-    _add_common(ba)
-    br = bsub.add_parser("rebuild", help="re-embed with a model's retriever and rebuild the index")
-    br.add_argument("--bank", required=True)
-    br.add_argument("--model", help="run folder (without it: rebuild the index only)")
-    _add_common(br)
-    bd = bsub.add_parser("remove", help="remove exemplars by id")
-    bd.add_argument("--bank", required=True)
-    bd.add_argument("ids", type=int, nargs="+")
-    bn = bsub.add_parser("anonymise", help="replace patient/case ids by pseudonyms, clear "
-                                           "file names and authors (in place)")
-    bn.add_argument("--bank", required=True)
-    bn.add_argument("--prefix", default="patient", help="pseudonyms are PREFIX-0001, ...")
-    bn.add_argument("--key", help="CSV file for the patient_id,pseudonym key (keep it apart)")
-    b.set_defaults(func=cmd_bank)
+    add_bank_parser(sub, _add_common)
 
     d = sub.add_parser("demo", help="open napari with the bundled cardiac MRI sample and model")
     d.add_argument("--no-run", action="store_true", help=argparse.SUPPRESS)

@@ -1,12 +1,17 @@
-"""``napari-jras bank`` actions: list, add, rebuild, remove, anonymise."""
+"""The work behind ``napari-jras bank``: summary, add, rebuild, anonymise, pack.
+
+Plain functions (no printing, no argument parsing: the command line lives in
+``napari_jras.cli_bank``), also used by the assistant; they return data and raise
+:class:`BankError` for anything the user has to fix.
+"""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
-import json
 import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +57,18 @@ def add_cases(bank_dir: str | Path, model_dir: str | Path, data: str | Path,
 
     The bank is created when ``bank_dir`` holds none; if adding fails, a bank created here is
     removed again, so a failed command leaves nothing behind.
+
+    Args:
+        bank_dir: an existing bank, or a new or empty folder for one (at the model's size,
+            classes and embedding size).
+        model_dir: a J-RAS run folder whose retriever embeds the exemplars.
+        data: labelled cases (a folder, or one image file with its label).
+        origin: the exemplars' origin (``import``, ``training`` or ``correction``).
+        device: where to embed.
+        patient_regex: how to find the patient id in a case name (default: the built-in rule).
+
+    Returns:
+        The open bank (the caller closes it) and the new exemplars' ids.
     """
     model = load_model(model_dir)
     if model.retriever is None:
@@ -96,6 +113,11 @@ def write_key(path: Path, patients: dict[str, str], bank_dir: Path | None = None
 
     An existing file is never replaced (it may be the only key of an earlier anonymisation),
     and a key inside the bank folder ``bank_dir`` is refused (it would travel with the bank).
+
+    Args:
+        path: the new key file.
+        patients: {patient id: pseudonym}.
+        bank_dir: the bank folder the key must stay out of.
     """
     path = Path(path)
     if path.exists() or path.is_symlink():
@@ -118,6 +140,14 @@ def anonymise(bank: ExemplarBank, prefix: str = "patient",
 
     When the key cannot be written (its folder is a file, disk full, file exists, inside the
     bank) nothing in the bank changes.
+
+    Args:
+        bank: an open, writable bank.
+        prefix: pseudonyms are ``<prefix>-0001``, ...
+        key: a new CSV file for the ``patient_id,pseudonym`` key (None: no key is kept).
+
+    Returns:
+        The key, {old patient id: pseudonym}.
     """
     if key is None:
         return bank.pseudonymise(prefix)
@@ -125,7 +155,7 @@ def anonymise(bank: ExemplarBank, prefix: str = "patient",
                                                                          bank.path))
 
 
-def _distinct_ids(ids: list[int]) -> list[int]:
+def distinct_ids(ids: Sequence[int]) -> list[int]:
     """Distinct ids in the given order; refuses ids below 1 (exemplar ids start at 1)."""
     bad = [i for i in ids if i < 1]
     if bad:
@@ -133,74 +163,71 @@ def _distinct_ids(ids: list[int]) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
-def run(args: argparse.Namespace) -> int:
-    """Dispatch a ``bank`` sub-action parsed by the CLI."""
-    action = args.bank_command
-    if action == "add":
-        bank, ids = add_cases(args.bank, args.model, args.data, args.origin, args.device,
-                              args.patient_regex)
-        with bank:
-            print(f"Added {len(ids)} exemplars; the bank now holds {len(bank)}")
-        return 0
-    if action == "list" and args.limit < 0:
-        raise BankError(f"--limit must be 0 (summary only) or more, got {args.limit}")
-    ids = _distinct_ids(args.ids) if action == "remove" else []
-    model = load_model(args.model) if action == "rebuild" and args.model else None
-    if model is not None and model.retriever is None:
+def listing(bank: ExemplarBank, limit: int) -> tuple[dict, list[dict]]:
+    """What ``bank list`` shows.
+
+    Args:
+        bank: an open bank.
+        limit: how many records to return (0 or less: none).
+
+    Returns:
+        The :func:`summary` and the first ``limit`` records (id and provenance).
+    """
+    return summary(bank), bank.records()[:limit] if limit > 0 else []
+
+
+def retriever_model(model_dir: str | Path) -> JRASModel:
+    """The J-RAS model of a run folder, refusing a baseline (it has no retriever)."""
+    model = load_model(model_dir)
+    if model.retriever is None:
         raise BankError("A baseline model has no retriever: give the J-RAS model whose "
                         "retriever embeds this bank")
-    with ExemplarBank.open(args.bank, read_only=action == "list") as bank:
-        if action == "list":
-            return _list(bank, args.limit, args.json)
-        if action == "rebuild":
-            return _rebuild(bank, model, args.device)
-        if action == "remove":
-            bank.remove(ids)
-            print(f"Removed {len(ids)} exemplar(s); {len(bank)} left")
-            return 0
-        if action == "anonymise":
-            patients = anonymise(bank, args.prefix, args.key)
-            kept = f"; the key is in {args.key}: keep it apart from the bank" if args.key else ""
-            print(f"Pseudonymised {len(patients)} patient(s) in {len(bank)} exemplars{kept}")
-            return 0
-    raise BankError(f"Unknown bank action {action}")
+    return model
 
 
-def _damaged_note(bank: ExemplarBank, damaged: list[int]) -> str:
-    shown = ", ".join(map(str, damaged[:10])) + (", ..." if len(damaged) > 10 else "")
-    return (f"{len(damaged)} damaged embedding(s) (exemplar id {shown}): re-embed the bank from "
-            f"its pixels with `napari-jras bank rebuild --bank {bank.path} --model RUN`")
+@dataclass(frozen=True)
+class RebuildResult:
+    """What :func:`rebuild` did.
+
+    Attributes:
+        reembedded: whether the embeddings were recomputed (None: no model was given).
+        repaired: ids of damaged embeddings that were recomputed.
+        indexed: how many exemplars the new index holds.
+        left_out: ids left out of the index because their embedding is damaged.
+    """
+
+    reembedded: bool | None
+    repaired: list[int]
+    indexed: int
+    left_out: list[int]
 
 
-def _list(bank: ExemplarBank, limit: int, as_json: bool) -> int:
-    info = summary(bank)
-    records = bank.records()[:limit] if limit else []
-    if as_json:
-        print(json.dumps({**info, "records": records}, indent=2, default=str))
-        return 0
-    for key, value in info.items():
-        print(f"{key:18s} {value}")
-    for r in records:
-        print(f"  #{r['id']:<6} {r.get('origin', ''):10s} {r.get('case_id', '')} "
-              f"slice {r.get('slice_index', '')}  {r.get('created', '')}")
-    if info["damaged_embeddings"]:
-        print("warning: " + _damaged_note(bank, info["damaged_embeddings"]))
-    return 0
+def rebuild(bank: ExemplarBank, model: JRASModel | None = None,
+            device: str = "auto") -> RebuildResult:
+    """Re-embed ``bank`` with ``model`` (when stale, and always when some embedding is
+    damaged), then rebuild and save its search index.
 
-
-def _rebuild(bank: ExemplarBank, model: JRASModel | None, device: str) -> int:
-    """Re-embed with ``model`` (always when some embedding is damaged), then rebuild the index."""
+    Args:
+        bank: an open, writable bank.
+        model: a J-RAS model whose retriever embeds the bank (None: rebuild the index only).
+        device: the device to embed on.
+    """
     damaged = bank.damaged_embeddings()
+    reembedded = None
     if model is not None:
         engine = InferenceEngine(model, bank, device=device)
-        if engine.ensure_bank_embeddings(force=bool(damaged)):
-            repaired = f" (repaired {len(damaged)} damaged embedding(s): exemplar id " \
-                       f"{', '.join(map(str, damaged))})" if damaged else ""
-            print(f"Re-embedded the bank from its stored pixels{repaired}")
-        else:
-            print("Embeddings were already current")
+        reembedded = engine.ensure_bank_embeddings(force=bool(damaged))
     left_out = bank.rebuild_index()
-    print(f"Index rebuilt over {len(bank) - len(left_out)} exemplars")
-    if left_out:
-        print("warning: left out of the index: " + _damaged_note(bank, left_out))
-    return 0
+    return RebuildResult(reembedded, damaged if reembedded else [], len(bank) - len(left_out),
+                         left_out)
+
+
+def pack(bank_dir: str | Path) -> tuple[int, Path, int]:
+    """Store the pixels of the bank at ``bank_dir`` in one pack file (see ``ExemplarBank.pack``).
+
+    Returns:
+        The number of exemplars packed, the pack file and its size in bytes.
+    """
+    with ExemplarBank.open(bank_dir) as bank:
+        count, file = bank.pack()
+    return count, file, file.stat().st_size
