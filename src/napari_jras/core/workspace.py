@@ -27,15 +27,14 @@ import shutil
 import threading
 import uuid
 import zipfile
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
 import numpy as np
-import torch
 
 from .bank import DB_FILE, ExemplarBank
 from .checkpoint import (
@@ -49,11 +48,19 @@ from .checkpoint import (
 from .data import as_slices, resize_images, resize_labels
 from .engine import BANK_DIR, InferenceEngine, Prediction
 from .errors import BankError, DataError, JRASError, ModelError
+from .finetune import FINETUNE_DIR, finetune_workspace, pending_job
 from .io import check_image, check_label, patient_of, split_extension
 from .model import JRASModel, ModelConfig
 from .normalize import NormalizedSlices, intensity_map
-from .retrieval import embed_images, retriever_version
 from .volume_memory import VolumeMemory
+from .workspace_embeddings import embed_bank
+from .workspace_records import (
+    CORRECTION,
+    VERSION_NAME,
+    VERSIONS_DIR,
+    ExemplarSnapshot,
+    ModelVersion,
+)
 
 BUILTIN = "builtin"
 BUILTIN_SLUG = "builtin-cardiac-mri"
@@ -62,17 +69,12 @@ FORMAT = "napari-jras-workspace"
 FORMAT_VERSION = 1
 WORKSPACE_FILE = "workspace.json"
 TRAIN_CONFIG_FILE = "train_config.json"
-VERSIONS_DIR = "versions"
 CORRECTIONS_DIR = "corrections"
 EMBEDDINGS_DIR = "embeddings"
 DRAFTS_DIR = "drafts"
-FINETUNE_DIR = "finetune"
-CORRECTION = "correction"
 OWN_CORRECTION = "your correction"
 """Gallery origin of an exemplar that is one of the user's accepted slices of the same volume."""
 MAX_KEY_LENGTH = 120
-EMBED_CHUNK = 256
-VERSION_NAME = re.compile(r"^v\d{1,9}$")  # names of folders under versions/
 
 ProgressFn = Callable[[dict[str, Any]], None]
 CancelFn = Callable[[], bool]
@@ -99,25 +101,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-@dataclass
-class ModelVersion:
-    """One set of weights; ``seen_until`` is the last exemplar id it was trained on."""
-
-    name: str
-    path: Path
-    created: str
-    parent: str | None = None
-    note: str = ""
-    metrics: dict[str, Any] = field(default_factory=dict)
-    seen_until: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        """Entry of ``workspace.json`` (the path is implied by the name)."""
-        data = asdict(self)
-        del data["path"]
-        return data
-
-
 def _slug(run: Path) -> str:
     name = re.sub(r"[^a-z0-9]+", "-", run.name.lower()).strip("-")[:40] or "model"
     return f"{name}-{hashlib.sha256(str(run).encode()).hexdigest()[:8]}"
@@ -127,20 +110,6 @@ def as_stored(images: np.ndarray, size: int) -> np.ndarray:
     """Normalised (N,H,W) images exactly as a bank of side ``size`` returns them (8-bit steps)."""
     resized = np.clip(resize_images(images, (size, size)), 0.0, 1.0)
     return np.round(resized * 255).astype(np.float32) / 255
-
-
-def embed_exemplars(retriever: torch.nn.Module, bank: ExemplarBank, ids: Sequence[int],
-                    size: int, progress: ProgressFn | None = None) -> np.ndarray:
-    """Embed bank exemplars as :meth:`InferenceEngine.ensure_bank_embeddings` does, in chunks."""
-    device = next(retriever.parameters()).device
-    out = [np.zeros((0, retriever.embed_dim), np.float32)]
-    for start in range(0, len(ids), EMBED_CHUNK):
-        part = list(ids[start:start + EMBED_CHUNK])
-        images = torch.from_numpy(resize_images(bank.images(part), (size, size)))
-        out.append(embed_images(retriever, images, device=device).numpy())
-        if progress is not None:
-            progress({"phase": "embed", "step": start + len(part), "total": len(ids)})
-    return np.concatenate(out)
 
 
 class Workspace:
@@ -298,7 +267,7 @@ class Workspace:
             if self._engine is not None:
                 self._engine.set_model(model)
             if self._bank is not None:
-                self._embed_bank(model, progress=progress)
+                embed_bank(self._bank, model, self.path / EMBEDDINGS_DIR, progress=progress)
             self._active, self._config = name, model.config
             self._save_meta()
 
@@ -416,43 +385,73 @@ class Workspace:
         See :func:`napari_jras.core.finetune.finetune_workspace`; safe to run in a worker thread
         while other threads predict and accept.
         """
-        from .finetune import finetune_workspace
-
         return finetune_workspace(self, steps=steps, oversample=oversample, batch_size=batch_size,
                                   device=device, progress=progress, cancel=cancel, lr=lr,
                                   resume=resume, note=note)
 
     def pending_finetune(self) -> dict[str, Any] | None:
         """The interrupted fine-tune the next one resumes: parent, steps, step reached (or None)."""
-        from .finetune import pending_job
-
         return pending_job(self.path / FINETUNE_DIR)
 
     def discard_finetune(self) -> None:
         """Delete the checkpoints of an interrupted fine-tune (the next one starts afresh)."""
-        if not self._finetune_lock.acquire(blocking=False):
-            raise JRASError("A fine-tune of this workspace is running: cancel it first")
-        try:
+        with self.finetune_slot("A fine-tune of this workspace is running: cancel it first"):
             shutil.rmtree(self.path / FINETUNE_DIR, ignore_errors=True)
+
+    @contextmanager
+    def finetune_slot(self, busy: str) -> Iterator[None]:
+        """Hold the workspace's one fine-tune slot for the ``with`` block.
+
+        Args:
+            busy: the message of the :class:`JRASError` raised when a fine-tune holds it.
+        """
+        if not self._finetune_lock.acquire(blocking=False):
+            raise JRASError(busy)
+        try:
+            yield
         finally:
             self._finetune_lock.release()
 
-    def _next_version_name(self) -> str:
+    def snapshot(self) -> ExemplarSnapshot:
+        """The active version and every stored exemplar (records and pixels), read under the
+        lock so that no prediction, correction or activation changes them half way."""
+        with self._lock:
+            parent = self.active
+            records = self._store.records()
+            ids, images, masks = self._store.load_all()
+        return ExemplarSnapshot(parent, records, ids, images, masks)
+
+    def next_version_name(self) -> str:
+        """The name of the next version folder (``v001``...), free in the list and on disk."""
         taken = {v.name for v in self._versions}
         taken |= {p.name for p in (self.path / VERSIONS_DIR).iterdir()}
         numbers = [int(n[1:]) for n in taken if re.fullmatch(r"v\d+", n)]
         return f"v{max(numbers, default=-1) + 1:03d}"
 
-    def _install_version(self, model: JRASModel, folder: Path, parent: str, note: str,
-                         metrics: dict[str, Any], seen_until: int,
-                         known: dict[int, np.ndarray] | None = None,
-                         progress: ProgressFn | None = None) -> ModelVersion:
-        """Adopt a finished version folder (under ``versions/``): embed the bank, activate it."""
+    def install_version(self, model: JRASModel, folder: Path, parent: str, note: str,
+                        metrics: dict[str, Any], seen_until: int,
+                        known: dict[int, np.ndarray] | None = None,
+                        progress: ProgressFn | None = None) -> ModelVersion:
+        """Adopt a finished version folder (under ``versions/``): embed the bank, activate it.
+
+        Args:
+            model: the version's weights (handed to the engine).
+            folder: its folder, ``versions/<name>`` (see :meth:`next_version_name`).
+            parent: the version it was trained from.
+            note: the user's note.
+            metrics: what its training reports (steps, losses...).
+            seen_until: the last exemplar id it was trained on.
+            known: bank embeddings already computed with its retriever, by exemplar id.
+            progress: receives the bank's re-embedding progress.
+
+        Returns:
+            The new version, now the active one.
+        """
         with self._lock:
             if self._engine is not None:
                 self._engine.set_model(model)
             if self._bank is not None:
-                self._embed_bank(model, known, progress)
+                embed_bank(self._bank, model, self.path / EMBEDDINGS_DIR, known, progress)
             version = ModelVersion(folder.name, folder, _now(), parent, note, metrics, seen_until)
             self._versions.append(version)
             self._active, self._config = version.name, model.config
@@ -460,44 +459,6 @@ class Workspace:
         return version
 
     # --- internals ------------------------------------------------------------------------
-    def _embed_bank(self, model: JRASModel, known: dict[int, np.ndarray] | None = None,
-                    progress: ProgressFn | None = None) -> None:
-        """Embed the bank with ``model``'s retriever (call under the lock).
-
-        The replaced embeddings are kept in ``embeddings/`` so that activating their version again
-        restores them exactly; ``known`` gives vectors already computed (by id).
-        """
-        version = retriever_version(model.retriever)
-        if not self._bank.needs_embedding(version):
-            return
-        vectors = {**self._stashed(version), **(known or {})}
-        self._stash_embeddings()
-        ids = [r["id"] for r in self._bank.records()]
-        missing = [i for i in ids if i not in vectors]
-        if progress is not None:
-            progress({"phase": "embed", "step": 0, "total": len(missing)})
-        vectors.update(zip(missing, embed_exemplars(model.retriever, self._bank, missing,
-                                                    model.config.size, progress), strict=True))
-        stack = (np.stack([vectors[i] for i in ids]) if ids
-                 else np.zeros((0, self._bank.embed_dim), np.float32))
-        self._bank.set_embeddings(ids, stack, version)
-
-    def _stash_embeddings(self) -> None:
-        ids, vectors = self._bank.embeddings()
-        version = self._bank.retriever_version
-        if version is not None and len(ids):
-            buffer = io.BytesIO()
-            np.savez(buffer, ids=ids, vectors=vectors)
-            atomic_write_bytes(self.path / EMBEDDINGS_DIR / f"{version}.npz", buffer.getvalue())
-
-    def _stashed(self, version: str) -> dict[int, np.ndarray]:
-        file = self.path / EMBEDDINGS_DIR / f"{version}.npz"
-        try:
-            with np.load(file) as data:
-                return dict(zip(data["ids"].tolist(), data["vectors"], strict=True))
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            return {}  # missing or damaged: the vectors are simply recomputed
-
     def _save_meta(self) -> None:
         atomic_write_json(self.path / WORKSPACE_FILE, {
             "format": FORMAT, "format_version": FORMAT_VERSION, "source": self.source,
