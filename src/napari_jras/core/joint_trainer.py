@@ -83,11 +83,20 @@ class _StepRunner(nn.Module):
 class JointTrainer:
     """Trains a :class:`JRASModel` on a :class:`SliceSet` that also serves as the retrieval bank.
 
-    ``sample_weights`` (one per slice) oversample some slices, e.g. fresh corrections during
-    fine-tuning. ``progress`` receives a dict per logged step; ``cancel()`` returning True stops
-    the run cleanly after the current step (a checkpoint is written when ``run_dir`` is set).
     Inside a torchrun process group the model is trained with DistributedDataParallel; the
     cancel flag of any rank stops every rank at the same step.
+
+    Args:
+        model: the model to train (moved to the training device).
+        train: the training slices, also the bank queries retrieve from.
+        config: the settings (the curriculum resolved for the model's fusion).
+        run_dir: where ``log.jsonl`` and the checkpoints go (None: nothing is written).
+        val: validation slices, scored every ``config.val_every`` steps.
+        sample_weights: one weight per training slice, to oversample some (e.g. fresh
+            corrections during fine-tuning).
+        progress: receives the record of every logged step.
+        cancel: polled before every step; True stops the run cleanly after the current step
+            (a checkpoint is written when ``run_dir`` is set).
     """
 
     def __init__(self, model: JRASModel, train: SliceSet, config: TrainConfig,
@@ -169,9 +178,15 @@ class JointTrainer:
                   neighbours_of: torch.Tensor | None = None) -> Guide:
         """Guide for queries ``x`` (B,H,W) that may not retrieve exemplars of ``patients``.
 
-        ``neighbours_of`` (B,) holds, for queries that get a neighbour guide, the training-slice
-        index of the query (-1 for the others): such a query retrieves only the slices next to
-        it in its own volume (never itself), as if the annotator had accepted them.
+        Args:
+            x: (B,H,W) query images on the training device.
+            patients: (B,) each query's patient (index into the bank's patients; -1: none).
+            neighbours_of: (B,) for queries that get a neighbour guide, the training-slice index
+                of the query (-1 for the others): such a query retrieves only the slices next
+                to it in its own volume (never itself), as if the annotator had accepted them.
+
+        Returns:
+            The fused top-K guide of every query.
         """
         cfg = self.model.config
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_retriever):
@@ -286,7 +301,12 @@ class JointTrainer:
 
     # -- loop -----------------------------------------------------------------------------
     def fit(self) -> list[dict[str, Any]]:
-        """Run (or resume) training to ``config.steps``; returns the logged history."""
+        """Run (or resume) training to ``config.steps``.
+
+        Returns:
+            Every record this trainer has logged (loss, learning rate, ETA...; one per logged
+            step).
+        """
         cfg = self.config
         self._started = time.perf_counter()
         start_step = self.step
@@ -371,7 +391,15 @@ class JointTrainer:
 
     @torch.no_grad()
     def predict_set(self, data: SliceSet, batch_size: int = 16) -> torch.Tensor:
-        """Label maps for every slice of ``data`` (retrieving from the training bank)."""
+        """Label maps for every slice of ``data`` (retrieving from the training bank).
+
+        Args:
+            data: the slices (their patients' exemplars are not retrieved).
+            batch_size: slices per forward pass.
+
+        Returns:
+            (N,H,W) int64 label maps on the CPU.
+        """
         self.model.eval()
         if self.use_retrieval and self.bank_emb is None:
             self.refresh_embeddings()

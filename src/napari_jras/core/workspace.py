@@ -19,20 +19,17 @@ one lock; a fine-tune trains a private copy of the model outside it (see :mod:`.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
 import shutil
 import threading
 import uuid
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
 
 import numpy as np
 
@@ -40,12 +37,12 @@ from .bank import DB_FILE, ExemplarBank
 from .checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
-    atomic_write_bytes,
     atomic_write_json,
     load_model,
     read_config,
 )
 from .data import as_slices, resize_images, resize_labels
+from .drafts import DraftStore
 from .engine import BANK_DIR, InferenceEngine, Prediction
 from .errors import BankError, DataError, JRASError, ModelError
 from .finetune import FINETUNE_DIR, finetune_workspace, pending_job
@@ -74,7 +71,6 @@ EMBEDDINGS_DIR = "embeddings"
 DRAFTS_DIR = "drafts"
 OWN_CORRECTION = "your correction"
 """Gallery origin of an exemplar that is one of the user's accepted slices of the same volume."""
-MAX_KEY_LENGTH = 120
 
 ProgressFn = Callable[[dict[str, Any]], None]
 CancelFn = Callable[[], bool]
@@ -120,7 +116,7 @@ class Workspace:
         self.path = Path(path)
         self._lock = threading.RLock()
         self._finetune_lock = threading.Lock()
-        self._draft_lock = threading.Lock()
+        self._drafts = DraftStore(self.path / DRAFTS_DIR)
         meta = _read_meta(self.path)
         self.source: str = meta["source"]
         self.created: str = meta["created"]
@@ -138,7 +134,13 @@ class Workspace:
     def open(cls, source: str | Path = BUILTIN, home: Path | None = None) -> Workspace:
         """The workspace of ``source`` (a run folder or :data:`BUILTIN`), created on first use.
 
-        A workspace folder given as ``source`` is opened as it is.
+        Args:
+            source: a run folder, :data:`BUILTIN` (the bundled model) or a workspace folder,
+                which is opened as it is.
+            home: the folder holding ``workspaces/`` (default :func:`home_dir`).
+
+        Returns:
+            The open workspace (:class:`ModelError` when ``source`` cannot be used).
         """
         if str(source) != BUILTIN and (Path(source) / WORKSPACE_FILE).is_file():
             return cls(Path(source))
@@ -218,8 +220,19 @@ class Workspace:
                 memory: VolumeMemory | None = None) -> Prediction:
         """Segment ``image`` (2-D or 3-D Z-first) with the active version and the working bank.
 
-        ``memory``: annotated slices of this volume that guide the others first (see
-        :meth:`volume_memory`).
+        Args:
+            image: the image, 2-D or 3-D (Z first).
+            modality: its intensity normalisation (default: the model's modality).
+            slices: the Z slices to segment (default: all).
+            progress: called with (slices done, slices to do).
+            cancel: polled between batches; True stops with :class:`JRASError`.
+            return_probabilities: also return the class probabilities.
+            memory: annotated slices of this volume that guide the others first (see
+                :meth:`volume_memory`).
+
+        Returns:
+            The labels, the retrieved exemplars per slice and, if asked, the probabilities
+            (:class:`~.engine.Prediction`).
         """
         with self._lock:
             return self.engine(self._engine_device).predict(
@@ -245,8 +258,17 @@ class Workspace:
     def volume_memory(self, case_id: str, shape: Sequence[int], slots: int = 2,
                       extra: dict[int, np.ndarray] | None = None) -> VolumeMemory | None:
         """Same-volume priority: the accepted corrections of ``case_id`` as the memory of a
-        prediction of its (Z, H, W) ``shape`` volume (None when ``slots`` is 0 or nothing was
-        accepted); ``extra`` adds slices painted but not accepted yet."""
+        prediction of its (Z, H, W) ``shape`` volume.
+
+        Args:
+            case_id: the volume's case id.
+            shape: the volume's (Z, H, W) shape.
+            slots: how many exemplar slots the memory fills (0: no memory).
+            extra: slices painted but not accepted yet (Z -> (H, W) labels).
+
+        Returns:
+            The memory, or None when ``slots`` is 0 or there is no slice to remember.
+        """
         if slots <= 0 or len(shape) != 3:
             return None
         labels, records = self.accepted_slices(case_id, shape[1:])
@@ -260,7 +282,13 @@ class Workspace:
                             case_id=case_id)
 
     def activate(self, name: str, progress: ProgressFn | None = None) -> None:
-        """Make version ``name`` the active one (roll back or forward); the bank follows it."""
+        """Make version ``name`` the active one (roll back or forward); the bank follows it.
+
+        Args:
+            name: the version (``v000``...; :class:`ModelError` when there is none).
+            progress: receives the bank's re-embedding progress (nothing to do when the
+                version's retriever embedded it before: the stashed embeddings are restored).
+        """
         version = self._version(name)
         with self._lock:
             model = load_model(version.path)
@@ -275,14 +303,26 @@ class Workspace:
     def accept(self, image: np.ndarray, labels: np.ndarray, slices: Sequence[int] | None = None,
                modality: str | None = None, source: str = "", case_id: str = "",
                author: str = "", patient_id: str | None = None) -> list[int]:
-        """Store a corrected mask; returns the new exemplar ids (searchable by the next predict).
+        """Store a corrected mask (searchable by the next predict).
 
-        ``image`` and ``labels`` are the full 2-D or 3-D (Z-first) arrays; ``slices`` picks the Z
-        slices to store (default: every slice with foreground; the one slice of a 2-D image).
-        ``case_id`` defaults to the source's file stem (without ``_image``); ``patient_id`` to
-        the case id's patient part (``patient045_frame01`` -> ``patient045``), whose exemplars
-        fine-tuning keeps out of this correction's retrievals. Accepting a (case, slice) again
-        replaces it. Baseline workspaces keep corrections in ``corrections/`` for fine-tuning.
+        Accepting a (case, slice) again replaces it. Baseline workspaces keep corrections in
+        ``corrections/`` for fine-tuning.
+
+        Args:
+            image: the full 2-D or 3-D (Z-first) image.
+            labels: its corrected labels, same shape.
+            slices: the Z slices to store (default: every slice with foreground; the one slice
+                of a 2-D image).
+            modality: the image's intensity normalisation (default: the model's).
+            source: the image file's name, recorded as provenance.
+            case_id: default: the source's file stem (without ``_image``).
+            author: who corrected it.
+            patient_id: default: the case id's patient part (``patient045_frame01`` ->
+                ``patient045``), whose exemplars fine-tuning keeps out of this correction's
+                retrievals.
+
+        Returns:
+            The new exemplar ids.
         """
         data = check_image(image)
         labels = np.asarray(labels)
@@ -329,51 +369,21 @@ class Workspace:
 
     # --- drafts ---------------------------------------------------------------------------
     def save_draft(self, key: str, labels: np.ndarray, meta: dict[str, Any] | None = None) -> None:
-        """Autosave unfinished labels (and JSON-able ``meta``) under ``key``, atomically."""
-        file = self._draft_file(key)
-        labels = np.asarray(labels)
-        if labels.dtype.kind not in "biu":
-            raise DataError(f"Draft labels must be whole numbers, got data type {labels.dtype}")
-        try:
-            meta_json = json.dumps(meta or {})
-        except (TypeError, ValueError) as exc:
-            raise DataError(f"Draft metadata must be plain values (text, numbers, lists): {exc}") \
-                from exc
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, labels=labels, meta=np.array(meta_json))
-        with self._draft_lock:
-            atomic_write_bytes(file, buffer.getvalue())
+        """Autosave unfinished labels (and JSON-able ``meta``) under ``key``, atomically
+        (see :meth:`.DraftStore.save`)."""
+        self._drafts.save(key, labels, meta)
 
     def load_draft(self, key: str) -> tuple[np.ndarray, dict[str, Any]] | None:
         """The draft saved under ``key`` as (labels, meta), or None when there is none."""
-        file = self._draft_file(key)
-        if not file.is_file():
-            return None
-        try:
-            with np.load(file) as data:
-                return data["labels"], json.loads(str(data["meta"]))
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-            raise DataError(f"The draft '{key}' is damaged ({file}): discard it") from exc
+        return self._drafts.load(key)
 
     def drafts(self) -> list[str]:
         """Keys of the saved drafts, sorted."""
-        folder = self.path / DRAFTS_DIR
-        if not folder.is_dir():
-            return []
-        return sorted(unquote(f.name[:-4]) for f in folder.glob("*.npz")
-                      if not f.name.startswith("."))
+        return self._drafts.keys()
 
     def discard_draft(self, key: str) -> None:
         """Delete the draft ``key`` (no error when there is none)."""
-        with self._draft_lock:
-            self._draft_file(key).unlink(missing_ok=True)
-
-    def _draft_file(self, key: str) -> Path:
-        if (not isinstance(key, str) or not key.strip() or len(key) > MAX_KEY_LENGTH
-                or key.startswith(".") or any(c in key for c in "/\\\0")):
-            raise DataError(f"Invalid draft key {key!r}: use a name of at most {MAX_KEY_LENGTH} "
-                            "characters without '/', '\\' or a leading '.'")
-        return self.path / DRAFTS_DIR / f"{quote(key, safe='')}.npz"
+        self._drafts.discard(key)
 
     # --- fine-tuning ----------------------------------------------------------------------
     def finetune(self, steps: int = 100, oversample: float = 4.0, batch_size: int = 8,
@@ -382,8 +392,14 @@ class Workspace:
                  note: str = "") -> ModelVersion:
         """Fine-tune the active version on the bank (corrections oversampled) into a new version.
 
-        See :func:`napari_jras.core.finetune.finetune_workspace`; safe to run in a worker thread
-        while other threads predict and accept.
+        Safe to run in a worker thread while other threads predict and accept.
+
+        Args:
+            steps, oversample, batch_size, device, progress, cancel, lr, resume, note: see
+                :func:`napari_jras.core.finetune.finetune_workspace`.
+
+        Returns:
+            The new version, now the active one.
         """
         return finetune_workspace(self, steps=steps, oversample=oversample, batch_size=batch_size,
                                   device=device, progress=progress, cancel=cancel, lr=lr,
