@@ -179,7 +179,7 @@ def test_oversampling_draws_corrections_more_often():
                                   backbone_options={"base_channels": 4, "depth": 2}))
     trainer = JointTrainer(model, SliceSet(samples, 2), TrainConfig(steps=1, device="cpu"),
                            sample_weights=weights.tolist())
-    counts = np.bincount(trainer._sample(40000).numpy(), minlength=10)
+    counts = np.bincount(trainer.sampler.sample(40000).numpy(), minlength=10)
     per_training, per_correction = counts[:8].mean(), counts[8:].mean()
     assert per_correction / per_training == pytest.approx(4.0, rel=0.1)
 

@@ -172,7 +172,7 @@ def test_class_aware_sampling_puts_rare_classes_in_every_batch():
     model = _model(use_retrieval=False)
     with_rare = JointTrainer(model, data, TrainConfig(steps=1, batch_size=6, class_sampling=0.5))
     without = JointTrainer(model, data, TrainConfig(steps=1, batch_size=6, class_sampling=0.0))
-    rare = lambda t: sum(int((data.labels[t._sample(6)] == 2).flatten(1).any(1).sum())  # noqa: E731
+    rare = lambda t: sum(int((data.labels[t.sampler.sample(6)] == 2).flatten(1).any(1).sum())  # noqa: E731
                          for _ in range(20))
     assert rare(with_rare) > rare(without) + 10
 

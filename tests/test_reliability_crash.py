@@ -23,7 +23,7 @@ import pytest
 from conftest import TINY_MODEL
 from reliability_worker import check_bank, read_log, run_worker, seed_bank
 
-import napari_jras.core.train as train_module
+import napari_jras.core.train_checkpoint as train_checkpoint
 from napari_jras.core.bank import ExemplarBank
 from napari_jras.core.checkpoint import load_model, load_tensors
 from napari_jras.core.pipeline import train_run
@@ -119,7 +119,7 @@ def test_checkpoint_replaced_by_a_killed_save_is_never_half_there(tmp_path, monk
             raise KeyboardInterrupt  # the process dies here
         real_rmtree(path, ignore_errors=ignore_errors)
 
-    monkeypatch.setattr(train_module.shutil, "rmtree", killed_half_way)
+    monkeypatch.setattr(train_checkpoint.shutil, "rmtree", killed_half_way)
     with pytest.raises(KeyboardInterrupt):
         trainer.save_checkpoint()
     monkeypatch.undo()

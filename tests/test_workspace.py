@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import gc
+import inspect
 import json
 import shutil
 import threading
@@ -13,7 +15,7 @@ import pytest
 
 import napari_jras
 from napari_jras.core import workspace as ws_module
-from napari_jras.core.errors import BankError, DataError, ModelError
+from napari_jras.core.errors import BankError, DataError, JRASError, ModelError
 from napari_jras.core.io import read_volume
 from napari_jras.core.workspace import BUILTIN, Workspace, builtin_model_dir, home_dir
 
@@ -234,3 +236,52 @@ def test_unknown_version_and_damaged_workspace_file(ws, tiny_run):
     with pytest.raises(ModelError, match="damaged"):
         Workspace.open(tiny_run)
     assert ws_module.WORKSPACE_FILE == "workspace.json"
+
+
+def test_snapshot_holds_the_active_version_and_every_exemplar(ws, frame02):
+    image, label = frame02
+    [new] = ws.accept(image, label, slices=[4], case_id="patient045_frame02")
+    snap = ws.snapshot()
+    assert snap.active == ws.active
+    assert [r["id"] for r in snap.records] == snap.ids.tolist() == sorted(snap.ids.tolist())
+    assert len(snap.ids) == len(ws.bank) and new == snap.ids[-1]
+    assert snap.records[-1]["origin"] == "correction" and snap.records[0]["origin"] == "training"
+    assert snap.images.shape == snap.masks.shape == (len(snap.ids), ws.bank.size, ws.bank.size)
+    ids, images, masks = ws.bank.load_all()
+    assert np.array_equal(ids, snap.ids) and np.array_equal(images, snap.images)
+    assert np.array_equal(masks, snap.masks)
+
+
+def test_finetune_slot_is_held_by_one_job_at_a_time(ws):
+    with ws.finetune_slot("busy here"):
+        with pytest.raises(JRASError, match="busy here"), ws.finetune_slot("busy here"):
+            pass
+        with pytest.raises(JRASError, match="is running: cancel it first"):
+            ws.discard_finetune()
+        with pytest.raises(JRASError, match="already running"):
+            ws.finetune(steps=1)
+    with ws.finetune_slot("free again"):
+        pass
+    ws.discard_finetune()
+
+
+def test_next_version_name_skips_names_taken_on_disk(ws):
+    assert ws.next_version_name() == "v001"
+    (ws.path / "versions" / ".v001.partial").mkdir()  # a temporary folder does not take it
+    assert ws.next_version_name() == "v001"
+    (ws.path / "versions" / "v003").mkdir()  # e.g. left by a crash before installing
+    assert ws.next_version_name() == "v004"
+
+
+def test_finetune_uses_only_the_public_workspace_api():
+    """core/finetune.py neither imports core/workspace.py (which imports it) nor touches the
+    workspace's private members."""
+    from napari_jras.core import finetune
+
+    tree = ast.parse(inspect.getsource(finetune))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "workspace" not in imported and "napari_jras.core.workspace" not in imported
+    private = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+               and isinstance(node.value, ast.Name) and node.value.id == "ws"
+               and node.attr.startswith("_")}
+    assert private == set()

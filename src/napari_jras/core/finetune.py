@@ -14,6 +14,9 @@ The implementation behind :meth:`Workspace.finetune`:
 
 J-RAS workspaces train on every bank exemplar (old ones replayed, so earlier cases are not
 forgotten); baseline workspaces, which have no bank, train the backbone on the stored corrections.
+
+Fine-tuning uses only the workspace's public methods (:class:`TunableWorkspace`) and does not
+import :mod:`.workspace`, which imports it.
 """
 
 from __future__ import annotations
@@ -23,32 +26,54 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from .checkpoint import atomic_write_json, load_model, save_model
 from .data import SliceSample, resize_images, resize_labels
 from .errors import CancelledError, DataError, JRASError
-from .model import JRASModel
-from .train import JointTrainer, SliceSet, TrainConfig
-from .workspace import (
-    CORRECTION,
-    FINETUNE_DIR,
-    TRAIN_CONFIG_FILE,
-    VERSIONS_DIR,
-    CancelFn,
-    ModelVersion,
-    ProgressFn,
-    Workspace,
-)
+from .model import JRASModel, ModelConfig
+from .run_settings import TRAIN_CONFIG_FILE
+from .train import CancelFn, JointTrainer, ProgressFn, SliceSet, TrainConfig
+from .workspace_records import CORRECTION, VERSIONS_DIR, ExemplarSnapshot, ModelVersion
 
 log = logging.getLogger(__name__)
+FINETUNE_DIR = "finetune"
 FINETUNE_FILE = "finetune.json"
 JOB_FILE = "job.json"
 LR_FACTOR = 0.2  # fine-tuning learning rate relative to the original training's
+
+
+class TunableWorkspace(Protocol):
+    """What fine-tuning needs of a workspace (:class:`~.workspace.Workspace` provides it)."""
+
+    path: Path
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """Configuration of the active version."""
+
+    def versions(self) -> list[ModelVersion]:
+        """Every weight version, oldest first."""
+
+    def snapshot(self) -> ExemplarSnapshot:
+        """The active version and every stored exemplar, read at one instant."""
+
+    def finetune_slot(self, busy: str) -> AbstractContextManager[None]:
+        """Hold the one fine-tune slot (:class:`JRASError` ``busy`` when it is taken)."""
+
+    def next_version_name(self) -> str:
+        """The name of the next version folder under ``versions/``."""
+
+    def install_version(self, model: JRASModel, folder: Path, parent: str, note: str,
+                        metrics: dict[str, Any], seen_until: int,
+                        known: dict[int, np.ndarray] | None = None,
+                        progress: ProgressFn | None = None) -> ModelVersion:
+        """Adopt a finished version folder: embed the bank, make it the active version."""
 
 
 @dataclass
@@ -62,32 +87,58 @@ class Snapshot:
 
 
 def correction_weights(origins: Sequence[str], oversample: float) -> np.ndarray:
-    """Sampling weight per exemplar: ``oversample`` for corrections, 1 for every other one."""
+    """Sampling weight per exemplar: ``oversample`` for corrections, 1 for every other one.
+
+    Args:
+        origins: the exemplars' origins (``training``, ``correction``, ``import``).
+        oversample: the corrections' weight (at least 1; :class:`DataError` otherwise).
+
+    Returns:
+        One float weight per exemplar.
+    """
     if not oversample >= 1.0:
         raise DataError(f"oversample must be at least 1 (1 = no oversampling), got {oversample}")
     return np.where(np.asarray(origins) == CORRECTION, float(oversample), 1.0)
 
 
-def take_snapshot(ws: Workspace) -> Snapshot:
-    """Exemplars (at the model size) and the active version, read under the workspace lock."""
+def take_snapshot(ws: TunableWorkspace) -> Snapshot:
+    """Exemplars (at the model size) and the active version, read under the workspace lock.
+
+    Args:
+        ws: the workspace.
+
+    Returns:
+        The snapshot (:class:`DataError` when the workspace holds no exemplar).
+    """
     size = (ws.model_config.size,) * 2
-    with ws._lock:
-        parent = ws.active
-        records = ws._store.records()
-        ids, images, masks = ws._store.load_all()
+    stored = ws.snapshot()
+    ids, records = stored.ids, stored.records
     if not len(ids):
         raise DataError("There is nothing to fine-tune on: accept corrected masks first")
     by_id = {r["id"]: r for r in records}
-    images, masks = resize_images(images, size), resize_labels(masks, size)
+    images, masks = resize_images(stored.images, size), resize_labels(stored.masks, size)
     samples = [SliceSample(image, mask, by_id[i]["case_id"], by_id[i]["patient_id"],
                            by_id[i]["slice_index"], by_id[i]["source"])
                for i, image, mask in zip(ids.tolist(), images, masks, strict=True)]
-    return Snapshot(parent, ids.tolist(), samples, [by_id[i]["origin"] for i in ids.tolist()])
+    return Snapshot(stored.active, ids.tolist(), samples,
+                    [by_id[i]["origin"] for i in ids.tolist()])
 
 
-def finetune_config(ws: Workspace, steps: int, batch_size: int, device: str,
+def finetune_config(ws: TunableWorkspace, steps: int, batch_size: int, device: str,
                     lr: float | None) -> TrainConfig:
-    """The original training settings (of ``v000``), adapted to a short fine-tune."""
+    """The original training settings (of ``v000``), adapted to a short fine-tune.
+
+    Args:
+        ws: the workspace (its first version's ``train_config.json`` gives the settings;
+            defaults when it is missing or unreadable).
+        steps: the fine-tune's steps.
+        batch_size: its batch size.
+        device: its device.
+        lr: its learning rate (None: the original one times :data:`LR_FACTOR`).
+
+    Returns:
+        The fine-tune's settings.
+    """
     file = ws.versions()[0].path / TRAIN_CONFIG_FILE
     known = {f.name for f in fields(TrainConfig)}
     try:
@@ -101,7 +152,7 @@ def finetune_config(ws: Workspace, steps: int, batch_size: int, device: str,
                    log_every=max(1, min(10, steps // 20)), checkpoint_every=max(10, steps // 4))
 
 
-def finetune_workspace(ws: Workspace, steps: int = 100, oversample: float = 4.0,
+def finetune_workspace(ws: TunableWorkspace, steps: int = 100, oversample: float = 4.0,
                        batch_size: int = 8, device: str = "auto",
                        progress: ProgressFn | None = None, cancel: CancelFn | None = None,
                        lr: float | None = None, resume: bool = True,
@@ -112,17 +163,28 @@ def finetune_workspace(ws: Workspace, steps: int = 100, oversample: float = 4.0,
     ``loss``, ``eta``...) and then "embed"; ``cancel()`` returning True stops the run with
     :class:`CancelledError`: the active version stays, no version is written, the checkpoint
     is kept for resuming (``resume=False`` or :meth:`Workspace.discard_finetune` drop it).
+
+    Args:
+        ws: the workspace.
+        steps: optimisation steps.
+        oversample: sampling weight of a correction relative to any other exemplar.
+        batch_size: the batch size.
+        device: the training device (``auto``, ``cpu``, ``cuda``...).
+        progress: receives the progress records.
+        cancel: polled after each step; True stops the run.
+        lr: the learning rate (None: the original training's times :data:`LR_FACTOR`).
+        resume: continue the checkpointed run of the same job, if there is one.
+        note: the user's note on the new version.
+
+    Returns:
+        The new version, now the active one.
     """
-    if not ws._finetune_lock.acquire(blocking=False):
-        raise JRASError("A fine-tune of this workspace is already running")
-    try:
+    with ws.finetune_slot("A fine-tune of this workspace is already running"):
         return _finetune(ws, steps, oversample, batch_size, device, progress,
                          cancel or (lambda: False), lr, resume, note)
-    finally:
-        ws._finetune_lock.release()
 
 
-def _finetune(ws: Workspace, steps: int, oversample: float, batch_size: int, device: str,
+def _finetune(ws: TunableWorkspace, steps: int, oversample: float, batch_size: int, device: str,
               progress: ProgressFn | None, cancel: CancelFn, lr: float | None, resume: bool,
               note: str) -> ModelVersion:
     started = time.time()
@@ -166,14 +228,21 @@ def _finetune(ws: Workspace, steps: int, oversample: float, batch_size: int, dev
         "correction_ids": [i for i, o in zip(snap.ids, snap.origins, strict=True) if o == CORRECTION],
         "wall_time_s": round(time.time() - started, 1), "train": asdict(config),
         "losses": history})
-    version = ws._install_version(model, folder, snap.parent.name, note, metrics,
-                                  seen_until=max(snap.ids), known=known, progress=progress)
+    version = ws.install_version(model, folder, snap.parent.name, note, metrics,
+                                 seen_until=max(snap.ids), known=known, progress=progress)
     shutil.rmtree(job_dir, ignore_errors=True)
     return version
 
 
 def pending_job(root: Path) -> dict[str, Any] | None:
-    """Parent, steps and step reached of the checkpointed job in ``root``, or None."""
+    """Parent, steps and step reached of the checkpointed job in ``root``, or None.
+
+    Args:
+        root: the workspace's ``finetune/`` folder.
+
+    Returns:
+        ``{"parent", "steps", "step"}``, or None when no checkpoint of a job is there.
+    """
     try:
         job = json.loads((root / JOB_FILE).read_text())
         done = sorted((root / "checkpoints").glob("step_*"))
@@ -198,9 +267,9 @@ def _job_dir(root: Path, job: dict[str, Any], resume: bool) -> Path:
     return root
 
 
-def _write_version(ws: Workspace, model: JRASModel, info: dict[str, Any]) -> Path:
+def _write_version(ws: TunableWorkspace, model: JRASModel, info: dict[str, Any]) -> Path:
     """Save weights + ``finetune.json`` as ``versions/vNNN`` (temporary folder, then rename)."""
-    name = ws._next_version_name()
+    name = ws.next_version_name()
     final = ws.path / VERSIONS_DIR / name
     tmp = final.with_name(f".{name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)

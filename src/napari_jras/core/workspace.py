@@ -19,41 +19,45 @@ one lock; a fine-tune trains a private copy of the model outside it (see :mod:`.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
 import shutil
 import threading
 import uuid
-import zipfile
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
 
 import numpy as np
-import torch
 
 from .bank import DB_FILE, ExemplarBank
 from .checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
-    atomic_write_bytes,
     atomic_write_json,
     load_model,
     read_config,
 )
 from .data import as_slices, resize_images, resize_labels
+from .drafts import DraftStore
 from .engine import BANK_DIR, InferenceEngine, Prediction
 from .errors import BankError, DataError, JRASError, ModelError
+from .finetune import FINETUNE_DIR, finetune_workspace, pending_job
 from .io import check_image, check_label, patient_of, split_extension
 from .model import JRASModel, ModelConfig
 from .normalize import NormalizedSlices, intensity_map
-from .retrieval import embed_images, retriever_version
 from .volume_memory import VolumeMemory
+from .workspace_embeddings import embed_bank
+from .workspace_records import (
+    CORRECTION,
+    VERSION_NAME,
+    VERSIONS_DIR,
+    ExemplarSnapshot,
+    ModelVersion,
+)
 
 BUILTIN = "builtin"
 BUILTIN_SLUG = "builtin-cardiac-mri"
@@ -62,17 +66,11 @@ FORMAT = "napari-jras-workspace"
 FORMAT_VERSION = 1
 WORKSPACE_FILE = "workspace.json"
 TRAIN_CONFIG_FILE = "train_config.json"
-VERSIONS_DIR = "versions"
 CORRECTIONS_DIR = "corrections"
 EMBEDDINGS_DIR = "embeddings"
 DRAFTS_DIR = "drafts"
-FINETUNE_DIR = "finetune"
-CORRECTION = "correction"
 OWN_CORRECTION = "your correction"
 """Gallery origin of an exemplar that is one of the user's accepted slices of the same volume."""
-MAX_KEY_LENGTH = 120
-EMBED_CHUNK = 256
-VERSION_NAME = re.compile(r"^v\d{1,9}$")  # names of folders under versions/
 
 ProgressFn = Callable[[dict[str, Any]], None]
 CancelFn = Callable[[], bool]
@@ -99,25 +97,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-@dataclass
-class ModelVersion:
-    """One set of weights; ``seen_until`` is the last exemplar id it was trained on."""
-
-    name: str
-    path: Path
-    created: str
-    parent: str | None = None
-    note: str = ""
-    metrics: dict[str, Any] = field(default_factory=dict)
-    seen_until: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        """Entry of ``workspace.json`` (the path is implied by the name)."""
-        data = asdict(self)
-        del data["path"]
-        return data
-
-
 def _slug(run: Path) -> str:
     name = re.sub(r"[^a-z0-9]+", "-", run.name.lower()).strip("-")[:40] or "model"
     return f"{name}-{hashlib.sha256(str(run).encode()).hexdigest()[:8]}"
@@ -129,20 +108,6 @@ def as_stored(images: np.ndarray, size: int) -> np.ndarray:
     return np.round(resized * 255).astype(np.float32) / 255
 
 
-def embed_exemplars(retriever: torch.nn.Module, bank: ExemplarBank, ids: Sequence[int],
-                    size: int, progress: ProgressFn | None = None) -> np.ndarray:
-    """Embed bank exemplars as :meth:`InferenceEngine.ensure_bank_embeddings` does, in chunks."""
-    device = next(retriever.parameters()).device
-    out = [np.zeros((0, retriever.embed_dim), np.float32)]
-    for start in range(0, len(ids), EMBED_CHUNK):
-        part = list(ids[start:start + EMBED_CHUNK])
-        images = torch.from_numpy(resize_images(bank.images(part), (size, size)))
-        out.append(embed_images(retriever, images, device=device).numpy())
-        if progress is not None:
-            progress({"phase": "embed", "step": start + len(part), "total": len(ids)})
-    return np.concatenate(out)
-
-
 class Workspace:
     """A user-writable copy of a model: weight versions, working exemplar bank, autosaved drafts."""
 
@@ -151,7 +116,7 @@ class Workspace:
         self.path = Path(path)
         self._lock = threading.RLock()
         self._finetune_lock = threading.Lock()
-        self._draft_lock = threading.Lock()
+        self._drafts = DraftStore(self.path / DRAFTS_DIR)
         meta = _read_meta(self.path)
         self.source: str = meta["source"]
         self.created: str = meta["created"]
@@ -169,7 +134,13 @@ class Workspace:
     def open(cls, source: str | Path = BUILTIN, home: Path | None = None) -> Workspace:
         """The workspace of ``source`` (a run folder or :data:`BUILTIN`), created on first use.
 
-        A workspace folder given as ``source`` is opened as it is.
+        Args:
+            source: a run folder, :data:`BUILTIN` (the bundled model) or a workspace folder,
+                which is opened as it is.
+            home: the folder holding ``workspaces/`` (default :func:`home_dir`).
+
+        Returns:
+            The open workspace (:class:`ModelError` when ``source`` cannot be used).
         """
         if str(source) != BUILTIN and (Path(source) / WORKSPACE_FILE).is_file():
             return cls(Path(source))
@@ -249,8 +220,19 @@ class Workspace:
                 memory: VolumeMemory | None = None) -> Prediction:
         """Segment ``image`` (2-D or 3-D Z-first) with the active version and the working bank.
 
-        ``memory``: annotated slices of this volume that guide the others first (see
-        :meth:`volume_memory`).
+        Args:
+            image: the image, 2-D or 3-D (Z first).
+            modality: its intensity normalisation (default: the model's modality).
+            slices: the Z slices to segment (default: all).
+            progress: called with (slices done, slices to do).
+            cancel: polled between batches; True stops with :class:`JRASError`.
+            return_probabilities: also return the class probabilities.
+            memory: annotated slices of this volume that guide the others first (see
+                :meth:`volume_memory`).
+
+        Returns:
+            The labels, the retrieved exemplars per slice and, if asked, the probabilities
+            (:class:`~.engine.Prediction`).
         """
         with self._lock:
             return self.engine(self._engine_device).predict(
@@ -276,8 +258,17 @@ class Workspace:
     def volume_memory(self, case_id: str, shape: Sequence[int], slots: int = 2,
                       extra: dict[int, np.ndarray] | None = None) -> VolumeMemory | None:
         """Same-volume priority: the accepted corrections of ``case_id`` as the memory of a
-        prediction of its (Z, H, W) ``shape`` volume (None when ``slots`` is 0 or nothing was
-        accepted); ``extra`` adds slices painted but not accepted yet."""
+        prediction of its (Z, H, W) ``shape`` volume.
+
+        Args:
+            case_id: the volume's case id.
+            shape: the volume's (Z, H, W) shape.
+            slots: how many exemplar slots the memory fills (0: no memory).
+            extra: slices painted but not accepted yet (Z -> (H, W) labels).
+
+        Returns:
+            The memory, or None when ``slots`` is 0 or there is no slice to remember.
+        """
         if slots <= 0 or len(shape) != 3:
             return None
         labels, records = self.accepted_slices(case_id, shape[1:])
@@ -291,14 +282,20 @@ class Workspace:
                             case_id=case_id)
 
     def activate(self, name: str, progress: ProgressFn | None = None) -> None:
-        """Make version ``name`` the active one (roll back or forward); the bank follows it."""
+        """Make version ``name`` the active one (roll back or forward); the bank follows it.
+
+        Args:
+            name: the version (``v000``...; :class:`ModelError` when there is none).
+            progress: receives the bank's re-embedding progress (nothing to do when the
+                version's retriever embedded it before: the stashed embeddings are restored).
+        """
         version = self._version(name)
         with self._lock:
             model = load_model(version.path)
             if self._engine is not None:
                 self._engine.set_model(model)
             if self._bank is not None:
-                self._embed_bank(model, progress=progress)
+                embed_bank(self._bank, model, self.path / EMBEDDINGS_DIR, progress=progress)
             self._active, self._config = name, model.config
             self._save_meta()
 
@@ -306,14 +303,26 @@ class Workspace:
     def accept(self, image: np.ndarray, labels: np.ndarray, slices: Sequence[int] | None = None,
                modality: str | None = None, source: str = "", case_id: str = "",
                author: str = "", patient_id: str | None = None) -> list[int]:
-        """Store a corrected mask; returns the new exemplar ids (searchable by the next predict).
+        """Store a corrected mask (searchable by the next predict).
 
-        ``image`` and ``labels`` are the full 2-D or 3-D (Z-first) arrays; ``slices`` picks the Z
-        slices to store (default: every slice with foreground; the one slice of a 2-D image).
-        ``case_id`` defaults to the source's file stem (without ``_image``); ``patient_id`` to
-        the case id's patient part (``patient045_frame01`` -> ``patient045``), whose exemplars
-        fine-tuning keeps out of this correction's retrievals. Accepting a (case, slice) again
-        replaces it. Baseline workspaces keep corrections in ``corrections/`` for fine-tuning.
+        Accepting a (case, slice) again replaces it. Baseline workspaces keep corrections in
+        ``corrections/`` for fine-tuning.
+
+        Args:
+            image: the full 2-D or 3-D (Z-first) image.
+            labels: its corrected labels, same shape.
+            slices: the Z slices to store (default: every slice with foreground; the one slice
+                of a 2-D image).
+            modality: the image's intensity normalisation (default: the model's).
+            source: the image file's name, recorded as provenance.
+            case_id: default: the source's file stem (without ``_image``).
+            author: who corrected it.
+            patient_id: default: the case id's patient part (``patient045_frame01`` ->
+                ``patient045``), whose exemplars fine-tuning keeps out of this correction's
+                retrievals.
+
+        Returns:
+            The new exemplar ids.
         """
         data = check_image(image)
         labels = np.asarray(labels)
@@ -360,51 +369,21 @@ class Workspace:
 
     # --- drafts ---------------------------------------------------------------------------
     def save_draft(self, key: str, labels: np.ndarray, meta: dict[str, Any] | None = None) -> None:
-        """Autosave unfinished labels (and JSON-able ``meta``) under ``key``, atomically."""
-        file = self._draft_file(key)
-        labels = np.asarray(labels)
-        if labels.dtype.kind not in "biu":
-            raise DataError(f"Draft labels must be whole numbers, got data type {labels.dtype}")
-        try:
-            meta_json = json.dumps(meta or {})
-        except (TypeError, ValueError) as exc:
-            raise DataError(f"Draft metadata must be plain values (text, numbers, lists): {exc}") \
-                from exc
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, labels=labels, meta=np.array(meta_json))
-        with self._draft_lock:
-            atomic_write_bytes(file, buffer.getvalue())
+        """Autosave unfinished labels (and JSON-able ``meta``) under ``key``, atomically
+        (see :meth:`.DraftStore.save`)."""
+        self._drafts.save(key, labels, meta)
 
     def load_draft(self, key: str) -> tuple[np.ndarray, dict[str, Any]] | None:
         """The draft saved under ``key`` as (labels, meta), or None when there is none."""
-        file = self._draft_file(key)
-        if not file.is_file():
-            return None
-        try:
-            with np.load(file) as data:
-                return data["labels"], json.loads(str(data["meta"]))
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-            raise DataError(f"The draft '{key}' is damaged ({file}): discard it") from exc
+        return self._drafts.load(key)
 
     def drafts(self) -> list[str]:
         """Keys of the saved drafts, sorted."""
-        folder = self.path / DRAFTS_DIR
-        if not folder.is_dir():
-            return []
-        return sorted(unquote(f.name[:-4]) for f in folder.glob("*.npz")
-                      if not f.name.startswith("."))
+        return self._drafts.keys()
 
     def discard_draft(self, key: str) -> None:
         """Delete the draft ``key`` (no error when there is none)."""
-        with self._draft_lock:
-            self._draft_file(key).unlink(missing_ok=True)
-
-    def _draft_file(self, key: str) -> Path:
-        if (not isinstance(key, str) or not key.strip() or len(key) > MAX_KEY_LENGTH
-                or key.startswith(".") or any(c in key for c in "/\\\0")):
-            raise DataError(f"Invalid draft key {key!r}: use a name of at most {MAX_KEY_LENGTH} "
-                            "characters without '/', '\\' or a leading '.'")
-        return self.path / DRAFTS_DIR / f"{quote(key, safe='')}.npz"
+        self._drafts.discard(key)
 
     # --- fine-tuning ----------------------------------------------------------------------
     def finetune(self, steps: int = 100, oversample: float = 4.0, batch_size: int = 8,
@@ -413,46 +392,82 @@ class Workspace:
                  note: str = "") -> ModelVersion:
         """Fine-tune the active version on the bank (corrections oversampled) into a new version.
 
-        See :func:`napari_jras.core.finetune.finetune_workspace`; safe to run in a worker thread
-        while other threads predict and accept.
-        """
-        from .finetune import finetune_workspace
+        Safe to run in a worker thread while other threads predict and accept.
 
+        Args:
+            steps, oversample, batch_size, device, progress, cancel, lr, resume, note: see
+                :func:`napari_jras.core.finetune.finetune_workspace`.
+
+        Returns:
+            The new version, now the active one.
+        """
         return finetune_workspace(self, steps=steps, oversample=oversample, batch_size=batch_size,
                                   device=device, progress=progress, cancel=cancel, lr=lr,
                                   resume=resume, note=note)
 
     def pending_finetune(self) -> dict[str, Any] | None:
         """The interrupted fine-tune the next one resumes: parent, steps, step reached (or None)."""
-        from .finetune import pending_job
-
         return pending_job(self.path / FINETUNE_DIR)
 
     def discard_finetune(self) -> None:
         """Delete the checkpoints of an interrupted fine-tune (the next one starts afresh)."""
-        if not self._finetune_lock.acquire(blocking=False):
-            raise JRASError("A fine-tune of this workspace is running: cancel it first")
-        try:
+        with self.finetune_slot("A fine-tune of this workspace is running: cancel it first"):
             shutil.rmtree(self.path / FINETUNE_DIR, ignore_errors=True)
+
+    @contextmanager
+    def finetune_slot(self, busy: str) -> Iterator[None]:
+        """Hold the workspace's one fine-tune slot for the ``with`` block.
+
+        Args:
+            busy: the message of the :class:`JRASError` raised when a fine-tune holds it.
+        """
+        if not self._finetune_lock.acquire(blocking=False):
+            raise JRASError(busy)
+        try:
+            yield
         finally:
             self._finetune_lock.release()
 
-    def _next_version_name(self) -> str:
+    def snapshot(self) -> ExemplarSnapshot:
+        """The active version and every stored exemplar (records and pixels), read under the
+        lock so that no prediction, correction or activation changes them half way."""
+        with self._lock:
+            parent = self.active
+            records = self._store.records()
+            ids, images, masks = self._store.load_all()
+        return ExemplarSnapshot(parent, records, ids, images, masks)
+
+    def next_version_name(self) -> str:
+        """The name of the next version folder (``v001``...), free in the list and on disk."""
         taken = {v.name for v in self._versions}
         taken |= {p.name for p in (self.path / VERSIONS_DIR).iterdir()}
         numbers = [int(n[1:]) for n in taken if re.fullmatch(r"v\d+", n)]
         return f"v{max(numbers, default=-1) + 1:03d}"
 
-    def _install_version(self, model: JRASModel, folder: Path, parent: str, note: str,
-                         metrics: dict[str, Any], seen_until: int,
-                         known: dict[int, np.ndarray] | None = None,
-                         progress: ProgressFn | None = None) -> ModelVersion:
-        """Adopt a finished version folder (under ``versions/``): embed the bank, activate it."""
+    def install_version(self, model: JRASModel, folder: Path, parent: str, note: str,
+                        metrics: dict[str, Any], seen_until: int,
+                        known: dict[int, np.ndarray] | None = None,
+                        progress: ProgressFn | None = None) -> ModelVersion:
+        """Adopt a finished version folder (under ``versions/``): embed the bank, activate it.
+
+        Args:
+            model: the version's weights (handed to the engine).
+            folder: its folder, ``versions/<name>`` (see :meth:`next_version_name`).
+            parent: the version it was trained from.
+            note: the user's note.
+            metrics: what its training reports (steps, losses...).
+            seen_until: the last exemplar id it was trained on.
+            known: bank embeddings already computed with its retriever, by exemplar id.
+            progress: receives the bank's re-embedding progress.
+
+        Returns:
+            The new version, now the active one.
+        """
         with self._lock:
             if self._engine is not None:
                 self._engine.set_model(model)
             if self._bank is not None:
-                self._embed_bank(model, known, progress)
+                embed_bank(self._bank, model, self.path / EMBEDDINGS_DIR, known, progress)
             version = ModelVersion(folder.name, folder, _now(), parent, note, metrics, seen_until)
             self._versions.append(version)
             self._active, self._config = version.name, model.config
@@ -460,44 +475,6 @@ class Workspace:
         return version
 
     # --- internals ------------------------------------------------------------------------
-    def _embed_bank(self, model: JRASModel, known: dict[int, np.ndarray] | None = None,
-                    progress: ProgressFn | None = None) -> None:
-        """Embed the bank with ``model``'s retriever (call under the lock).
-
-        The replaced embeddings are kept in ``embeddings/`` so that activating their version again
-        restores them exactly; ``known`` gives vectors already computed (by id).
-        """
-        version = retriever_version(model.retriever)
-        if not self._bank.needs_embedding(version):
-            return
-        vectors = {**self._stashed(version), **(known or {})}
-        self._stash_embeddings()
-        ids = [r["id"] for r in self._bank.records()]
-        missing = [i for i in ids if i not in vectors]
-        if progress is not None:
-            progress({"phase": "embed", "step": 0, "total": len(missing)})
-        vectors.update(zip(missing, embed_exemplars(model.retriever, self._bank, missing,
-                                                    model.config.size, progress), strict=True))
-        stack = (np.stack([vectors[i] for i in ids]) if ids
-                 else np.zeros((0, self._bank.embed_dim), np.float32))
-        self._bank.set_embeddings(ids, stack, version)
-
-    def _stash_embeddings(self) -> None:
-        ids, vectors = self._bank.embeddings()
-        version = self._bank.retriever_version
-        if version is not None and len(ids):
-            buffer = io.BytesIO()
-            np.savez(buffer, ids=ids, vectors=vectors)
-            atomic_write_bytes(self.path / EMBEDDINGS_DIR / f"{version}.npz", buffer.getvalue())
-
-    def _stashed(self, version: str) -> dict[int, np.ndarray]:
-        file = self.path / EMBEDDINGS_DIR / f"{version}.npz"
-        try:
-            with np.load(file) as data:
-                return dict(zip(data["ids"].tolist(), data["vectors"], strict=True))
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            return {}  # missing or damaged: the vectors are simply recomputed
-
     def _save_meta(self) -> None:
         atomic_write_json(self.path / WORKSPACE_FILE, {
             "format": FORMAT, "format_version": FORMAT_VERSION, "source": self.source,
