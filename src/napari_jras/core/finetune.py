@@ -33,6 +33,7 @@ from .checkpoint import atomic_write_json, load_model, save_model
 from .data import SliceSample, resize_images, resize_labels
 from .errors import CancelledError, DataError, JRASError
 from .model import JRASModel
+from .run_files import CHECKPOINT_GLOB, CHECKPOINT_PREFIX, CHECKPOINTS_DIR
 from .train import JointTrainer, SliceSet, TrainConfig
 from .workspace import (
     CORRECTION,
@@ -176,11 +177,11 @@ def pending_job(root: Path) -> dict[str, Any] | None:
     """Parent, steps and step reached of the checkpointed job in ``root``, or None."""
     try:
         job = json.loads((root / JOB_FILE).read_text())
-        done = sorted((root / "checkpoints").glob("step_*"))
+        done = sorted((root / CHECKPOINTS_DIR).glob(CHECKPOINT_GLOB))
         if not done:
             return None
         return {"parent": job["parent"], "steps": job["train"]["steps"],
-                "step": int(done[-1].name.removeprefix("step_"))}
+                "step": int(done[-1].name.removeprefix(CHECKPOINT_PREFIX))}
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

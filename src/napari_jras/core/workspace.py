@@ -53,6 +53,7 @@ from .io import check_image, check_label, patient_of, split_extension
 from .model import JRASModel, ModelConfig
 from .normalize import NormalizedSlices, intensity_map
 from .retrieval import embed_images, retriever_version
+from .run_files import TRAIN_CONFIG_FILE
 from .volume_memory import VolumeMemory
 
 BUILTIN = "builtin"
@@ -61,7 +62,6 @@ HOME_ENV = "NAPARI_JRAS_HOME"
 FORMAT = "napari-jras-workspace"
 FORMAT_VERSION = 1
 WORKSPACE_FILE = "workspace.json"
-TRAIN_CONFIG_FILE = "train_config.json"
 VERSIONS_DIR = "versions"
 CORRECTIONS_DIR = "corrections"
 EMBEDDINGS_DIR = "embeddings"
