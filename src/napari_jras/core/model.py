@@ -37,7 +37,11 @@ def _backbone_names() -> list[str]:
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild a model (saved as a run folder's ``config.json``)."""
+    """Everything needed to rebuild a model (saved as a run folder's ``config.json``).
+
+    Each field is a setting (:func:`~napari_jras.core.settings.setting`): its help, range and
+    command-line flag feed the checks below, ``napari-jras train`` and the training panel.
+    """
 
     num_classes: int = setting(
         low=2, high=MAX_CLASSES, help="classes incl. background (default: from labels)")

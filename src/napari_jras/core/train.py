@@ -78,6 +78,8 @@ class TrainConfig:
     ``image_dropout`` is the fraction of queries with exemplars whose deep image features are
     dropped in a readout step (:meth:`JRASModel.forward_readout`), so the decoder learns to
     rely on the readout where the image path alone would not know.
+    Each field but ``extra`` is a setting (:func:`~napari_jras.core.settings.setting`): its
+    help, range and command-line flag feed the checks, ``napari-jras train`` and the panel.
     """
 
     steps: int = setting(2000, low=1, high=MAX_STEPS, step=100, panel=True,
