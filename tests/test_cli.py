@@ -484,6 +484,7 @@ BAD_TRAIN_OPTIONS = [
     # a corrected rerun refused to resume it
     (["--embed-dim", "0"], "retriever option 'embed_dim' must be a whole number between 2"),
     (["--num-classes", "300"], "num_classes must be a whole number between 2 and 256, got 300"),
+    (["--num-classes", "0"], "num_classes must be a whole number between 2 and 256, got 0"),
     (["--class-names", "background,RV,,LV"], "class names must be non-empty text"),
     (["--class-names", "background,RV,RV,LV"], "class names must differ"),
     (["--epochs", "10000000000"], "steps must be a whole number between 1 and"),
