@@ -200,10 +200,10 @@ def shot_training(viewer) -> None:
     panel.data.setText(str(train))
     panel.val.setText(str(val))
     panel.out.setText(tempfile.mkdtemp(prefix="jras-shot-run-"))
-    panel.steps.setValue(150)
-    panel.size.setValue(64)
-    panel.channels.setValue(8)
-    panel.class_names.setText("background, RV, myocardium, LV")
+    panel.settings.steps.value = 150
+    panel.settings.size.value = 64
+    panel.settings.base_channels.value = 8
+    panel.settings.class_names.value = "background, RV, myocardium, LV"
     panel.train()
     wait_for(lambda: not panel.task.running, timeout=3600)
     show_slice(viewer, CORRECTED_SLICE)

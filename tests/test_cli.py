@@ -110,6 +110,23 @@ def test_train_writes_a_complete_run_folder(runs):
         assert len(bank) == 8 and bank.num_classes == 4
 
 
+def test_run_folder_names_are_the_run_files_constants(runs):
+    """Everything a training writes is named in core/run_files.py (``--overwrite`` removes
+    exactly RUN_FILES; the readers use the same constants)."""
+    from napari_jras.core import run_files
+    from napari_jras.core.run_settings import RUN_FILES
+
+    run = runs["jras"]
+    assert {p.name for p in run.iterdir()} <= set(RUN_FILES) - {run_files.BANK_PARTIAL_DIR}
+    assert {run_files.CONFIG_FILE, run_files.WEIGHTS_FILE, run_files.TRAIN_CONFIG_FILE,
+            run_files.SETTINGS_FILE, run_files.LOG_FILE} <= {p.name for p in run.iterdir()}
+    checkpoints = sorted((run / run_files.CHECKPOINTS_DIR).glob(run_files.CHECKPOINT_GLOB))
+    assert [p.name for p in checkpoints] == [run_files.checkpoint_name(3)] == ["step_00000003"]
+    assert {p.name for p in checkpoints[0].iterdir()} == {
+        run_files.CONFIG_FILE, run_files.WEIGHTS_FILE, run_files.TRAINER_STATE_FILE,
+        run_files.TRAINER_TENSORS_FILE}
+
+
 def test_a_run_trained_with_every_default_loads(acdc_slices_dir, tmp_path, capsys):
     """Default options (U-Net, size 128) wrote a header of 9600 bytes (first byte 0x80) that
     was refused as a pickle: train, then evaluate and predict with the run."""
@@ -467,6 +484,7 @@ BAD_TRAIN_OPTIONS = [
     # a corrected rerun refused to resume it
     (["--embed-dim", "0"], "retriever option 'embed_dim' must be a whole number between 2"),
     (["--num-classes", "300"], "num_classes must be a whole number between 2 and 256, got 300"),
+    (["--num-classes", "0"], "num_classes must be a whole number between 2 and 256, got 0"),
     (["--class-names", "background,RV,,LV"], "class names must be non-empty text"),
     (["--class-names", "background,RV,RV,LV"], "class names must differ"),
     (["--epochs", "10000000000"], "steps must be a whole number between 1 and"),

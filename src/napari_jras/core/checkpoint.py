@@ -20,9 +20,8 @@ import torch
 
 from .errors import ModelError, StorageError
 from .model import JRASModel, ModelConfig
+from .run_files import CONFIG_FILE, WEIGHTS_FILE
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 _MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers too
 _PICKLE_PROTOCOLS = (b"\x02", b"\x03", b"\x04", b"\x05")

@@ -34,10 +34,10 @@ from .model import JRASModel
 from .normalize import NormalizedSlices, intensity_map
 from .ranges import check_int
 from .retrieval import embed_images, retriever_version
+from .run_files import BANK_DIR
 from .volume_memory import GUIDE_SOURCES, VolumeMemory
 
 log = logging.getLogger(__name__)
-BANK_DIR = "bank"
 MAX_BATCH_SIZE = 1024  # slices per network pass (predict/evaluate --batch-size)
 
 

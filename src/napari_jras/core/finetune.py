@@ -37,7 +37,12 @@ from .checkpoint import atomic_write_json, load_model, save_model
 from .data import SliceSample, resize_images, resize_labels
 from .errors import CancelledError, DataError, JRASError
 from .model import JRASModel, ModelConfig
-from .run_settings import TRAIN_CONFIG_FILE
+from .run_files import (
+    CHECKPOINT_GLOB,
+    CHECKPOINT_PREFIX,
+    CHECKPOINTS_DIR,
+    TRAIN_CONFIG_FILE,
+)
 from .train import CancelFn, JointTrainer, ProgressFn, SliceSet, TrainConfig
 from .workspace_records import CORRECTION, VERSIONS_DIR, ExemplarSnapshot, ModelVersion
 
@@ -245,11 +250,11 @@ def pending_job(root: Path) -> dict[str, Any] | None:
     """
     try:
         job = json.loads((root / JOB_FILE).read_text())
-        done = sorted((root / "checkpoints").glob("step_*"))
+        done = sorted((root / CHECKPOINTS_DIR).glob(CHECKPOINT_GLOB))
         if not done:
             return None
         return {"parent": job["parent"], "steps": job["train"]["steps"],
-                "step": int(done[-1].name.removeprefix("step_"))}
+                "step": int(done[-1].name.removeprefix(CHECKPOINT_PREFIX))}
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

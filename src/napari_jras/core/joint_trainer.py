@@ -38,6 +38,7 @@ from .metrics import mean_dice
 from .model import JRASModel
 from .readout import readout_loss
 from .retrieval import embed_images, retriever_version
+from .run_files import LOG_FILE
 from .train_checkpoint import TrainingState, load_checkpoint, newest_checkpoint, save_checkpoint
 from .train_losses import info_nce, mask_relevance, nt_xent, relevance_masks, segmentation_loss
 from .train_sampling import (
@@ -384,7 +385,7 @@ class JointTrainer:
             return
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.run_dir / "log.jsonl", "a") as fh:
+            with open(self.run_dir / LOG_FILE, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         if self.progress is not None:
             self.progress(record)

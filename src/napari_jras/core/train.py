@@ -18,13 +18,13 @@ import torch
 from .errors import JRASError
 from .fusion import MAX_TAU, MIN_TAU
 from .joint_trainer import CancelFn, JointTrainer, ProgressFn
-from .ranges import check_bool, check_int, check_number
 from .train_losses import mask_relevance, segmentation_loss
 from .train_sampling import SliceSet, corrupted_copy
 
 __all__ = ["CURRICULUM", "MAX_BATCH", "MAX_STEPS", "CancelFn", "JointTrainer", "ProgressFn",
            "SliceSet", "TrainConfig", "corrupted_copy", "mask_relevance", "seed_everything",
            "segmentation_loss"]
+from .settings import check_settings, setting
 
 MAX_STEPS = 10_000_000
 MAX_BATCH = 4096
@@ -54,66 +54,89 @@ class TrainConfig:
     ``image_dropout`` is the fraction of queries with exemplars whose deep image features are
     dropped in a readout step (:meth:`JRASModel.forward_readout`), so the decoder learns to
     rely on the readout where the image path alone would not know.
+    Each field but ``extra`` is a setting (:func:`~napari_jras.core.settings.setting`): its
+    help, range and command-line flag feed the checks, ``napari-jras train`` and the panel.
     """
 
-    steps: int = 2000
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_fraction: float = 0.05
-    contrastive_every: int = 1
-    contrastive_candidates: int = 64
-    contrastive_positives: int = 2
-    contrastive_tau: float = 0.1
-    retriever_warmup_steps: int = 0
-    refresh_every: int = 0
-    freeze_retriever: bool = False
-    guide_dropout: float | None = None
-    neighbour_guides: float | None = None
-    own_guides: float | None = None
-    class_sampling: float = 0.33
-    readout_weight: float = 0.5
-    image_dropout: float = 0.3
-    augment: bool = True
-    amp: bool = True
-    seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 200
-    val_every: int = 0
-    device: str = "auto"
+    steps: int = setting(2000, low=1, high=MAX_STEPS, step=100, panel=True,
+                         help="optimisation steps")
+    batch_size: int = setting(8, low=1, high=MAX_BATCH, panel=True,
+                              help="slices per step; the global batch: under torchrun it is "
+                                   "split across the processes")
+    lr: float = setting(1e-3, low=0.0, high=1.0, open_low=True,
+                        help="AdamW learning rate (5 % linear warm-up, then cosine decay)")
+    weight_decay: float = setting(1e-4, low=0.0, high=1.0, flag=None, help="AdamW weight decay")
+    warmup_fraction: float = setting(0.05, low=0.0, high=1.0, flag=None,
+                                     help="fraction of the steps of linear learning-rate warm-up")
+    contrastive_every: int = setting(
+        1, low=0, high=MAX_STEPS,
+        help="a contrastive retriever step every N supervised steps (0: off)")
+    contrastive_candidates: int = setting(
+        64, low=2, high=MAX_BATCH, flag=None,
+        help="candidate exemplars per query of a contrastive step")
+    contrastive_positives: int = setting(
+        2, low=1, high=MAX_BATCH, flag=None,
+        help="positives among the candidates (those whose masks overlap most with the query's)")
+    contrastive_tau: float = setting(0.1, low=MIN_TAU, high=MAX_TAU, flag=None,
+                                     help="temperature of the contrastive loss")
+    retriever_warmup_steps: int = setting(0, low=0, high=MAX_STEPS, flag="--warmup-steps",
+                                          help="NT-Xent retriever warm-up steps")
+    refresh_every: int = setting(0, low=0, high=MAX_STEPS, flag=None,
+                                 help="steps between bank embedding refreshes (0: once per epoch)")
+    freeze_retriever: bool = setting(False, help="ablation: no retriever training")
+    guide_dropout: float | None = setting(
+        None, low=0.0, high=1.0, open_high=True,
+        help="fraction of supervised samples trained without exemplars, in [0, 1) "
+             "(default: 0.1 readout, 0.5 concat)")
+    neighbour_guides: float | None = setting(
+        None, low=0.0, high=1.0,
+        help="fraction of supervised samples guided by adjacent slices (and the other frame) "
+             "of their own volume, as after an accepted correction; lifts the own-patient "
+             "exclusion for those samples only (never at evaluation) "
+             "(default: 0.35 readout, 0 concat)")
+    own_guides: float | None = setting(
+        None, low=0.0, high=1.0,
+        help="fraction of supervised samples whose first exemplar is their own slice, warped, "
+             "with a corrupted mask (default: 0.2 readout, 0 concat)")
+    class_sampling: float = setting(
+        0.33, low=0.0, high=1.0,
+        help="fraction of each batch drawn from slices holding a randomly chosen foreground "
+             "class")
+    readout_weight: float = setting(
+        0.5, low=0.0, high=100.0,
+        help="weight of the readout fusion's loss on its propagated mask")
+    image_dropout: float = setting(
+        0.3, low=0.0, high=1.0, open_high=True,
+        help="readout fusion: fraction of queries with exemplars trained without their deep "
+             "image features, in [0, 1)")
+    augment: bool = setting(True, flag="--no-augment",
+                            help="random affine / intensity augmentation")
+    amp: bool = setting(True, flag="--no-amp",
+                        help="mixed precision on CUDA (bf16 where supported, else fp16)")
+    seed: int = setting(0, low=0, high=2**63 - 1, help="random seed")
+    log_every: int = setting(10, low=0, high=MAX_STEPS,
+                             help="steps between log lines (0: only the last step)")
+    checkpoint_every: int = setting(
+        200, low=0, high=MAX_STEPS,
+        help="steps between resumable checkpoints (0: only when training stops)")
+    val_every: int = setting(
+        0, low=0, high=MAX_STEPS,
+        help="validation Dice (needs --val) at logged steps that are multiples of N (0: never)")
+    device: str = setting("auto", check=False, panel=True,
+                          help="auto (CUDA, MPS, CPU), cpu, cuda, cuda:N, mps")
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Check every field's type and range (docs/cli.md) before anything is built."""
-        for name, low, high in (
-                ("steps", 1, MAX_STEPS), ("batch_size", 1, MAX_BATCH),
-                ("contrastive_every", 0, MAX_STEPS), ("contrastive_candidates", 2, MAX_BATCH),
-                ("contrastive_positives", 1, MAX_BATCH), ("retriever_warmup_steps", 0, MAX_STEPS),
-                ("refresh_every", 0, MAX_STEPS), ("seed", 0, 2**63 - 1),
-                ("log_every", 0, MAX_STEPS), ("checkpoint_every", 0, MAX_STEPS),
-                ("val_every", 0, MAX_STEPS)):
-            check_int(getattr(self, name), name, low, high, JRASError)
+        check_settings(self, JRASError)
         if self.contrastive_positives >= self.contrastive_candidates:
             raise JRASError(f"contrastive_positives ({self.contrastive_positives}) must be "
                             f"fewer than contrastive_candidates ({self.contrastive_candidates})")
-        check_number(self.lr, "lr", 0.0, 1.0, JRASError, open_low=True)
-        check_number(self.weight_decay, "weight_decay", 0.0, 1.0, JRASError)
-        check_number(self.warmup_fraction, "warmup_fraction", 0.0, 1.0, JRASError)
-        check_number(self.contrastive_tau, "contrastive_tau", MIN_TAU, MAX_TAU, JRASError)
-        for name in ("guide_dropout", "neighbour_guides", "own_guides"):  # None: the fusion's
-            if getattr(self, name) is not None:
-                check_number(getattr(self, name), name, 0.0, 1.0, JRASError,
-                             open_high=name == "guide_dropout")
         given = [v for v in (self.guide_dropout, self.neighbour_guides, self.own_guides)
                  if v is not None]
         if sum(given) > 1.0 + 1e-9:
             raise JRASError("guide_dropout + neighbour_guides + own_guides must not exceed 1, "
                             f"got {sum(given):.3g}")
-        check_number(self.class_sampling, "class_sampling", 0.0, 1.0, JRASError)
-        check_number(self.readout_weight, "readout_weight", 0.0, 100.0, JRASError)
-        check_number(self.image_dropout, "image_dropout", 0.0, 1.0, JRASError, open_high=True)
-        for name in ("freeze_retriever", "augment", "amp"):
-            check_bool(getattr(self, name), name, JRASError)
         if not isinstance(self.device, str) or not self.device:
             raise JRASError(f"device must be a name such as auto, cpu or cuda, got {self.device!r}")
         if not isinstance(self.extra, dict):

@@ -21,8 +21,14 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from .checkpoint import atomic_write_json, load_tensors, save_model, save_tensors
 from .model import JRASModel
-
-CHECKPOINTS_DIR = "checkpoints"
+from .run_files import (
+    CHECKPOINT_GLOB,
+    CHECKPOINTS_DIR,
+    TRAINER_STATE_FILE,
+    TRAINER_TENSORS_FILE,
+    WEIGHTS_FILE,
+    checkpoint_name,
+)
 
 
 @dataclass
@@ -53,8 +59,8 @@ def save_checkpoint(run_dir: Path, step: int, state: TrainingState,
         The checkpoint folder.
     """
     ckpt_root = run_dir / CHECKPOINTS_DIR
-    final = ckpt_root / f"step_{step:08d}"
-    tmp = ckpt_root / f".step_{step:08d}.partial"
+    final = ckpt_root / checkpoint_name(step)
+    tmp = ckpt_root / f".{checkpoint_name(step)}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(tmp, state.model)
@@ -63,23 +69,23 @@ def save_checkpoint(run_dir: Path, step: int, state: TrainingState,
     tensors["rng.torch"] = torch.get_rng_state()
     if bank_embeddings is not None:
         tensors["bank_embeddings"] = bank_embeddings
-    save_tensors(tmp / "trainer.safetensors", tensors)
-    atomic_write_json(tmp / "trainer.json", {
+    save_tensors(tmp / TRAINER_TENSORS_FILE, tensors)
+    atomic_write_json(tmp / TRAINER_STATE_FILE, {
         "step": step, "param_groups": groups,
         "scheduler": state.scheduler.state_dict(),
         "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else None,
         "train_config": train_config})
     _retire(final)
     tmp.rename(final)
-    for old in sorted(ckpt_root.glob("step_*"))[:-keep]:
+    for old in sorted(ckpt_root.glob(CHECKPOINT_GLOB))[:-keep]:
         _retire(old)
     return final
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint folder of ``run_dir`` (None when there is none)."""
-    done = sorted(p for p in (run_dir / CHECKPOINTS_DIR).glob("step_*")
-                  if (p / "trainer.json").exists())
+    done = sorted(p for p in (run_dir / CHECKPOINTS_DIR).glob(CHECKPOINT_GLOB)
+                  if (p / TRAINER_STATE_FILE).exists())
     return done[-1] if done else None
 
 
@@ -105,9 +111,9 @@ def load_checkpoint(ckpt: Path, state: TrainingState) -> Restored:
     Returns:
         The step, the saved scheduler state and the bank embeddings (if saved).
     """
-    saved = json.loads((ckpt / "trainer.json").read_text())
-    state.model.load_state_dict(load_tensors(ckpt / "model.safetensors"))
-    tensors = load_tensors(ckpt / "trainer.safetensors")
+    saved = json.loads((ckpt / TRAINER_STATE_FILE).read_text())
+    state.model.load_state_dict(load_tensors(ckpt / WEIGHTS_FILE))
+    tensors = load_tensors(ckpt / TRAINER_TENSORS_FILE)
     _load_optimizer(state.optimizer, tensors, saved["param_groups"])
     state.generator.set_state(tensors["rng.generator"])
     torch.set_rng_state(tensors["rng.torch"])

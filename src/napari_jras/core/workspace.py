@@ -49,6 +49,7 @@ from .finetune import FINETUNE_DIR, finetune_workspace, pending_job
 from .io import check_image, check_label, patient_of, split_extension
 from .model import JRASModel, ModelConfig
 from .normalize import NormalizedSlices, intensity_map
+from .run_files import TRAIN_CONFIG_FILE
 from .volume_memory import VolumeMemory
 from .workspace_embeddings import embed_bank
 from .workspace_records import (
@@ -65,7 +66,6 @@ HOME_ENV = "NAPARI_JRAS_HOME"
 FORMAT = "napari-jras-workspace"
 FORMAT_VERSION = 1
 WORKSPACE_FILE = "workspace.json"
-TRAIN_CONFIG_FILE = "train_config.json"
 CORRECTIONS_DIR = "corrections"
 EMBEDDINGS_DIR = "embeddings"
 DRAFTS_DIR = "drafts"
