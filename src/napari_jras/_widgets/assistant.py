@@ -41,6 +41,7 @@ from ..core import bank_tools
 from ..core.backbones.litemedsam_net import availability as litemedsam_availability
 from ..core.engine import Prediction
 from ..core.errors import DataError, JRASError
+from ..core.progress import Progress
 from ..core.propagate import MIN_CONFIDENCE, Propagation, propagate
 from ..core.workspace import BUILTIN, ModelVersion, Workspace, builtin_model_dir
 from ..core.zero_shot import boxes_from_labels, boxes_on_slice, segment_with_boxes
@@ -107,7 +108,7 @@ def segment_job(workspace: Workspace | None, source: str, jobs: list[dict[str, A
         started = time.perf_counter()
         memory = ws.volume_memory(job["case_id"], np.shape(job["image"]), job["memory_slots"])
         pred = ws.predict(job["image"], modality=job["modality"], slices=job["slices"],
-                          progress=lambda done, total, i=i: progress((i, len(jobs), done, total)),
+                          progress=lambda p, i=i: progress((i, len(jobs), p.done, p.total)),
                           cancel=cancel, memory=memory)
         draft = ws.load_draft(job["draft_key"]) if job["want_draft"] else None
         results.append(Segmented(job["name"], pred, draft, str(engine.device),
@@ -127,7 +128,7 @@ def propagate_job(ws: Workspace, image: np.ndarray, modality: str | None, case_i
     return propagate(ws, image, {**accepted, **painted}, start, protected=protected, slots=slots,
                      modality=modality, case_id=case_id, records=records,
                      min_confidence=min_confidence, stop_on_empty=stop_on_empty,
-                     progress=lambda done, total: progress((done, total)), cancel=cancel)
+                     progress=lambda p: progress((p.done, p.total)), cancel=cancel)
 
 
 def box_job(image2d: np.ndarray, boxes: list[list[float]], labels: list[int]) -> np.ndarray:
@@ -1061,17 +1062,17 @@ class AssistantWidget(QWidget):
             self.finetune_task.cancel()
             self.finetune_status.setText("Cancelling ...")
 
-    def _on_finetune_progress(self, record: dict[str, Any]) -> None:
-        step, total = record.get("step"), record.get("total")
-        phase = record.get("phase", "")
+    def _on_finetune_progress(self, event: Progress) -> None:
+        step, total, phase = event.done, event.total, event.stage
         if total:
-            self.finetune_progress.setRange(0, int(total))
-            self.finetune_progress.setValue(int(step or 0))
-        if record.get("loss") is not None and phase in ("train", "finetune", ""):
-            self.loss_plot.add_point(step or 0, record["loss"])
-        eta = format_eta(record.get("eta", record.get("eta_s")))
-        loss = f"  loss {record['loss']:.4f}" if record.get("loss") is not None else ""
-        self.finetune_status.setText(f"{phase or 'fine-tuning'} {step}/{total}{loss}  {eta}")
+            self.finetune_progress.setRange(0, total)
+            self.finetune_progress.setValue(step)
+        loss = event.metrics.get("loss")
+        if loss is not None and phase in ("train", "finetune", ""):
+            self.loss_plot.add_point(step, loss)
+        eta = format_eta(event.eta_s)
+        shown = f"  loss {loss:.4f}" if loss is not None else ""
+        self.finetune_status.setText(f"{phase or 'fine-tuning'} {step}/{total}{shown}  {eta}")
 
     def _on_finetuned(self, version: ModelVersion) -> None:
         seconds = time.perf_counter() - self._finetune_started

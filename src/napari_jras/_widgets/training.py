@@ -24,6 +24,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..core.errors import DataError
+from ..core.progress import Progress, ProgressFn
 from ._common import (
     DEVICES,
     Task,
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 
 def train_and_evaluate(data: str, out: str, model_config: dict[str, Any], steps: int,
                        batch_size: int, device: str, val: str | None = None,
-                       progress: Callable[[dict], None] | None = None,
+                       progress: ProgressFn | None = None,
                        cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Train into ``out``, then (with ``val``) evaluate; returns ``{"out", "report", "cancelled"}``."""
     from ..core.pipeline import evaluate_run, train_run
@@ -225,23 +226,21 @@ class TrainingPanel(QWidget):
             self.task.cancel()
             self.status.setText("Stopping after the current step ...")
 
-    def _on_progress(self, record: dict) -> None:
-        phase = record.get("phase")
-        if phase == "evaluate":
-            self.progress.setRange(0, int(record.get("total", 1)))
-            self.progress.setValue(int(record.get("step", 0)))
-            self.status.setText(f"Evaluating {record.get('case', '')} "
-                                f"({record.get('step')}/{record.get('total')})")
+    def _on_progress(self, event: Progress) -> None:
+        if event.stage == "evaluate":
+            self.progress.setRange(0, event.total)
+            self.progress.setValue(event.done)
+            self.status.setText(f"Evaluating {event.detail} ({event.done}/{event.total})")
             return
-        if phase != "train":
+        if event.stage != "train":
             return
-        step = int(record.get("step", 0))
+        step, metrics = event.done, event.metrics
         self.progress.setValue(step)
-        self.plot.add_point(step, record.get("loss"), "segmentation")
-        if "loss_contrastive" in record:
-            self.plot.add_point(step, record["loss_contrastive"], "contrastive")
-        self.status.setText(f"Step {step}/{record.get('total')}  loss {record.get('loss', 0):.4f}  "
-                            f"{format_eta(record.get('eta_s'))}")
+        self.plot.add_point(step, metrics.get("loss"), "segmentation")
+        if "loss_contrastive" in metrics:
+            self.plot.add_point(step, metrics["loss_contrastive"], "contrastive")
+        self.status.setText(f"Step {step}/{event.total}  loss {metrics.get('loss', 0):.4f}  "
+                            f"{format_eta(event.eta_s)}")
 
     def _on_done(self, result: dict[str, Any]) -> None:
         self.result = result

@@ -43,12 +43,11 @@ from .fusion import MAX_TAU, MIN_TAU, Guide, make_guide, shift_exemplars, soft_t
 from .memory import RELEVANCE_SIZE, check_training_memory
 from .metrics import mean_dice
 from .model import JRASModel
+from .progress import CancelFn, Progress, ProgressFn
 from .ranges import check_bool, check_int, check_number
 from .readout import readout_loss
 from .retrieval import embed_images, retriever_version
 
-ProgressFn = Callable[[dict[str, Any]], None]
-CancelFn = Callable[[], bool]
 MAX_STEPS = 10_000_000
 MAX_BATCH = 4096
 NEIGHBOUR_RANGE = 2  # neighbour guides: slices at most this far from the query, same volume
@@ -326,8 +325,9 @@ class JointTrainer:
     """Trains a :class:`JRASModel` on a :class:`SliceSet` that also serves as the retrieval bank.
 
     ``sample_weights`` (one per slice) oversample some slices, e.g. fresh corrections during
-    fine-tuning. ``progress`` receives a dict per logged step; ``cancel()`` returning True stops
-    the run cleanly after the current step (a checkpoint is written when ``run_dir`` is set).
+    fine-tuning. ``progress`` receives a :class:`~.progress.Progress` per logged step;
+    ``cancel()`` returning True stops the run cleanly after the current step (a checkpoint is
+    written when ``run_dir`` is set).
     Inside a torchrun process group the model is trained with DistributedDataParallel; the
     cancel flag of any rank stops every rank at the same step.
     """
@@ -669,7 +669,7 @@ class JointTrainer:
             with open(self.run_dir / "log.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         if self.progress is not None:
-            self.progress(record)
+            self.progress(Progress.from_record(record))
 
     @torch.no_grad()
     def predict_set(self, data: SliceSet, batch_size: int = 16) -> torch.Tensor:

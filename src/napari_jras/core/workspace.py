@@ -27,7 +27,7 @@ import shutil
 import threading
 import uuid
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,6 +52,7 @@ from .errors import BankError, DataError, JRASError, ModelError
 from .io import check_image, check_label, patient_of, split_extension
 from .model import JRASModel, ModelConfig
 from .normalize import NormalizedSlices, intensity_map
+from .progress import CancelFn, Progress, ProgressFn
 from .retrieval import embed_images, retriever_version
 from .volume_memory import VolumeMemory
 
@@ -74,8 +75,6 @@ MAX_KEY_LENGTH = 120
 EMBED_CHUNK = 256
 VERSION_NAME = re.compile(r"^v\d{1,9}$")  # names of folders under versions/
 
-ProgressFn = Callable[[dict[str, Any]], None]
-CancelFn = Callable[[], bool]
 
 
 def home_dir() -> Path:
@@ -139,7 +138,7 @@ def embed_exemplars(retriever: torch.nn.Module, bank: ExemplarBank, ids: Sequenc
         images = torch.from_numpy(resize_images(bank.images(part), (size, size)))
         out.append(embed_images(retriever, images, device=device).numpy())
         if progress is not None:
-            progress({"phase": "embed", "step": start + len(part), "total": len(ids)})
+            progress(Progress("embed", start + len(part), len(ids)))
     return np.concatenate(out)
 
 
@@ -243,7 +242,7 @@ class Workspace:
 
     def predict(self, image: np.ndarray, modality: str | None = None,
                 slices: Sequence[int] | None = None,
-                progress: Callable[[int, int], None] | None = None,
+                progress: ProgressFn | None = None,
                 cancel: CancelFn | None = None,
                 return_probabilities: bool = False,
                 memory: VolumeMemory | None = None) -> Prediction:
@@ -475,7 +474,7 @@ class Workspace:
         ids = [r["id"] for r in self._bank.records()]
         missing = [i for i in ids if i not in vectors]
         if progress is not None:
-            progress({"phase": "embed", "step": 0, "total": len(missing)})
+            progress(Progress("embed", 0, len(missing)))
         vectors.update(zip(missing, embed_exemplars(model.retriever, self._bank, missing,
                                                     model.config.size, progress), strict=True))
         stack = (np.stack([vectors[i] for i in ids]) if ids
