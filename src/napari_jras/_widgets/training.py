@@ -27,8 +27,7 @@ from ..core.errors import DataError
 from ..core.progress import Progress, ProgressFn
 from ._common import (
     DEVICES,
-    Task,
-    error_message,
+    JobSlot,
     format_eta,
     show_error,
     show_info,
@@ -99,7 +98,6 @@ class TrainingPanel(QWidget):
     def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer = unwrap(viewer)
-        self.task: Task | None = None
         self.result: dict[str, Any] | None = None
         self.data = FolderField("folder of <name>_image / <name>_label pairs")
         self.val = FolderField("optional: other patients, for Dice / HD95")
@@ -139,14 +137,15 @@ class TrainingPanel(QWidget):
         self.train_button = QPushButton("Train")
         self.train_button.clicked.connect(self.train)
         self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
         buttons = QHBoxLayout()
         buttons.addWidget(self.train_button)
         buttons.addWidget(self.cancel_button)
         self.progress = QProgressBar()
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        self.jobs = JobSlot(self.cancel_button, self.progress, self.status,
+                            buttons=[self.train_button],
+                            cancelling="Stopping after the current step ...")
         self.plot = LossPlot("training loss")
         self.table = QTableWidget(0, 2)
         self.table.setHorizontalHeaderLabels(["Dice", "HD95"])
@@ -186,7 +185,7 @@ class TrainingPanel(QWidget):
 
     def train(self) -> None:
         """Validate the form and start training in the background."""
-        if self.task is not None and self.task.running:
+        if self.jobs.running:
             show_warning("Training is already running")
             return
         try:
@@ -199,16 +198,12 @@ class TrainingPanel(QWidget):
         self.plot.clear()
         self.table.setRowCount(0)
         self.use_button.setEnabled(False)
-        self.progress.setRange(0, self.steps.value())
-        self.progress.setValue(0)
-        self.status.setText(f"Training into {out} ...")
         self._started = time.perf_counter()
-        self.train_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
-        self.task = Task(train_and_evaluate, data, out, self.model_config(), self.steps.value(),
-                         self.batch.value(), self.device.currentText(), val=val or None,
-                         on_progress=self._on_progress, on_done=self._on_done,
-                         on_error=self._on_error, on_finally=self._on_finally).start()
+        self.jobs.start(train_and_evaluate, data, out, self.model_config(), self.steps.value(),
+                        self.batch.value(), self.device.currentText(), val=val or None,
+                        label="Training", status=f"Training into {out} ...",
+                        total=self.steps.value(), on_progress=self._on_progress,
+                        on_done=self._on_done, cancelled_status=None)
 
     def _folders(self) -> tuple[str, str, str]:
         data, val, out = self.data.text(), self.val.text(), self.out.text()
@@ -222,9 +217,7 @@ class TrainingPanel(QWidget):
 
     def cancel(self) -> None:
         """Stop training at the next step (the model so far is kept; Train again resumes)."""
-        if self.task is not None and self.task.running:
-            self.task.cancel()
-            self.status.setText("Stopping after the current step ...")
+        self.jobs.cancel()
 
     def _on_progress(self, event: Progress) -> None:
         if event.stage == "evaluate":
@@ -254,14 +247,6 @@ class TrainingPanel(QWidget):
         if result["report"] is not None:
             self.show_report(result["report"])
         self.use_button.setEnabled(True)
-
-    def _on_error(self, exc: BaseException) -> None:
-        self.status.setText("Training failed")
-        show_error(f"Training failed: {error_message(exc)}")
-
-    def _on_finally(self) -> None:
-        self.train_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
 
     def show_report(self, report: dict[str, Any]) -> None:
         """Fill the table with per-class and mean Dice / HD95 of an evaluation report."""
