@@ -550,6 +550,59 @@ def test_loss_plot_draws(qtbot):
     assert plot.points() == []
 
 
+def test_job_slot_disables_reports_and_restores(qtbot, notes):
+    """The one background-job helper: buttons off while it runs, progress, failure, cancel."""
+    import threading
+
+    from qtpy.QtWidgets import QLabel, QProgressBar, QPushButton
+
+    from napari_jras._widgets._common import JobSlot
+    from napari_jras.core.errors import JRASError
+    from napari_jras.core.progress import Progress
+
+    start, cancel, bar, status = QPushButton(), QPushButton(), QProgressBar(), QLabel()
+    slot = JobSlot(cancel, bar, status, buttons=[start], cancelling="Stopping ...")
+    assert not cancel.isEnabled() and not slot.running
+    release = threading.Event()
+
+    def job(n: int, progress, cancel) -> int:
+        progress(Progress("work", 1, n))
+        release.wait(30)
+        if cancel():
+            raise JRASError("stopped")
+        return 2 * n
+
+    def bad() -> None:
+        raise JRASError("no luck")
+
+    results, seen = [], []
+
+    def on_progress(event: Progress) -> None:
+        slot.show_progress(event)
+        seen.append(event)
+
+    slot.start(job, 4, label="Working", on_done=results.append, on_progress=on_progress)
+    assert not start.isEnabled() and cancel.isEnabled() and status.text() == "Working ..."
+    qtbot.waitUntil(lambda: bool(seen), timeout=WAIT)
+    assert (bar.maximum(), bar.value()) == (4, 1)
+    release.set()
+    qtbot.waitUntil(lambda: not slot.running, timeout=WAIT)
+    assert results == [8] and start.isEnabled() and not cancel.isEnabled()
+    assert (bar.maximum(), bar.value()) == (4, 1)  # stays where the job left it
+    slot.start(bad, label="Trying", on_done=results.append)
+    qtbot.waitUntil(lambda: not slot.running, timeout=WAIT)
+    assert status.text() == "Trying failed" and notes[-1] == ("error", "Trying failed: no luck")
+    release.clear()
+    slot.start(job, 2, label="Working", on_done=results.append, on_progress=seen.append,
+               cancelled_info="Stopped; nothing changed")
+    cancel.click()
+    assert status.text() == "Stopping ..."
+    release.set()
+    qtbot.waitUntil(lambda: not slot.running, timeout=WAIT)
+    assert status.text() == "Cancelled" and notes[-1] == ("info", "Stopped; nothing changed")
+    assert results == [8] and start.isEnabled() and not cancel.isEnabled()
+
+
 def test_overlay_thumbnail_colours():
     from napari_jras._widgets._common import CLASS_COLORS
     from napari_jras._widgets.gallery import overlay_rgb
