@@ -11,7 +11,17 @@ import numpy as np
 from napari.utils import notifications
 from napari.utils.colormaps import DirectLabelColormap
 from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLabel, QProgressBar, QPushButton, QWidget
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLayout,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
 
 from ..core.errors import JRASError
 from ..core.progress import Progress
@@ -293,3 +303,22 @@ def button_row(*widgets: QWidget) -> QHBoxLayout:
     for widget in widgets:
         row.addWidget(widget)
     return row
+
+
+def stack(parent: QWidget, *items: QWidget | QLayout) -> QVBoxLayout:
+    """Lay ``items`` (widgets or layouts) out top to bottom in ``parent``."""
+    layout = QVBoxLayout(parent)
+    for item in items:
+        if isinstance(item, QLayout):
+            layout.addLayout(item)
+        else:
+            layout.addWidget(item)
+    return layout
+
+
+def form(*rows: tuple[str, QWidget]) -> QFormLayout:
+    """A form of labelled rows."""
+    layout = QFormLayout()
+    for label, widget in rows:
+        layout.addRow(label, widget)
+    return layout

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qtpy.QtWidgets import QFileDialog, QGroupBox, QPushButton, QVBoxLayout
+from qtpy.QtWidgets import QFileDialog, QGroupBox, QPushButton
 
 from ...core.errors import JRASError
 from ...core.workspace import BUILTIN, Workspace, builtin_model_dir
-from .._common import show_error, show_info, wrapped_label
+from .._common import show_error, show_info, stack, wrapped_label
 from ..jobs import add_folder_job, workspace_summary
 
 if TYPE_CHECKING:
@@ -36,11 +36,9 @@ class BankPanel(QGroupBox):
         self.info = wrapped_label(idle_info(dock.source))
         self.add_folder_button = QPushButton("Add labelled folder to bank...")
         self.add_folder_button.clicked.connect(lambda: self.add_folder())
-        layout = QVBoxLayout(self)
-        layout.addWidget(self.info)
-        layout.addWidget(self.add_folder_button)
-        layout.addWidget(wrapped_label("Shortcuts: Shift+S segment, Shift+D accept, "
-                                       "Shift+N next slice, Shift+P propagate"))
+        stack(self, self.info, self.add_folder_button,
+              wrapped_label("Shortcuts: Shift+S segment, Shift+D accept, Shift+N next slice, "
+                            "Shift+P propagate"))
 
     def refresh(self, ws: Workspace | None, source: str) -> None:
         """Show the summary of ``ws`` (before it is loaded: what ``source`` will be)."""

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from napari.layers import Image, Shapes
-from qtpy.QtWidgets import QGroupBox, QPushButton, QVBoxLayout
+from qtpy.QtWidgets import QGroupBox, QPushButton
 
 from ...core.backbones.litemedsam_net import availability as litemedsam_availability
 from ...core.errors import DataError
@@ -18,6 +18,7 @@ from .._common import (
     show_error,
     show_info,
     show_warning,
+    stack,
     wrapped_label,
 )
 from ..edits import kept_slices
@@ -51,10 +52,9 @@ class BoxesPanel(QGroupBox):
             for button in (self.box_button, self.box_next_button):
                 button.setEnabled(False)
                 button.setToolTip(f"Needs LiteMedSAM's weights: {lite['how']}")
-        layout = QVBoxLayout(self)
-        layout.addWidget(wrapped_label("Draw a box around each structure (outer ones first), or "
-                                       "paint one slice; LiteMedSAM segments, you correct."))
-        layout.addLayout(button_row(self.box_button, self.box_next_button))
+        stack(self, wrapped_label("Draw a box around each structure (outer ones first), or "
+                                  "paint one slice; LiteMedSAM segments, you correct."),
+              button_row(self.box_button, self.box_next_button))
 
     def box_start(self) -> None:
         """Segment the current slice with LiteMedSAM from the boxes of '<image> J-RAS boxes'.

@@ -10,11 +10,9 @@ from qtpy.QtWidgets import (
     QCheckBox,
     QDoubleSpinBox,
     QFileDialog,
-    QFormLayout,
     QGroupBox,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
 )
 
 from ..._writer import write_labels
@@ -24,8 +22,10 @@ from .._common import (
     button_row,
     current_index,
     error_message,
+    form,
     show_error,
     show_info,
+    stack,
     wrapped_label,
 )
 from ..edits import slice_list
@@ -76,17 +76,13 @@ class CorrectPanel(QGroupBox):
                                     "nearest ones) guide every prediction; off: retrieval only")
         self.export_button = QPushButton("Export labels...")
         self.export_button.clicked.connect(lambda: self.export_labels())
-        layout = QVBoxLayout(self)
-        layout.addWidget(wrapped_label("Edit the J-RAS labels layer with napari's label tools, "
-                                       "then accept. Edits are autosaved as drafts."))
-        layout.addLayout(button_row(self.accept_button, self.next_button))
-        memory_form = QFormLayout()
-        memory_form.addRow("Your corrections as memory", self.memory_spin)
-        memory_form.addRow("Stop below confidence", self.stop_confidence)
-        layout.addLayout(memory_form)
-        layout.addWidget(self.stop_empty)
-        layout.addLayout(button_row(self.propagate_button, self.auto_propagate))
-        layout.addWidget(self.export_button)
+        stack(self, wrapped_label("Edit the J-RAS labels layer with napari's label tools, then "
+                                  "accept. Edits are autosaved as drafts."),
+              button_row(self.accept_button, self.next_button),
+              form(("Your corrections as memory", self.memory_spin),
+                   ("Stop below confidence", self.stop_confidence)),
+              self.stop_empty, button_row(self.propagate_button, self.auto_propagate),
+              self.export_button)
 
     # -- accept ----------------------------------------------------------------------------
     def accept(self) -> None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from qtpy.QtWidgets import QGroupBox, QVBoxLayout
+from qtpy.QtWidgets import QGroupBox
 
+from .._common import stack
 from ..gallery import ExemplarGallery
 
 
@@ -15,4 +16,4 @@ class ExemplarsPanel(QGroupBox):
     def __init__(self, viewer: Any) -> None:
         super().__init__("Why: the retrieved exemplars")
         self.gallery = ExemplarGallery(viewer)
-        QVBoxLayout(self).addWidget(self.gallery)
+        stack(self, self.gallery)

@@ -7,18 +7,25 @@ from typing import TYPE_CHECKING, Any
 
 from qtpy.QtWidgets import (
     QComboBox,
-    QFormLayout,
     QGroupBox,
     QLabel,
     QProgressBar,
     QPushButton,
     QSpinBox,
-    QVBoxLayout,
 )
 
 from ...core.progress import Progress
 from ...core.workspace import ModelVersion, Workspace
-from .._common import JobSlot, button_row, format_eta, show_error, show_info, shrinkable
+from .._common import (
+    JobSlot,
+    button_row,
+    form,
+    format_eta,
+    show_error,
+    show_info,
+    shrinkable,
+    stack,
+)
 from ..plot import LossPlot
 
 if TYPE_CHECKING:
@@ -51,16 +58,9 @@ class LearnPanel(QGroupBox):
         self.rollback_button.clicked.connect(lambda: self.activate_version())
         self.jobs = JobSlot(self.cancel_button, self.progress, self.status,
                             buttons=[self.finetune_button], cancelling="Cancelling ...")
-        form = QFormLayout()
-        form.addRow("Steps", self.steps_spin)
-        form.addRow("Auto every N corrections", self.auto_spin)
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addLayout(button_row(self.finetune_button, self.cancel_button))
-        layout.addWidget(self.progress)
-        layout.addWidget(self.status)
-        layout.addWidget(self.loss_plot)
-        layout.addLayout(button_row(self.version_combo, self.rollback_button))
+        stack(self, form(("Steps", self.steps_spin), ("Auto every N corrections", self.auto_spin)),
+              button_row(self.finetune_button, self.cancel_button), self.progress, self.status,
+              self.loss_plot, button_row(self.version_combo, self.rollback_button))
 
     def finetune(self, auto: bool = False) -> None:
         """Fine-tune the active model on the bank in the background (corrections oversampled)."""

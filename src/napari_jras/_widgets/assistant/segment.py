@@ -10,11 +10,9 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
-    QFormLayout,
     QGroupBox,
     QLabel,
     QPushButton,
-    QVBoxLayout,
 )
 
 from ...core.errors import DataError
@@ -23,11 +21,13 @@ from .._common import (
     DEVICES,
     button_row,
     current_index,
+    form,
     go_to_index,
     show_error,
     show_info,
     show_warning,
     shrinkable,
+    stack,
 )
 from ..edits import restored_time, slice_list
 from ..jobs import Segmented, segment_job
@@ -60,17 +60,10 @@ class SegmentPanel(QGroupBox):
         self.segment_button.clicked.connect(self.segment)
         self.legend = QLabel("")
         self.legend.setWordWrap(True)
-        form = QFormLayout()
-        form.addRow("Image", self.image_combo)
-        form.addRow("Model", self.model_combo)
-        form.addRow("Scope", self.scope_combo)
-        form.addRow("Device", self.device_combo)
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addLayout(button_row(self.segment_button, dock.cancel_button))
-        layout.addWidget(dock.progress)
-        layout.addWidget(dock.status)
-        layout.addWidget(self.legend)
+        stack(self, form(("Image", self.image_combo), ("Model", self.model_combo),
+                         ("Scope", self.scope_combo), ("Device", self.device_combo)),
+              button_row(self.segment_button, dock.cancel_button), dock.progress, dock.status,
+              self.legend)
 
     # -- image and model choice ------------------------------------------------------------
     def set_images(self, names: list[str]) -> None:
