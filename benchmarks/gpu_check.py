@@ -112,8 +112,8 @@ def training_throughput(samples: list[SliceSample], cfg: dict, device: torch.dev
     trainer = JointTrainer(model, SliceSet(samples, model.num_classes),
                            TrainConfig(steps=steps, batch_size=cfg["batch"], log_every=1,
                                        checkpoint_every=0, device=str(device)),
-                           progress=lambda r: times.append(time.perf_counter())
-                           if r.get("phase") == "train" else None)
+                           progress=lambda p: times.append(time.perf_counter())
+                           if p.stage == "train" else None)
     trainer.fit()
     warm = min(2, len(times) - 1)
     timed_steps = len(times) - 1 - warm

@@ -96,9 +96,14 @@ def dock_assistant(viewer, image):
     """Dock the J-RAS assistant with :data:`MODEL` loaded and ``image`` chosen."""
     _, widget = viewer.window.add_plugin_dock_widget("napari-jras", "J-RAS assistant")
     widget.set_model_source(MODEL)
-    wait_for(lambda: widget.workspace is not None and not widget.task.running)
-    widget.image_combo.setCurrentText(image.name)
+    wait_for(lambda: widget.workspace is not None and not widget.jobs.task.running)
+    widget.segment_panel.image_combo.setCurrentText(image.name)
     return widget
+
+
+def chosen_labels(widget):
+    """The J-RAS labels layer of the image chosen in the assistant."""
+    return widget.states.labels_layer(widget.segment_panel.image_combo.currentText())
 
 
 def segment_sample(viewer):
@@ -106,20 +111,20 @@ def segment_sample(viewer):
     image, expert = open_sample(viewer)
     expert.visible = False
     widget = dock_assistant(viewer, image)
-    widget.scope_combo.setCurrentText("whole volume")
+    widget.segment_panel.scope_combo.setCurrentText("whole volume")
     widget.segment()
-    wait_for(lambda: not widget.task.running)
+    wait_for(lambda: not widget.jobs.task.running)
     show_slice(viewer, CORRECTED_SLICE)
     return widget, expert
 
 
 def accept_correction(viewer, widget, expert) -> None:
     """Correct slice :data:`CORRECTED_SLICE` (with the expert mask, as an annotator would) and accept."""
-    labels = widget.labels_layer(widget.image_combo.currentText())
+    labels = chosen_labels(widget)
     labels.data[CORRECTED_SLICE] = expert.data[CORRECTED_SLICE]
     labels.refresh()
     widget.accept()
-    wait_for(lambda: not widget.task.running)
+    wait_for(lambda: not widget.jobs.task.running)
 
 
 # --------------------------------------------------------------------------- shots
@@ -135,17 +140,17 @@ def shot_sample(viewer) -> None:
 def shot_assistant(viewer) -> None:
     """Prediction of the sample with the exemplars retrieved for the slice on screen."""
     widget, _ = segment_sample(viewer)
-    viewer.layers.selection.active = widget.labels_layer(widget.image_combo.currentText())
+    viewer.layers.selection.active = chosen_labels(widget)
 
 
 def shot_accept(viewer) -> None:
     """A corrected slice accepted into the bank: the next prediction retrieves it at once."""
     widget, expert = segment_sample(viewer)
     accept_correction(viewer, widget, expert)
-    widget.scope_combo.setCurrentText("current slice")
+    widget.segment_panel.scope_combo.setCurrentText("current slice")
     widget.segment()
-    wait_for(lambda: not widget.task.running)
-    widget.scroll.ensureWidgetVisible(widget.accept_button)
+    wait_for(lambda: not widget.jobs.task.running)
+    widget.scroll.ensureWidgetVisible(widget.correct_panel.accept_button)
 
 
 def shot_propagate(viewer) -> None:
@@ -153,24 +158,24 @@ def shot_propagate(viewer) -> None:
     widget, expert = segment_sample(viewer)
     accept_correction(viewer, widget, expert)
     widget.propagate()
-    wait_for(lambda: not widget.task.running)
+    wait_for(lambda: not widget.jobs.task.running)
     show_slice(viewer, CORRECTED_SLICE + 1)
-    viewer.layers.selection.active = widget.labels_layer(widget.image_combo.currentText())
-    widget.scroll.ensureWidgetVisible(widget.gallery)
+    viewer.layers.selection.active = chosen_labels(widget)
+    widget.scroll.ensureWidgetVisible(widget.exemplars_panel.gallery)
 
 
 def shot_finetune(viewer):
     """Background fine-tuning after a correction: progress, ETA and the live loss curve."""
     widget, expert = segment_sample(viewer)
     accept_correction(viewer, widget, expert)
-    widget.steps_spin.setValue(2000)
-    widget.finetune()
-    wait_for(lambda: len(widget.loss_plot.points()) >= 4, timeout=1800)
-    widget.scroll.ensureWidgetVisible(widget.version_combo)
+    widget.learn_panel.steps_spin.setValue(2000)
+    widget.learn_panel.finetune()
+    wait_for(lambda: len(widget.learn_panel.loss_plot.points()) >= 4, timeout=1800)
+    widget.scroll.ensureWidgetVisible(widget.learn_panel.version_combo)
 
     def stop() -> None:
-        widget.cancel_finetune()
-        wait_for(lambda: not widget.finetune_task.running)
+        widget.learn_panel.cancel_finetune()
+        wait_for(lambda: not widget.learn_panel.jobs.task.running)
 
     return stop
 
@@ -205,7 +210,7 @@ def shot_training(viewer) -> None:
     panel.settings.base_channels.value = 8
     panel.settings.class_names.value = "background, RV, myocardium, LV"
     panel.train()
-    wait_for(lambda: not panel.task.running, timeout=3600)
+    wait_for(lambda: not panel.jobs.task.running, timeout=3600)
     show_slice(viewer, CORRECTED_SLICE)
 
 

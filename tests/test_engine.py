@@ -107,7 +107,7 @@ def test_exclude_patient_keeps_that_patient_out(engine, volume):
 def test_progress_and_cancel(engine, volume):
     calls: list[tuple[int, int]] = []
     engine.batch_size = 4
-    engine.predict(volume, progress=lambda done, total: calls.append((done, total)))
+    engine.predict(volume, progress=lambda p: calls.append((p.done, p.total)))
     assert calls == [(4, 8), (8, 8)]
     with pytest.raises(JRASError, match="cancelled"):
         engine.predict(volume, cancel=lambda: True)

@@ -16,6 +16,7 @@ from napari_jras.core.errors import CancelledError, DataError, JRASError
 from napari_jras.core.finetune import _job_dir, correction_weights, finetune_config
 from napari_jras.core.io import read_volume
 from napari_jras.core.model import JRASModel, ModelConfig
+from napari_jras.core.progress import Progress
 from napari_jras.core.retrieval import retriever_version
 from napari_jras.core.train import JointTrainer, SliceSet, TrainConfig
 from napari_jras.core.workspace import Workspace
@@ -61,9 +62,10 @@ def test_finetune_makes_a_new_active_version_and_rolls_back_exactly(ws, frame02,
     assert ws.corrections_since_finetune == 0
     info = json.loads((v1.path / "finetune.json").read_text())
     assert info["steps"] == STEPS and len(info["correction_ids"]) == 2 and info["losses"]
-    phases = [r["phase"] for r in records]
+    phases = [r.stage for r in records]
     assert phases.count("finetune") == STEPS and phases[-1] == "embed"
-    assert {"step", "total", "loss", "eta"} <= set(records[0])
+    assert records[0].done and records[0].total == STEPS
+    assert "loss" in records[0].metrics and records[0].eta_s is not None
     old, new = weights_of(ws.versions()[0]), weights_of(v1)
     assert any(not torch.equal(old[k], new[k]) for k in old)
     new_version = ws.bank.retriever_version
@@ -101,7 +103,7 @@ def test_cancel_keeps_the_active_version_and_resume_continues(ws, frame02):
     assert ws.pending_finetune() == {"parent": "v000", "steps": STEPS, "step": 1}
     resumed = []
     v1 = ws.finetune(steps=STEPS, batch_size=2, device="cpu", progress=resumed.append)
-    steps = [r["step"] for r in resumed if r["phase"] == "finetune"]
+    steps = [r.done for r in resumed if r.stage == "finetune"]
     assert steps == list(range(2, STEPS + 1)) and v1.metrics["steps"] == STEPS
     assert ws.pending_finetune() is None
 
@@ -116,7 +118,7 @@ def test_a_damaged_checkpoint_starts_afresh(ws):
     fresh = []
     version = ws.finetune(steps=STEPS, batch_size=2, device="cpu", progress=fresh.append)
     assert version.name == "v001"
-    assert [r["step"] for r in fresh if r["phase"] == "finetune"][0] == 1
+    assert [r.done for r in fresh if r.stage == "finetune"][0] == 1
     ws.discard_finetune()
 
 
@@ -137,8 +139,8 @@ def test_finetune_in_a_thread_while_predicting_and_accepting(ws, frame02):
     started, go = threading.Event(), threading.Event()
     errors: list[BaseException] = []
 
-    def progress(record: dict) -> None:
-        if record["phase"] == "finetune" and not started.is_set():
+    def progress(record: Progress) -> None:
+        if record.stage == "finetune" and not started.is_set():
             started.set()
             go.wait(30)
 

@@ -281,7 +281,7 @@ def test_normalize_errors():
 def test_load_slices_shapes(data_dir):
     cases = find_cases(data_dir)
     calls = []
-    samples = load_slices(cases, size=64, progress=lambda i, n: calls.append((i, n)))
+    samples = load_slices(cases, size=64, progress=lambda p: calls.append((p.done, p.total)))
     assert len(samples) == 8 + 8 + 1 + 1
     assert calls[-1] == (len(cases), len(cases))
     for s in samples:

@@ -61,7 +61,7 @@ def test_propagation_goes_outward_with_the_nearest_accepted_slices_as_memory(eng
     accepted = {4: labels[4], 6: labels[6]}
     seen = []
     result = propagate(engine, volume, accepted, start=4, protected=[2], case_id=CASE,
-                       progress=lambda done, total: seen.append((done, total)),
+                       progress=lambda p: seen.append((p.done, p.total)),
                        min_confidence=0.0, stop_on_empty=False)
     assert result.filled == [5, 3, 7, 1, 0]  # rings: 5 and 3, (6 accepted, 2 protected), ...
     assert set(result.labels) == {0, 1, 3, 5, 7}

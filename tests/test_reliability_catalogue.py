@@ -1385,7 +1385,7 @@ def _assistant(ctx: Ctx, model: Path | None = None):
 
 
 def _wait(ctx: Ctx, widget) -> None:
-    ctx.fixture("qtbot").waitUntil(lambda: widget.task is None or not widget.task.running,
+    ctx.fixture("qtbot").waitUntil(lambda: widget.jobs.task is None or not widget.jobs.task.running,
                                    timeout=WAIT)
 
 
@@ -1399,7 +1399,7 @@ def widget_without_a_usable_image(ctx: Ctx) -> None:
     widget.segment()
     assert notes[-1][0] == "error" and "RGB" in notes[-1][1]
     viewer.add_image(np.zeros((2, 3, 16, 16), np.float32), name="movie")
-    widget.image_combo.setCurrentText("movie")
+    widget.segment_panel.image_combo.setCurrentText("movie")
     widget.segment()
     assert notes[-1][0] == "error" and "4 dimensions" in notes[-1][1]
 
@@ -1445,7 +1445,7 @@ def widget_export_disk_full(ctx: Ctx) -> None:
     target = write_volume(ctx.tmp / "scan_label.tif", np.ones((4, 4), np.uint8))
     before = target.read_bytes()
     ctx.monkeypatch.setattr(tifffile, "imwrite", disk_full_after(10))
-    assert widget.export_labels(str(target)) is None
+    assert widget.correct_panel.export_labels(str(target)) is None
     assert notes[-1][0] == "error" and "No space left on device" in notes[-1][1]
     assert target.read_bytes() == before and folder_files(ctx.tmp).count("scan_label.tif") == 1
     assert not [f for f in folder_files(ctx.tmp) if "partial" in f]
@@ -1492,17 +1492,17 @@ def widget_propagate_without_a_start(ctx: Ctx) -> None:
     assert notes[-1][0] == "error" and "Load a model first" in notes[-1][1]
     widget.set_model_source(ctx.run())
     _wait(ctx, widget)
-    widget.scope_combo.setCurrentText("whole volume")
+    widget.segment_panel.scope_combo.setCurrentText("whole volume")
     widget.segment()
     _wait(ctx, widget)
-    labels = widget.labels_layer("scan")
+    labels = widget.states.labels_layer("scan")
     before = np.array(labels.data, copy=True)
     widget.propagate()
     _wait(ctx, widget)
     assert notes[-1][0] == "error" and "has no annotation to propagate from" in notes[-1][1]
     np.testing.assert_array_equal(labels.data, before)
     viewer.add_image(np.zeros((32, 32), np.float32), name="flat")
-    widget.image_combo.setCurrentText("flat")
+    widget.segment_panel.image_combo.setCurrentText("flat")
     widget.propagate()
     assert notes[-1][0] == "error" and "slices of a volume" in notes[-1][1]
 
@@ -1513,29 +1513,29 @@ def widget_box_start_bad_prompts(ctx: Ctx) -> None:
     viewer, widget = _assistant(ctx)
     viewer.add_image(read_volume(f"{ACDC}_image.tif").data, name="scan")
     viewer.dims.current_step = (2, *viewer.dims.current_step[1:])
-    widget.box_start()  # adds the Shapes layer to draw in
-    widget.box_start()
+    widget.boxes_panel.box_start()  # adds the Shapes layer to draw in
+    widget.boxes_panel.box_start()
     assert notes[-1][0] == "error" and "No box on slice 2 of 'scan'" in notes[-1][1]
     shapes = viewer.layers["scan J-RAS boxes"]
     for i in range(9):
         shapes.add_rectangles(np.array([[2, i, i], [2, i, i + 9], [2, i + 9, i + 9],
                                         [2, i + 9, i]], float))
-    widget.box_start()
+    widget.boxes_panel.box_start()
     assert notes[-1][0] == "error" and "9 boxes, but 'scan J-RAS' has 8 classes" in notes[-1][1]
     viewer.layers.remove(shapes)
     viewer.add_points(np.zeros((1, 3)), name="scan J-RAS boxes")
-    widget.image_combo.setCurrentText("scan")
-    widget.box_start()
+    widget.segment_panel.image_combo.setCurrentText("scan")
+    widget.boxes_panel.box_start()
     assert notes[-1][0] == "error" and "must be a 3-D Shapes layer" in notes[-1][1]
-    widget.boxes_to_next_slice()  # adds the labels layer to paint on
-    widget.boxes_to_next_slice()
+    widget.boxes_panel.boxes_to_next_slice()  # adds the labels layer to paint on
+    widget.boxes_panel.boxes_to_next_slice()
     assert notes[-1][0] == "error" and "has no labels: paint it" in notes[-1][1]
     viewer.add_image(np.zeros((32, 32), np.float32), name="flat")
-    widget.image_combo.setCurrentText("flat")
-    widget.boxes_to_next_slice()
+    widget.segment_panel.image_combo.setCurrentText("flat")
+    widget.boxes_panel.boxes_to_next_slice()
     assert notes[-1][0] == "error" and "2-D image: it has no next slice" in notes[-1][1]
-    assert widget.task is None  # LiteMedSAM never ran
-    assert not widget.labels_layer("scan").data.any()
+    assert widget.jobs.task is None  # LiteMedSAM never ran
+    assert not widget.states.labels_layer("scan").data.any()
 
 
 # =========================================================================== the test

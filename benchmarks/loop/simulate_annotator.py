@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from napari_jras.core.io import find_cases
+from napari_jras.core.progress import Progress
 from napari_jras.core.provenance import provenance
 from napari_jras.core.simulate import run_setting
 from napari_jras.core.workspace import BUILTIN
@@ -128,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     settings = []
 
-    def progress(r: dict) -> None:
-        print(f"  {r['phase']:20s} {r['case']:22s} Dice {r['dice']:.3f}  "
-              f"corrected {r['corrected']:6d} px", flush=True)
+    def progress(p: Progress) -> None:
+        print(f"  {p.stage:20s} {p.detail:22s} Dice {p.metrics['dice']:.3f}  "
+              f"corrected {int(p.metrics['corrected']):6d} px", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:

@@ -52,15 +52,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise TimeoutError("the assistant did not finish in time")
 
     def idle() -> bool:
-        return widget.task is None or not widget.task.running
+        return widget.jobs.task is None or not widget.jobs.task.running
 
     viewer = napari.Viewer(show=False)
     widget = AssistantWidget(viewer)
     viewer.window.add_dock_widget(widget)
     viewer.open_sample("napari-jras", "cardiac_mri")
-    name = widget.image_combo.currentText()
+    name = widget.segment_panel.image_combo.currentText()
     _, label, _ = load_sample("ED")
-    widget.scope_combo.setCurrentText("whole volume")
+    widget.segment_panel.scope_combo.setCurrentText("whole volume")
     widget.segment()
     wait(lambda: widget.workspace is not None and idle() and name in widget.states)
     labels = viewer.layers[f"{name} J-RAS"]

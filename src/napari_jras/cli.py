@@ -13,7 +13,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +21,25 @@ from . import __version__
 from .cli_bank import add_bank_parser
 from .cli_settings import add_options, config_values
 from .core.errors import JRASError
+from .core.progress import Progress, ProgressFn
+
+PRINTED_METRICS = ("loss", "loss_contrastive", "loss_warmup", "val_dice")
+"""Metrics of a progress event that its stderr line shows."""
 
 
-def _progress_printer(quiet: bool) -> Callable[[dict[str, Any]], None] | None:
+def _progress_printer(quiet: bool) -> ProgressFn | None:
+    """One stderr line per progress event: ``stage done/total  loss=...  eta=...s  case``."""
     if quiet:
         return None
 
-    def show(record: dict[str, Any]) -> None:
-        parts = [f"{record.get('phase', '')} {record.get('step', '')}/{record.get('total', '')}"]
-        for key in ("loss", "loss_contrastive", "loss_warmup", "val_dice"):
-            if key in record:
-                parts.append(f"{key}={record[key]:.4f}")
-        if "eta_s" in record:
-            parts.append(f"eta={record['eta_s']:.0f}s")
-        if "case" in record:
-            parts.append(str(record["case"]))
+    def show(event: Progress) -> None:
+        parts = [f"{event.stage} {event.done}/{event.total}"]
+        parts += [f"{key}={event.metrics[key]:.4f}" for key in PRINTED_METRICS
+                  if key in event.metrics]
+        if event.eta_s is not None:
+            parts.append(f"eta={event.eta_s:.0f}s")
+        if event.detail:
+            parts.append(event.detail)
         print("  ".join(parts), file=sys.stderr, flush=True)
 
     return show

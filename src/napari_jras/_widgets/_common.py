@@ -1,4 +1,4 @@
-"""Shared widget helpers: notifications, background workers, class colours, small formatters."""
+"""Shared widget helpers: notifications, background jobs, class colours, small formatters."""
 
 from __future__ import annotations
 
@@ -11,8 +11,20 @@ import numpy as np
 from napari.utils import notifications
 from napari.utils.colormaps import DirectLabelColormap
 from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLayout,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
 
 from ..core.errors import JRASError
+from ..core.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +159,109 @@ class Task:
         return self._cancel.is_set()
 
 
+class JobSlot:
+    """One background job at a time, shown by its own widgets.
+
+    Starting a job disables the ``buttons`` that start jobs here, enables ``cancel``, resets the
+    progress bar and writes a status line; an error becomes the status "<label> failed" and an
+    error notification (a cancelled job's error: ``cancelled_status``); at the end the buttons
+    come back and Cancel goes grey. Used by every job of the assistant and the training panel.
+
+    Args:
+        cancel: the Cancel button (clicking it cancels the running job).
+        progress: the progress bar.
+        status: the status label.
+        buttons: disabled while a job runs.
+        full_at_end: show a full bar when a job ends (else it stays where the job left it).
+        cancelling: the status shown when Cancel is clicked (None: unchanged).
+    """
+
+    def __init__(self, cancel: QPushButton, progress: QProgressBar, status: QLabel,
+                 buttons: Sequence[QPushButton] = (), full_at_end: bool = False,
+                 cancelling: str | None = None) -> None:
+        self.cancel_button, self.progress, self.status = cancel, progress, status
+        self.buttons = tuple(buttons)
+        self.full_at_end = full_at_end
+        self.cancelling = cancelling
+        self.task: Task | None = None
+        cancel.setEnabled(False)
+        cancel.clicked.connect(self.cancel)
+
+    @property
+    def running(self) -> bool:
+        """True while a job runs."""
+        return self.task is not None and self.task.running
+
+    def cancel(self) -> None:
+        """Ask the running job to stop at its next check."""
+        if self.running:
+            self.task.cancel()
+            if self.cancelling is not None:
+                self.status.setText(self.cancelling)
+
+    def show_progress(self, event: Progress) -> None:
+        """Show ``done`` of ``total`` on the progress bar."""
+        self.progress.setRange(0, max(1, event.total))
+        self.progress.setValue(event.done)
+
+    def start(self, func: Callable[..., Any], *args: Any, label: str,
+              on_done: Callable[[Any], None], status: str | None = None, total: int = 0,
+              on_progress: Callable[[Progress], None] | None = None,
+              on_finally: Callable[[], None] | None = None,
+              cancelled_status: str | None = "Cancelled", cancelled_info: str | None = None,
+              **kwargs: Any) -> Task:
+        """Run ``func(*args, **kwargs)`` in the background.
+
+        Args:
+            func: the job; it also receives ``progress`` and ``cancel`` when ``on_progress``
+                is given.
+            *args: its positional arguments.
+            label: what runs, for the status and error texts ("Segmenting x").
+            on_done: receives the job's return value.
+            status: the status while it runs (default ``"<label> ..."``).
+            total: the progress bar's maximum at the start (0: a busy indicator).
+            on_progress: receives the job's :class:`Progress` events in the main thread.
+            on_finally: runs last, after success, error or cancel.
+            cancelled_status: the status when a cancelled job raised (None: report it as
+                a failure).
+            cancelled_info: a notification for that case (None: none).
+            **kwargs: the job's keyword arguments.
+
+        Returns:
+            The started :class:`Task`.
+        """
+        self.status.setText(status if status is not None else f"{label} ...")
+        self.progress.setRange(0, total)
+        self.progress.setValue(0)
+        for button in self.buttons:
+            button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+
+        def failed(exc: BaseException) -> None:
+            if self.task is not None and self.task.cancelled and cancelled_status is not None:
+                self.status.setText(cancelled_status)
+                if cancelled_info:
+                    show_info(cancelled_info)
+                return
+            self.status.setText(f"{label} failed")
+            show_error(f"{label} failed: {error_message(exc)}")
+
+        def finished() -> None:
+            if self.full_at_end:
+                self.progress.setRange(0, 1)
+                self.progress.setValue(1)
+            for button in self.buttons:
+                button.setEnabled(True)
+            self.cancel_button.setEnabled(False)
+            if on_finally is not None:
+                on_finally()
+
+        self.task = Task(func, *args, on_done=on_done, on_error=failed, on_finally=finished,
+                         on_progress=on_progress, pass_progress=on_progress is not None,
+                         **kwargs).start()
+        return self.task
+
+
 def current_index(viewer: Any, layer: Any) -> int:
     """Index of ``layer``'s Z slice under the viewer's slider (0 for 2-D layers)."""
     if layer.ndim < 3:
@@ -166,3 +281,44 @@ def go_to_index(viewer: Any, layer: Any, z: int) -> None:
 def unwrap(viewer: Any) -> Any:
     """The real viewer behind napari's ``PublicOnlyProxy`` (widgets compare layers by identity)."""
     return getattr(viewer, "__wrapped__", viewer)
+
+
+def wrapped_label(text: str) -> QLabel:
+    """A word-wrapped label."""
+    label = QLabel(text)
+    label.setWordWrap(True)
+    return label
+
+
+def shrinkable(combo: QComboBox) -> QComboBox:
+    """Let a combo box be narrower than its longest item (the dock stays narrow)."""
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(8)
+    return combo
+
+
+def button_row(*widgets: QWidget) -> QHBoxLayout:
+    """The widgets side by side."""
+    row = QHBoxLayout()
+    for widget in widgets:
+        row.addWidget(widget)
+    return row
+
+
+def stack(parent: QWidget, *items: QWidget | QLayout) -> QVBoxLayout:
+    """Lay ``items`` (widgets or layouts) out top to bottom in ``parent``."""
+    layout = QVBoxLayout(parent)
+    for item in items:
+        if isinstance(item, QLayout):
+            layout.addLayout(item)
+        else:
+            layout.addWidget(item)
+    return layout
+
+
+def form(*rows: tuple[str, QWidget]) -> QFormLayout:
+    """A form of labelled rows."""
+    layout = QFormLayout()
+    for label, widget in rows:
+        layout.addRow(label, widget)
+    return layout

@@ -28,11 +28,11 @@ from qtpy.QtWidgets import (
 from ..core.backbones import backbone_class
 from ..core.errors import DataError
 from ..core.model import ModelConfig
+from ..core.progress import Progress, ProgressFn
 from ..core.train import TrainConfig
 from ._common import (
     DEVICES,
-    Task,
-    error_message,
+    JobSlot,
     format_eta,
     show_error,
     show_info,
@@ -51,7 +51,7 @@ CHANNELS_OPTION = "base_channels"  # the backbone option the panel sets (CNN bac
 
 def train_and_evaluate(data: str, out: str, model_config: dict[str, Any],
                        train_settings: dict[str, Any], val: str | None = None,
-                       progress: Callable[[dict], None] | None = None,
+                       progress: ProgressFn | None = None,
                        cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Train into ``out``, then (with ``val``) evaluate.
 
@@ -122,7 +122,6 @@ class TrainingPanel(QWidget):
     def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer = unwrap(viewer)
-        self.task: Task | None = None
         self.result: dict[str, Any] | None = None
         self.data = FolderField("folder of <name>_image / <name>_label pairs")
         self.val = FolderField("optional: other patients, for Dice / HD95")
@@ -142,14 +141,15 @@ class TrainingPanel(QWidget):
         self.train_button = QPushButton("Train")
         self.train_button.clicked.connect(self.train)
         self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
         buttons = QHBoxLayout()
         buttons.addWidget(self.train_button)
         buttons.addWidget(self.cancel_button)
         self.progress = QProgressBar()
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        self.jobs = JobSlot(self.cancel_button, self.progress, self.status,
+                            buttons=[self.train_button],
+                            cancelling="Stopping after the current step ...")
         self.plot = LossPlot("training loss")
         self.table = QTableWidget(0, 2)
         self.table.setHorizontalHeaderLabels(["Dice", "HD95"])
@@ -197,7 +197,7 @@ class TrainingPanel(QWidget):
 
     def train(self) -> None:
         """Validate the form and start training in the background."""
-        if self.task is not None and self.task.running:
+        if self.jobs.running:
             show_warning("Training is already running")
             return
         try:
@@ -211,16 +211,11 @@ class TrainingPanel(QWidget):
         self.table.setRowCount(0)
         self.use_button.setEnabled(False)
         settings = self.train_settings()
-        self.progress.setRange(0, settings["steps"])
-        self.progress.setValue(0)
-        self.status.setText(f"Training into {out} ...")
         self._started = time.perf_counter()
-        self.train_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
-        self.task = Task(train_and_evaluate, data, out, self.model_config(), settings,
-                         val=val or None,
-                         on_progress=self._on_progress, on_done=self._on_done,
-                         on_error=self._on_error, on_finally=self._on_finally).start()
+        self.jobs.start(train_and_evaluate, data, out, self.model_config(), settings,
+                        val=val or None, label="Training", status=f"Training into {out} ...",
+                        total=settings["steps"], on_progress=self._on_progress,
+                        on_done=self._on_done, cancelled_status=None)
 
     def _folders(self) -> tuple[str, str, str]:
         data, val, out = self.data.text(), self.val.text(), self.out.text()
@@ -234,27 +229,23 @@ class TrainingPanel(QWidget):
 
     def cancel(self) -> None:
         """Stop training at the next step (the model so far is kept; Train again resumes)."""
-        if self.task is not None and self.task.running:
-            self.task.cancel()
-            self.status.setText("Stopping after the current step ...")
+        self.jobs.cancel()
 
-    def _on_progress(self, record: dict) -> None:
-        phase = record.get("phase")
-        if phase == "evaluate":
-            self.progress.setRange(0, int(record.get("total", 1)))
-            self.progress.setValue(int(record.get("step", 0)))
-            self.status.setText(f"Evaluating {record.get('case', '')} "
-                                f"({record.get('step')}/{record.get('total')})")
+    def _on_progress(self, event: Progress) -> None:
+        if event.stage == "evaluate":
+            self.progress.setRange(0, event.total)
+            self.progress.setValue(event.done)
+            self.status.setText(f"Evaluating {event.detail} ({event.done}/{event.total})")
             return
-        if phase != "train":
+        if event.stage != "train":
             return
-        step = int(record.get("step", 0))
+        step, metrics = event.done, event.metrics
         self.progress.setValue(step)
-        self.plot.add_point(step, record.get("loss"), "segmentation")
-        if "loss_contrastive" in record:
-            self.plot.add_point(step, record["loss_contrastive"], "contrastive")
-        self.status.setText(f"Step {step}/{record.get('total')}  loss {record.get('loss', 0):.4f}  "
-                            f"{format_eta(record.get('eta_s'))}")
+        self.plot.add_point(step, metrics.get("loss"), "segmentation")
+        if "loss_contrastive" in metrics:
+            self.plot.add_point(step, metrics["loss_contrastive"], "contrastive")
+        self.status.setText(f"Step {step}/{event.total}  loss {metrics.get('loss', 0):.4f}  "
+                            f"{format_eta(event.eta_s)}")
 
     def _on_done(self, result: dict[str, Any]) -> None:
         self.result = result
@@ -268,14 +259,6 @@ class TrainingPanel(QWidget):
         if result["report"] is not None:
             self.show_report(result["report"])
         self.use_button.setEnabled(True)
-
-    def _on_error(self, exc: BaseException) -> None:
-        self.status.setText("Training failed")
-        show_error(f"Training failed: {error_message(exc)}")
-
-    def _on_finally(self) -> None:
-        self.train_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
 
     def show_report(self, report: dict[str, Any]) -> None:
         """Fill the table with per-class and mean Dice / HD95 of an evaluation report."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from .errors import DataError
 from .io import Case, load_case
 from .normalize import normalize
+from .progress import Progress, ProgressFn
 
 
 @dataclass
@@ -65,10 +66,11 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def load_slices(cases: Sequence[Case], size: int | None = None, modality: str = "auto",
                 skip_empty: bool = False,
-                progress: Callable[[int, int], None] | None = None) -> list[SliceSample]:
+                progress: ProgressFn | None = None) -> list[SliceSample]:
     """Read ``cases`` and cut them into normalised 2-D slices (resized to ``size`` if given).
 
-    ``skip_empty`` drops slices whose label has no foreground.
+    ``skip_empty`` drops slices whose label has no foreground; ``progress`` receives a
+    ``load`` event per case read.
     """
     if not cases:
         raise DataError("No cases to load")
@@ -86,7 +88,7 @@ def load_slices(cases: Sequence[Case], size: int | None = None, modality: str = 
             samples.append(SliceSample(img[z], None if lbl is None else lbl[z], case.case_id,
                                        case.patient_id, z, str(case.image_path)))
         if progress is not None:
-            progress(i + 1, len(cases))
+            progress(Progress("load", i + 1, len(cases), detail=case.case_id))
     if not samples:
         raise DataError("All slices were empty (no foreground in any label)")
     return samples

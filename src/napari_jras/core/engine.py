@@ -32,6 +32,7 @@ from .fusion import Guide, align_exemplars, empty_guide, fusion_weights, make_gu
 from .io import check_image
 from .model import JRASModel
 from .normalize import NormalizedSlices, intensity_map
+from .progress import CancelFn, Progress, ProgressFn
 from .ranges import check_int
 from .retrieval import embed_images, retriever_version
 from .run_files import BANK_DIR
@@ -192,7 +193,7 @@ class InferenceEngine:
         self.version = retriever_version(model.retriever) if model.retriever is not None else None
         self._cache.clear()
 
-    def ensure_bank_embeddings(self, progress: Callable[[int, int], None] | None = None,
+    def ensure_bank_embeddings(self, progress: ProgressFn | None = None,
                                force: bool = False) -> bool:
         """Embed the bank with the current retriever if needed (always with ``force``, e.g. to
         repair damaged embeddings); True when it was re-embedded."""
@@ -213,7 +214,7 @@ class InferenceEngine:
         for i in range(0, len(ids), 256):
             chunks.append(embed_images(self.model.retriever, imgs[i:i + 256], device=self.device))
             if progress is not None:
-                progress(min(i + 256, len(ids)), len(ids))
+                progress(Progress("embed", min(i + 256, len(ids)), len(ids)))
         self.bank.set_embeddings(ids, torch.cat(chunks).numpy(), self.version)
         return True
 
@@ -348,8 +349,8 @@ class InferenceEngine:
     def predict(self, image: np.ndarray, modality: str | None = None,
                 slices: Sequence[int] | None = None, exclude_patient: str | None = None,
                 exclude_ids: Sequence[int] = (), return_probabilities: bool = False,
-                progress: Callable[[int, int], None] | None = None,
-                cancel: Callable[[], bool] | None = None, guide_source: str = "retrieved",
+                progress: ProgressFn | None = None,
+                cancel: CancelFn | None = None, guide_source: str = "retrieved",
                 memory: VolumeMemory | None = None) -> Prediction:
         """Segment ``image`` (2-D, or 3-D Z-first); ``slices`` limits which Z slices are predicted.
 
@@ -401,7 +402,7 @@ class InferenceEngine:
                 continue
             start += len(batch)
             if progress is not None:
-                progress(start, len(z_all))
+                progress(Progress("predict", start, len(z_all)))
         result.timings = timings
         result.labels = labels if data.ndim == 3 else labels[0]
         if probs is not None:

@@ -37,13 +37,14 @@ from .checkpoint import atomic_write_json, load_model, save_model
 from .data import SliceSample, resize_images, resize_labels
 from .errors import CancelledError, DataError, JRASError
 from .model import JRASModel, ModelConfig
+from .progress import CancelFn, Progress, ProgressFn
 from .run_files import (
     CHECKPOINT_GLOB,
     CHECKPOINT_PREFIX,
     CHECKPOINTS_DIR,
     TRAIN_CONFIG_FILE,
 )
-from .train import CancelFn, JointTrainer, ProgressFn, SliceSet, TrainConfig
+from .train import JointTrainer, SliceSet, TrainConfig
 from .workspace_records import CORRECTION, VERSIONS_DIR, ExemplarSnapshot, ModelVersion
 
 log = logging.getLogger(__name__)
@@ -164,8 +165,8 @@ def finetune_workspace(ws: TunableWorkspace, steps: int = 100, oversample: float
                        note: str = "") -> ModelVersion:
     """Fine-tune the active version into a new, active version (see the module docstring).
 
-    ``progress`` receives the trainer's dicts with ``phase`` "finetune" (``step``, ``total``,
-    ``loss``, ``eta``...) and then "embed"; ``cancel()`` returning True stops the run with
+    ``progress`` receives the trainer's :class:`~.progress.Progress` events with stage
+    "finetune" (``loss`` among the metrics, ``eta_s``) and then "embed"; ``cancel()`` returning True stops the run with
     :class:`CancelledError`: the active version stays, no version is written, the checkpoint
     is kept for resuming (``resume=False`` or :meth:`Workspace.discard_finetune` drop it).
 
@@ -285,16 +286,11 @@ def _write_version(ws: TunableWorkspace, model: JRASModel, info: dict[str, Any])
 
 
 def _relay(progress: ProgressFn | None) -> ProgressFn | None:
-    """Trainer records as fine-tune progress: phase "finetune" and an ``eta`` in seconds."""
+    """The trainer's events as fine-tune progress: its "train" stage is named "finetune"."""
     if progress is None:
         return None
 
-    def relay(record: dict[str, Any]) -> None:
-        out = dict(record)
-        if out.get("phase") == "train":
-            out["phase"] = "finetune"
-        if "eta_s" in out:
-            out["eta"] = out["eta_s"]
-        progress(out)
+    def relay(event: Progress) -> None:
+        progress(replace(event, stage="finetune") if event.stage == "train" else event)
 
     return relay

@@ -36,6 +36,7 @@ from .fusion import Guide, soft_topk_guide
 from .memory import check_training_memory
 from .metrics import mean_dice
 from .model import JRASModel
+from .progress import CancelFn, Progress, ProgressFn
 from .readout import readout_loss
 from .retrieval import embed_images, retriever_version
 from .run_files import LOG_FILE
@@ -54,8 +55,6 @@ from .train_schedule import restore_schedule, warmup_cosine
 if TYPE_CHECKING:  # the settings' module imports this one to re-export the trainer
     from .train import TrainConfig
 
-ProgressFn = Callable[[dict[str, Any]], None]
-CancelFn = Callable[[], bool]
 
 
 def every(step: int, period: int) -> bool:
@@ -388,7 +387,7 @@ class JointTrainer:
             with open(self.run_dir / LOG_FILE, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         if self.progress is not None:
-            self.progress(record)
+            self.progress(Progress.from_record(record))
 
     @torch.no_grad()
     def predict_set(self, data: SliceSet, batch_size: int = 16) -> torch.Tensor:

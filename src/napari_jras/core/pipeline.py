@@ -36,11 +36,12 @@ from .io import (
 )
 from .metrics import evaluate_case, summarize
 from .model import JRASModel, ModelConfig
+from .progress import CancelFn, Progress, ProgressFn
 from .provenance import provenance
 from .retrieval import embed_images, retriever_version
 from .run_files import TRAIN_CONFIG_FILE
 from .run_settings import check_resumable, clear_run, record_settings, training_settings
-from .train import CancelFn, JointTrainer, ProgressFn, SliceSet, TrainConfig, seed_everything
+from .train import JointTrainer, SliceSet, TrainConfig, seed_everything
 from .volume_memory import GUIDE_SOURCES, diagnostic_memory
 
 
@@ -221,8 +222,7 @@ def evaluate_run(model_dir: str | Path, data: str | Path, bank: str | Path | Non
                         "retrieved_ids": sorted({e.id for e in hits}),
                         "excluded_duplicates": near})
         if progress is not None:
-            progress({"step": i + 1, "total": len(cases), "phase": "evaluate",
-                      "case": case.case_id})
+            progress(Progress("evaluate", i + 1, len(cases), detail=case.case_id))
     return {
         "provenance": provenance(data=data, cases=cases, model_dir=model_dir,
                                  device=str(engine.device), guide_source=guide_source,
@@ -293,7 +293,7 @@ def predict_files(model_dir: str | Path, inputs: str | Path, output: str | Path,
         pred = engine.predict(check_image(image.data, path.name))
         written.append(write_volume(target, pred.labels, image.spacing))
         if progress is not None:
-            progress({"step": i + 1, "total": len(plan), "phase": "predict", "case": path.name})
+            progress(Progress("predict", i + 1, len(plan), detail=path.name))
     return written
 
 

@@ -30,7 +30,7 @@ Never imports Qt.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,6 +38,7 @@ import numpy as np
 
 from .engine import Prediction, RetrievedExemplar
 from .errors import JRASError
+from .progress import CancelFn, Progress, ProgressFn
 from .volume_memory import VolumeMemory
 
 MIN_CONFIDENCE = 0.5
@@ -51,7 +52,7 @@ class Predictor(Protocol):
     """What propagation needs: :class:`~.engine.InferenceEngine` or a :class:`~.workspace.Workspace`."""
 
     def predict(self, image: np.ndarray, modality: str | None = ..., slices: Any = ...,
-                cancel: Callable[[], bool] | None = ..., return_probabilities: bool = ...,
+                cancel: CancelFn | None = ..., return_probabilities: bool = ...,
                 memory: VolumeMemory | None = ...) -> Prediction:
         """Segment the given slices of ``image`` with ``memory``."""
 
@@ -86,16 +87,16 @@ def propagate(predictor: Predictor, image: np.ndarray, accepted: Mapping[int, np
               modality: str | None = None, case_id: str | None = None,
               records: Mapping[int, Mapping[str, Any]] | None = None,
               origin: str = "your correction",
-              progress: Callable[[int, int], None] | None = None,
-              cancel: Callable[[], bool] | None = None) -> Propagation:
+              progress: ProgressFn | None = None,
+              cancel: CancelFn | None = None) -> Propagation:
     """Re-predict the slices of ``image`` (Z, H, W) outward from the annotated slice ``start``.
 
     ``accepted[z]`` is the (H, W) label map of every annotated slice (``start`` among them);
     they guide the prediction (``slots`` nearest, see the module docstring) and are never
     overwritten, nor are the ``protected`` slices. ``case_id`` keeps the bank's exemplars of
     this case out of the retrieved slots; ``records`` and ``origin`` describe the annotated
-    slices in the gallery. ``progress(done, total)`` counts predicted slices against all
-    candidates. See the module docstring for the stop rule and ``chain``.
+    slices in the gallery. ``progress`` receives ``propagate`` events counting predicted slices
+    against all candidates. See the module docstring for the stop rule and ``chain``.
     """
     started = time.perf_counter()
     volume = np.asarray(image)
@@ -176,7 +177,7 @@ def propagate(predictor: Predictor, image: np.ndarray, accepted: Mapping[int, np
                 result.stopped[DIRECTIONS[sign]] = reason
         done += len(ring)
         if progress is not None:
-            progress(done, total)
+            progress(Progress("propagate", done, total))
     for sign, name in DIRECTIONS.items():
         if alive[sign]:
             result.stopped[name] = "cancelled" if result.cancelled else "end"

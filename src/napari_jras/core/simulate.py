@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +46,12 @@ import numpy as np
 from .errors import JRASError
 from .io import Case, find_cases, load_case
 from .metrics import dice_per_class, mean_dice
+from .progress import Progress, ProgressFn
 from .propagate import MIN_CONFIDENCE, propagate
 from .workspace import BUILTIN, OWN_CORRECTION, Workspace
 
 SETTINGS = ("static", "bank", "propagate")
 UNITS = ("slice", "case")
-ProgressFn = Callable[[dict[str, Any]], None]
 
 
 def outward_order(n: int, start: int | None = None) -> list[int]:
@@ -221,8 +221,9 @@ def run_setting(source: str | Path, setting: str, cases: Sequence[Case], unit: s
                          "foreground_pixels": int((label > 0).sum()), "predict_s": predict_s,
                          **extra})
             if progress is not None:
-                progress({"phase": name, "step": n + 1, "total": len(cases), "case": case.case_id,
-                          "dice": rows[-1]["dice"], "corrected": rows[-1]["corrected_pixels"]})
+                progress(Progress(name, n + 1, len(cases), detail=case.case_id,
+                                  metrics={"dice": rows[-1]["dice"],
+                                           "corrected": rows[-1]["corrected_pixels"]}))
             if finetune_every and unit == "case" and annotator.accepts and \
                     (n + 1) % finetune_every == 0 and n + 1 < len(cases):
                 t0 = time.perf_counter()

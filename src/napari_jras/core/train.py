@@ -17,7 +17,8 @@ import torch
 
 from .errors import JRASError
 from .fusion import MAX_TAU, MIN_TAU
-from .joint_trainer import CancelFn, JointTrainer, ProgressFn
+from .joint_trainer import JointTrainer
+from .progress import CancelFn, ProgressFn
 from .train_losses import mask_relevance, segmentation_loss
 from .train_sampling import SliceSet, corrupted_copy
 

@@ -25,7 +25,7 @@ import re
 import shutil
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,6 +49,7 @@ from .finetune import FINETUNE_DIR, finetune_workspace, pending_job
 from .io import check_image, check_label, patient_of, split_extension
 from .model import JRASModel, ModelConfig
 from .normalize import NormalizedSlices, intensity_map
+from .progress import CancelFn, ProgressFn
 from .run_files import TRAIN_CONFIG_FILE
 from .volume_memory import VolumeMemory
 from .workspace_embeddings import embed_bank
@@ -72,8 +73,6 @@ DRAFTS_DIR = "drafts"
 OWN_CORRECTION = "your correction"
 """Gallery origin of an exemplar that is one of the user's accepted slices of the same volume."""
 
-ProgressFn = Callable[[dict[str, Any]], None]
-CancelFn = Callable[[], bool]
 
 
 def home_dir() -> Path:
@@ -214,7 +213,7 @@ class Workspace:
 
     def predict(self, image: np.ndarray, modality: str | None = None,
                 slices: Sequence[int] | None = None,
-                progress: Callable[[int, int], None] | None = None,
+                progress: ProgressFn | None = None,
                 cancel: CancelFn | None = None,
                 return_probabilities: bool = False,
                 memory: VolumeMemory | None = None) -> Prediction:

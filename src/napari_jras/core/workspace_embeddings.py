@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import io
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,10 +19,10 @@ from .bank import ExemplarBank
 from .checkpoint import atomic_write_bytes
 from .data import resize_images
 from .model import JRASModel
+from .progress import Progress, ProgressFn
 from .retrieval import embed_images, retriever_version
 
 EMBED_CHUNK = 256
-ProgressFn = Callable[[dict[str, Any]], None]
 
 
 def embed_exemplars(retriever: torch.nn.Module, bank: ExemplarBank, ids: Sequence[int],
@@ -47,7 +46,7 @@ def embed_exemplars(retriever: torch.nn.Module, bank: ExemplarBank, ids: Sequenc
         images = torch.from_numpy(resize_images(bank.images(part), (size, size)))
         out.append(embed_images(retriever, images, device=device).numpy())
         if progress is not None:
-            progress({"phase": "embed", "step": start + len(part), "total": len(ids)})
+            progress(Progress("embed", start + len(part), len(ids)))
     return np.concatenate(out)
 
 
@@ -72,7 +71,7 @@ def embed_bank(bank: ExemplarBank, model: JRASModel, stash: Path,
     ids = [r["id"] for r in bank.records()]
     missing = [i for i in ids if i not in vectors]
     if progress is not None:
-        progress({"phase": "embed", "step": 0, "total": len(missing)})
+        progress(Progress("embed", 0, len(missing)))
     vectors.update(zip(missing, embed_exemplars(model.retriever, bank, missing,
                                                 model.config.size, progress), strict=True))
     stack = (np.stack([vectors[i] for i in ids]) if ids
