@@ -143,6 +143,21 @@ def shot_assistant(viewer) -> None:
     viewer.layers.selection.active = chosen_labels(widget)
 
 
+def shot_correct(viewer) -> None:
+    """Slice 5 being corrected with napari's paint tool before it is accepted."""
+    widget, expert = segment_sample(viewer)
+    labels = chosen_labels(widget)
+    data = labels.data.copy()
+    data[CORRECTED_SLICE] = expert.data[CORRECTED_SLICE]
+    labels.data = data  # as the paint brush leaves it: the layer's data event fires
+    viewer.layers.selection.active = labels
+    labels.mode = "paint"
+    labels.selected_label = 2
+    labels.brush_size = 6
+    settle(viewer)
+    widget.scroll.ensureWidgetVisible(widget.correct_panel.accept_button)
+
+
 def shot_accept(viewer) -> None:
     """A corrected slice accepted into the bank: the next prediction retrieves it at once."""
     widget, expert = segment_sample(viewer)
@@ -217,6 +232,7 @@ def shot_training(viewer) -> None:
 SHOTS: dict[str, Callable] = {
     "sample": shot_sample,
     "assistant": shot_assistant,
+    "correct": shot_correct,
     "accept": shot_accept,
     "propagate": shot_propagate,
     "finetune": shot_finetune,

@@ -41,7 +41,7 @@ from .litemedsam_net import (
     checkpoint_state,
     to_encoder_input,
 )
-from .sam import CLASS_TOKEN_STD, class_logits, guide_prompts
+from .sam import CLASS_TOKEN_STD, class_logits, freeze_unused, guide_prompts
 
 ENCODER_TRAINING = ("none", "last_stage", "all")
 PRETRAINED = ("litemedsam",)
@@ -101,12 +101,9 @@ class LiteMedSAMBackbone(Backbone):
     def _freeze_unused(self) -> None:
         """Freeze what box + mask prompts never use: point embeddings, the IoU head, the
         multimask hypernetworks, and the mask (baseline) or no-mask (retrieval) embedding."""
-        prompt, decoder = self.sam.prompt_encoder, self.sam.mask_decoder
-        unused = [prompt.point_embeddings[0], prompt.point_embeddings[1], prompt.not_a_point_embed,
-                  decoder.iou_prediction_head, *decoder.output_hypernetworks_mlps[1:],
-                  prompt.no_mask_embed if self.use_retrieval else prompt.mask_downscaling]
-        for module in unused:
-            module.requires_grad_(False)
+        prompt = self.sam.prompt_encoder
+        freeze_unused(prompt.point_embeddings[:2], prompt.not_a_point_embed, self.sam.mask_decoder,
+                      prompt.no_mask_embed if self.use_retrieval else prompt.mask_downscaling)
 
     def train(self, mode: bool = True) -> LiteMedSAMBackbone:
         """Train mode for everything but the image encoder, whose batch norms keep their
@@ -131,19 +128,10 @@ class LiteMedSAMBackbone(Backbone):
 
     def forward(self, query: Tensor, guide_image: Tensor | None = None,
                 guide_mask: Tensor | None = None) -> Tensor:
-        """Logits ``(B, num_classes, H, W)``; see the module docstring for the prompts.
+        """Logits ``(B, num_classes, H, W)``, the background's 0, as :meth:`SAM.forward`.
 
-        Args:
-            query: (B, 1, H, W) float images in [0, 1], any H, W.
-            guide_image: (B, 1, H, W) guide image (required with retrieval).
-            guide_mask: (B, num_classes, H, W) soft one-hot guide mask (required with
-                retrieval).
-
-        Returns:
-            Logits (B, num_classes, H, W), the background's 0.
-
-        Raises:
-            ModelError: the inputs fail :meth:`stack_inputs`.
+        The arguments and errors are those of :meth:`SAM.forward` (the prompts: see the module
+        docstring); the query is encoded once by :meth:`embed` for all classes.
         """
         self.stack_inputs(query, guide_image, guide_mask)  # validates; guides unused in baseline
         batch, _, height, width = query.shape

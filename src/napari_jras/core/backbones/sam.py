@@ -28,6 +28,7 @@ positional embedding SAM shares between its image and prompt encoders is saved o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -176,12 +177,9 @@ class SAM(Backbone):
     def _freeze_unused(self) -> None:
         """Freeze what these prompts never use: point prompts, the IoU head, the multimask
         outputs, and the mask (baseline) or no-mask (retrieval) embedding."""
-        prompt, decoder = self.sam.prompt_encoder, self.sam.mask_decoder
-        unused = [prompt.point_embed[0], prompt.point_embed[1], prompt.not_a_point_embed,
-                  decoder.iou_prediction_head, *decoder.output_hypernetworks_mlps[1:],
-                  prompt.no_mask_embed if self.use_retrieval else prompt.mask_embed]
-        for module in unused:
-            module.requires_grad_(False)
+        prompt = self.sam.prompt_encoder
+        freeze_unused(prompt.point_embed[:2], prompt.not_a_point_embed, self.sam.mask_decoder,
+                      prompt.no_mask_embed if self.use_retrieval else prompt.mask_embed)
 
     def forward(self, query: Tensor, guide_image: Tensor | None = None,
                 guide_mask: Tensor | None = None) -> Tensor:
@@ -225,6 +223,22 @@ class SAM(Backbone):
         """Box prompts ``(count, 1, 4)`` and mask prompts ``(count, 1, S, S)`` (None: baseline)."""
         boxes, masks = guide_prompts(guide_mask, count, self.image_size, self.mask_size, device)
         return boxes[:, None], masks
+
+
+def freeze_unused(point_embeddings: Sequence[nn.Module], not_a_point: nn.Module,
+                  decoder: nn.Module, mask_input: nn.Module) -> None:
+    """Freeze the SAM parts that box + mask prompts never train (shared by both SAM backbones).
+
+    Args:
+        point_embeddings: the prompt encoder's first two point embeddings (positive, negative).
+        not_a_point: the prompt encoder's padding-point embedding.
+        decoder: the mask decoder (its IoU head and multimask hypernetworks are frozen).
+        mask_input: the mask-prompt path the mode does not use (the mask embedding for the
+            baseline, the no-mask embedding with retrieval).
+    """
+    for module in [*point_embeddings, not_a_point, decoder.iou_prediction_head,
+                   *decoder.output_hypernetworks_mlps[1:], mask_input]:
+        module.requires_grad_(False)
 
 
 def guide_prompts(guide_mask: Tensor | None, count: int, box_size: int, mask_size: int,
