@@ -118,3 +118,32 @@ def test_cli_evaluate_records_the_guide_source(tiny_run, data_dir, tmp_path, cap
         main(["evaluate", "--model", str(tiny_run), "--data", str(data), "--report",
               str(tmp_path / "x.json"), "--guide-source", "best"])
     assert err.value.code == 2
+
+
+def test_readout_only_scores_the_propagated_mask_alone(tiny_run, tiny_baseline_run, data_dir,
+                                                       tmp_path, volume, labels):
+    engine = InferenceEngine.from_run(tiny_run, device="cpu", readout_only=True)
+    oracle = engine.predict(volume, memory=diagnostic_memory("oracle", labels),
+                            return_probabilities=True)
+    none = engine.predict(volume, guide_source="none")
+    assert not none.labels.any()  # no exemplar: nothing is propagated, all background
+    # the propagated own mask puts more foreground where the structures are than elsewhere
+    # (an untrained readout's affinity is diffuse, so only the ordering is certain)
+    fg_prob = 1.0 - oracle.probabilities[0].astype(np.float32)
+    assert fg_prob[labels > 0].mean() > fg_prob[labels == 0].mean() + 0.01
+    full = InferenceEngine.from_run(tiny_run, device="cpu").predict(
+        volume, memory=diagnostic_memory("oracle", labels))
+    assert not np.array_equal(full.labels, oracle.labels)
+    with pytest.raises(JRASError, match="readout fusion"):
+        InferenceEngine.from_run(tiny_baseline_run, device="cpu", readout_only=True)
+    data = tmp_path / "data"
+    data.mkdir()
+    for suffix in ("image", "label"):
+        shutil.copy(data_dir / "acdc" / f"patient045_frame01_{suffix}.tif", data)
+    out = tmp_path / "readout.json"
+    assert main(["evaluate", "--model", str(tiny_run), "--data", str(data), "--report", str(out),
+                 "--guide-source", "neighbour", "--readout-only", "--quiet", "--device",
+                 "cpu"]) == 0
+    report = json.loads(out.read_text())
+    assert report["provenance"]["readout_only"] is True
+    assert report["guide_source"] == "neighbour"

@@ -112,7 +112,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           patient_regex=args.patient_regex, guide_source=args.guide_source,
                           group_duplicates={"auto": None, "on": True, "off": False}[
                               args.group_duplicates],
-                          progress=_progress_printer(args.quiet), **_engine_options(args))
+                          progress=_progress_printer(args.quiet), readout_only=args.readout_only,
+                          **_engine_options(args))
     atomic_write_json(Path(args.report), report)
     overall = report["summary"]["mean"]
     print(f"{report['data']['cases']} cases  Dice {overall['dice']['mean']:.4f} +- "
@@ -276,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the bank, never the evaluated patient); none, random (K random "
                         "exemplars of other patients), neighbour (the ground truth of slices "
                         "z+-1 of the same volume), oracle (the slice's own ground truth)")
+    e.add_argument("--readout-only", action="store_true",
+                   help="diagnostic (readout fusion only): score the readout's propagated "
+                        "mask alone, without the image path")
     e.add_argument("--group-duplicates", choices=["auto", "on", "off"], default="auto",
                    help="never retrieve near-duplicates of the evaluated image (thumbnail "
                         "correlation >= 0.95); auto: on when every case is its own patient")

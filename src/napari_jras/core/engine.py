@@ -82,8 +82,13 @@ class InferenceEngine:
     def __init__(self, model: JRASModel, bank: ExemplarBank | None = None,
                  device: str | torch.device = "auto", amp: bool = True, batch_size: int = 16,
                  channels_last: bool | None = None, compile_model: bool = False,
-                 on_warning: Callable[[str], None] | None = None):
+                 on_warning: Callable[[str], None] | None = None, readout_only: bool = False):
         self.batch_size = check_int(batch_size, "batch_size", 1, MAX_BATCH_SIZE, JRASError)
+        if readout_only and not model.config.uses_readout:
+            raise ModelError("--readout-only needs a J-RAS model with the readout fusion (this "
+                             f"one: fusion {model.config.fusion}, retrieval "
+                             f"{'on' if model.config.use_retrieval else 'off'})")
+        self.readout_only = readout_only
         self.device = select_device(device)
         self.model = model
         self.amp = amp
@@ -425,15 +430,34 @@ class InferenceEngine:
                 if guide is None and not cfg.uses_readout:  # concat: an all-zero guide
                     guide = empty_guide(len(batch), size, cfg.num_classes, self.device)
             t0 = time.perf_counter()
-            logits = self._run("model", x[:, None], guide).float()
-            logits = F.interpolate(logits, size=vol.shape[-2:], mode="bilinear", align_corners=False)
-            p = logits.softmax(1)
+            if self.readout_only:
+                p = self._readout_probabilities(x[:, None], guide, vol.shape[-2:])
+            else:
+                logits = self._run("model", x[:, None], guide).float()
+                logits = F.interpolate(logits, size=vol.shape[-2:], mode="bilinear",
+                                       align_corners=False)
+                p = logits.softmax(1)
             result.labels[batch] = p.argmax(1).to(torch.uint8).cpu().numpy()
             if result.probabilities is not None:
                 result.probabilities[:, batch] = p.permute(1, 0, 2, 3).cpu().numpy().astype(np.float16)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             timings["network"] += time.perf_counter() - t0
+
+
+    def _readout_probabilities(self, query: torch.Tensor, guide: Guide | None,
+                               size: tuple[int, int]) -> torch.Tensor:
+        """The readout's propagated mask alone (a diagnostic): class probabilities at ``size``.
+
+        A slice without exemplars gets probability 1 for the background.
+        """
+        _, p_read = self.model.forward_readout(query, guide)
+        if p_read is None:
+            p_read = torch.zeros(query.shape[0], self.model.config.num_classes,
+                                 *query.shape[-2:], device=query.device)
+        p_read = p_read.float().clone()
+        p_read[:, 0] += (p_read.sum(1) <= 0).float()  # no exemplar: background
+        return F.interpolate(p_read, size=size, mode="bilinear", align_corners=False)
 
 
 def load_engine(run_dir: str | Path, bank: str | Path | None = None, device: str = "auto",

@@ -187,7 +187,9 @@ def evaluate_run(model_dir: str | Path, data: str | Path, bank: str | Path | Non
     ``none``, ``random`` (K random bank exemplars of other patients), ``neighbour`` (the
     ground truth of slices z +- 1 of the same volume, the only exemplars) or ``oracle`` (the
     slice's own ground truth).
-    ``engine_options`` go to :class:`InferenceEngine` (``batch_size``, ``compile``, ...).
+    ``engine_options`` go to :class:`InferenceEngine` (``batch_size``, ``compile``,
+    ``readout_only``: the readout's propagated mask alone, a diagnostic; recorded in the
+    provenance).
     """
     if guide_source not in GUIDE_SOURCES:
         raise JRASError(f"--guide-source must be one of {', '.join(GUIDE_SOURCES)}, got "
@@ -226,6 +228,7 @@ def evaluate_run(model_dir: str | Path, data: str | Path, bank: str | Path | Non
     return {
         "provenance": provenance(data=data, cases=cases, model_dir=model_dir,
                                  device=str(engine.device), guide_source=guide_source,
+                                 readout_only=engine.readout_only,
                                  group_duplicates=group_duplicates,
                                  duplicate_threshold=DUPLICATE_THRESHOLD if group_duplicates
                                  else None),
