@@ -38,6 +38,18 @@ def atomic_write_bytes(path: Path, data: bytes, *, tmp: Path | None = None,
     bank deleted while open). A failed write (disk full, no permission) raises
     :class:`StorageError` ("Cannot write <what> <path>: ..."), removes the temporary file and
     leaves the previous content of ``path`` untouched.
+
+    Args:
+        path: the file to (re)write.
+        data: its whole new content.
+        tmp: the temporary file to write first (same folder as ``path``); None: a unique
+            ``.<name>.<pid>-<random>.partial`` next to it.
+        make_parents: create missing parent folders.
+        what: what the file is, for the error message (e.g. ``the pseudonym key``).
+
+    Raises:
+        StorageError: the write, fsync or rename failed, or a part of the folder path is a
+            file.
     """
     path = Path(path)
     tmp = tmp or path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
@@ -93,7 +105,16 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Save tensors as safetensors atomically (contiguous CPU copies)."""
+    """Save tensors as safetensors atomically (contiguous CPU copies).
+
+    Args:
+        path: the ``.safetensors`` file to write.
+        tensors: the tensors by name (e.g. a ``state_dict``); they are detached, not changed.
+        metadata: string pairs stored in the file's header, or None.
+
+    Raises:
+        StorageError: as :func:`atomic_write_bytes`.
+    """
     from safetensors.torch import save
 
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -101,7 +122,15 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors file with a clear error when it is missing, damaged or a pickle."""
+    """Load a safetensors file with a clear error when it is missing, damaged or a pickle.
+
+    Returns:
+        The tensors by name, on the CPU.
+
+    Raises:
+        ModelError: the file is missing, unreadable, a pickle, or not a valid safetensors
+            file (never unpickled).
+    """
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -149,7 +178,19 @@ def weights_format(path: Path) -> str:
 
 
 def save_model(run_dir: str | Path, model: JRASModel, weights_name: str = WEIGHTS_FILE) -> Path:
-    """Write the model's config and weights into ``run_dir``; returns the weights path."""
+    """Write the model's config and weights into ``run_dir``; returns the weights path.
+
+    Args:
+        run_dir: the run folder (created if missing); ``config.json`` is (re)written there.
+        model: the model; its ``config`` and ``state_dict`` are saved.
+        weights_name: the weights file's name in ``run_dir``.
+
+    Returns:
+        The path of the weights file written.
+
+    Raises:
+        StorageError: a file could not be written (:func:`atomic_write_bytes`).
+    """
     run_dir = Path(run_dir)
     atomic_write_json(run_dir / CONFIG_FILE, model.config.to_dict())
     weights = run_dir / weights_name
@@ -158,7 +199,13 @@ def save_model(run_dir: str | Path, model: JRASModel, weights_name: str = WEIGHT
 
 
 def read_config(run_dir: str | Path) -> ModelConfig:
-    """Read and validate a run folder's ``config.json``."""
+    """Read and validate a run folder's ``config.json``.
+
+    Raises:
+        ModelError: ``run_dir`` is a file (a pickle checkpoint is named as such), is missing,
+            has no ``config.json``, or that file is unreadable, not JSON or holds an invalid
+            setting.
+    """
     run_dir = Path(run_dir)
     if run_dir.is_file():
         if run_dir.suffix.lower() in PICKLE_SUFFIXES:
@@ -184,7 +231,21 @@ def read_config(run_dir: str | Path) -> ModelConfig:
 
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
                weights_name: str = WEIGHTS_FILE) -> JRASModel:
-    """Rebuild a model from a run folder, checking that the weights fit the config exactly."""
+    """Rebuild a model from a run folder, checking that the weights fit the config exactly.
+
+    Args:
+        run_dir: the run folder (``config.json`` + the weights file).
+        device: where the model is put (``cpu``, ``cuda``... or a :class:`torch.device`).
+        weights_name: the weights file's name in ``run_dir``.
+
+    Returns:
+        The model in eval mode on ``device``.
+
+    Raises:
+        ModelError: the config fails :func:`read_config` or describes a model that cannot be
+            built, the weights fail :func:`load_tensors`, have missing, unexpected or
+            wrongly shaped tensors, or hold NaN or infinite values.
+    """
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     try:

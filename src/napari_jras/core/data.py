@@ -71,6 +71,23 @@ def load_slices(cases: Sequence[Case], size: int | None = None, modality: str = 
 
     ``skip_empty`` drops slices whose label has no foreground; ``progress`` receives a
     ``load`` event per case read.
+
+    Args:
+        cases: the cases to read, in order.
+        size: side of the square the slices are resized to (bilinear images, nearest labels);
+            None keeps each case's own size.
+        modality: intensity scaling of :func:`~.normalize.normalize` (``auto``, ``mri``,
+            ``ct`` or ``us``), measured per case.
+        skip_empty: drop labelled slices without foreground (unlabelled slices are kept).
+        progress: receives a ``load`` event per case.
+
+    Returns:
+        One :class:`SliceSample` per kept slice, case by case, Z in order; images float32 in
+        [0, 1].
+
+    Raises:
+        DataError: no cases, a case that cannot be read (:func:`~.io.load_case`), or no slice
+            left.
     """
     if not cases:
         raise DataError("No cases to load")
@@ -96,7 +113,20 @@ def load_slices(cases: Sequence[Case], size: int | None = None, modality: str = 
 
 def patient_split(cases: Sequence[Case], val_fraction: float = 0.2,
                   seed: int = 0) -> tuple[list[Case], list[Case]]:
-    """Split cases into (train, val) so that no patient appears on both sides."""
+    """Split cases into (train, val) so that no patient appears on both sides.
+
+    Args:
+        cases: the cases to split.
+        val_fraction: share of the patients (not cases) that go to validation, in (0, 1);
+            rounded, at least one patient on each side.
+        seed: seed of the patient shuffle (the same seed gives the same split).
+
+    Returns:
+        The training and validation cases, each in the order of ``cases``.
+
+    Raises:
+        DataError: ``val_fraction`` outside (0, 1), or fewer than two patients.
+    """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     patients = sorted({c.patient_id for c in cases})
@@ -122,6 +152,17 @@ def num_classes_of(samples: Iterable[SliceSample], declared: int | None = None) 
     most :data:`MAX_INFERRED_CLASSES`: values like {0, 7, 200} are no class indices (a 0/255
     mask read as classes made a 256-class model). Raises :class:`DataError` when no label holds
     any foreground: a model would learn a class it never saw.
+
+    Args:
+        samples: the training slices; unlabelled ones are skipped.
+        declared: the number of classes the user declared, or None to infer it.
+
+    Returns:
+        ``declared`` when given, else the largest label value + 1.
+
+    Raises:
+        DataError: no foreground in any label, a label value >= ``declared``, or (inferred)
+            values that are not 0..C-1 without gaps or more than ``MAX_INFERRED_CLASSES``.
     """
     values: set[int] = set()
     for s in samples:

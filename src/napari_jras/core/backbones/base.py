@@ -138,10 +138,18 @@ class Backbone(nn.Module):
                 guide_mask: Tensor | None = None) -> Tensor:
         """Logits ``(B, num_classes, H, W)`` for a query ``(B, 1, H, W)`` in [0, 1].
 
-        ``guide_image`` is ``(B, 1, H, W)`` and ``guide_mask`` a soft one-hot
-        ``(B, num_classes, H, W)``; both are required with retrieval and ignored without.
         Any H, W works: the input is zero-padded to a multiple of ``size_multiple`` and the
-        logits are cropped back.
+        logits are cropped back. This is the contract of every backbone's ``forward``.
+
+        Args:
+            query: the query images ``(B, 1, H, W)``, floating point in [0, 1].
+            guide_image: the retrieved guide image ``(B, 1, H, W)``; required with retrieval,
+                ignored without.
+            guide_mask: the soft one-hot guide mask ``(B, num_classes, H, W)`` (each pixel's
+                class weights); required with retrieval, ignored without.
+
+        Returns:
+            Unnormalised class logits ``(B, num_classes, H, W)`` (softmax over dim 1).
 
         Raises:
             ModelError: the inputs fail :meth:`stack_inputs`.
@@ -155,7 +163,15 @@ class Backbone(nn.Module):
         return self.segment(x)[..., :height, :width]
 
     def segment(self, x: Tensor) -> Tensor:
-        """Logits for stacked inputs ``(B, in_channels, H, W)`` with H, W multiples of the stride."""
+        """Logits for stacked inputs ``(B, in_channels, H, W)`` with H, W multiples of the stride.
+
+        Args:
+            x: the output of :meth:`stack_inputs`, zero-padded to multiples of
+                ``size_multiple``.
+
+        Returns:
+            Logits ``(B, num_classes, H, W)`` at the padded size.
+        """
         raise NotImplementedError
 
 
@@ -174,6 +190,18 @@ def check_int(value: Any, option: str, minimum: int = 1, maximum: int = 4096) ->
     """Return ``value`` if it is an integer in ``[minimum, maximum]``; else :class:`ModelError`.
 
     ``option`` names the option in the message; a bool is not an integer here.
+
+    Args:
+        value: the option's value as given.
+        option: the option's name (the message says ``option '<option>'``).
+        minimum: the smallest allowed value (inclusive).
+        maximum: the largest allowed value (inclusive).
+
+    Returns:
+        ``value`` unchanged.
+
+    Raises:
+        ModelError: ``value`` is not an int (or is a bool) or lies outside the range.
     """
     return ranges.check_int(value, f"option '{option}'", minimum, maximum)
 
@@ -186,7 +214,16 @@ def check_fraction(value: Any, option: str) -> float:
 
 
 def check_choice(value: Any, option: str, choices: tuple[str, ...]) -> str:
-    """Return ``value`` if it is one of ``choices``, else raise :class:`ModelError`."""
+    """Return ``value`` if it is one of ``choices``, else raise :class:`ModelError`.
+
+    Args:
+        value: the option's value as given.
+        option: the option's name, for the message.
+        choices: the allowed values.
+
+    Returns:
+        ``value`` unchanged.
+    """
     if value not in choices:
         raise ModelError(f"option '{option}' must be one of {', '.join(choices)}; got {value!r}")
     return value

@@ -64,7 +64,8 @@ class LiteMedSAMBackbone(Backbone):
         pretrained: ``litemedsam``.
         train_image_encoder: ``none``, ``last_stage`` or ``all``.
         checkpoint_sha256: None for a new model (the released weights are read and their
-            hash recorded); a string for a saved run (random weights, the run's follow).
+            hash recorded); a string for a saved run (random weights, replaced by the run's
+            own weights when it is loaded).
 
     Raises:
         ModelError: an invalid option, or (new model) LiteMedSAM weights missing or not the

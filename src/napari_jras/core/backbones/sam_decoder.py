@@ -39,7 +39,15 @@ class PositionEmbeddingRandom(nn.Module):
 
 
 class PromptEncoder(nn.Module):
-    """Boxes to sparse embeddings (two corner tokens); masks to dense embeddings."""
+    """Boxes to sparse embeddings (two corner tokens); masks to dense embeddings.
+
+    Args:
+        embed_dim: channels C of every embedding.
+        embedding_size: side h = w of the image-embedding grid (64 for LiteMedSAM).
+        input_size: side of the square encoder input, the pixel frame of the boxes.
+        mask_channels: hidden channels of the mask downscaling (whose input is the
+            ``4 * embedding_size`` square mask prompt).
+    """
 
     def __init__(self, embed_dim: int = 256, embedding_size: int = 64, input_size: int = 256,
                  mask_channels: int = 16):
@@ -127,7 +135,15 @@ class MLPBlock(nn.Module):
 
 
 class TwoWayAttentionBlock(nn.Module):
-    """Token self-attention, tokens-to-image attention, token MLP, image-to-tokens attention."""
+    """Token self-attention, tokens-to-image attention, token MLP, image-to-tokens attention.
+
+    Args:
+        dim: token channels C.
+        num_heads: attention heads.
+        mlp_dim: hidden width of the token MLP.
+        skip_first_layer_pe: the first block's self-attention: replace the tokens by their
+            attention output, without adding the positional part (SAM's first layer).
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, skip_first_layer_pe: bool):
         super().__init__()
@@ -180,7 +196,17 @@ class TwoWayTransformer(nn.Module):
 
     def forward(self, image: Tensor, image_pe: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Image ``(B, C, h, w)``, its encoding ``(B, C, h, w)``, tokens ``(B, N, C)`` ->
-        (tokens, image tokens ``(B, h*w, C)``)."""
+        (tokens, image tokens ``(B, h*w, C)``).
+
+        Args:
+            image: image embeddings ``(B, C, h, w)`` (plus the dense prompt).
+            image_pe: their positional encoding ``(B, C, h, w)``.
+            tokens: output and prompt tokens ``(B, N, C)``, also used as their own
+                positional part in every layer.
+
+        Returns:
+            The updated tokens ``(B, N, C)`` and image tokens ``(B, h*w, C)``.
+        """
         keys = image.flatten(2).transpose(1, 2)
         key_pe = image_pe.flatten(2).transpose(1, 2)
         queries = tokens
@@ -210,6 +236,12 @@ class MaskDecoder(nn.Module):
 
     :meth:`forward` returns the single-mask output (SAM's first mask token), the one used with
     box prompts; the multimask tokens and the IoU head are kept for the checkpoint only.
+
+    Args:
+        dim: channels C of the embeddings and tokens.
+        num_multimask_outputs: SAM's extra mask tokens (the checkpoint holds 3).
+        iou_head_depth: layers of the (unused) IoU prediction head.
+        iou_head_hidden_dim: its hidden width.
     """
 
     def __init__(self, dim: int = 256, num_multimask_outputs: int = 3, iou_head_depth: int = 3,
@@ -229,7 +261,19 @@ class MaskDecoder(nn.Module):
 
     def forward(self, image: Tensor, image_pe: Tensor, sparse: Tensor, dense: Tensor) -> Tensor:
         """Mask logits ``(N, 1, 4h, 4w)`` for image embeddings ``(N, C, h, w)`` (one per prompt),
-        positional encoding ``(1, C, h, w)``, sparse ``(N, T, C)`` and dense ``(N, C, h, w)``."""
+        positional encoding ``(1, C, h, w)``, sparse ``(N, T, C)`` and dense ``(N, C, h, w)``.
+
+        Args:
+            image: image embeddings ``(N, C, h, w)``, one per prompt (repeat an image's
+                embedding for several prompts).
+            image_pe: the grid's positional encoding ``(1, C, h, w)``
+                (:meth:`PromptEncoder.dense_pe`).
+            sparse: sparse prompt embeddings ``(N, T, C)`` (box corners, extra tokens).
+            dense: dense prompt embeddings ``(N, C, h, w)``, added to ``image``.
+
+        Returns:
+            Single-mask logits ``(N, 1, 4h, 4w)`` (not yet resized to the input).
+        """
         count = sparse.shape[0]
         output = torch.cat([self.iou_token.weight, self.mask_tokens.weight])
         tokens = torch.cat([output[None].expand(count, -1, -1), sparse], dim=1)
