@@ -44,7 +44,18 @@ MAX_BATCH_SIZE = 1024  # slices per network pass (predict/evaluate --batch-size)
 
 @dataclass
 class RetrievedExemplar:
-    """One exemplar used for a slice: what the gallery shows."""
+    """One exemplar used for a slice: what the gallery shows.
+
+    Attributes:
+        id: the bank exemplar's id; -1 for an annotated slice of the same volume (memory).
+        score: the retrieval similarity (cosine; 0 for the ``random`` diagnostic), or the
+            memory score of a volume slice.
+        weight: its fusion weight among the slice's exemplars (they sum to 1).
+        record: its provenance (case, patient, slice, origin...); memory slices add
+            ``slice_index``, ``dz`` and ``predicted`` when it is a propagated prediction.
+        image: the exemplar image at the model size ``(size, size)``, float32 in [0, 1].
+        mask: its label map ``(size, size)``, uint8 class indices.
+    """
 
     id: int
     score: float
@@ -56,7 +67,17 @@ class RetrievedExemplar:
 
 @dataclass
 class Prediction:
-    """Result of :meth:`InferenceEngine.predict` (arrays at the input's shape)."""
+    """Result of :meth:`InferenceEngine.predict` (arrays at the input's shape).
+
+    Attributes:
+        labels: uint8 class indices, ``(Z, H, W)`` or ``(H, W)`` for a 2-D input; slices not
+            predicted are 0.
+        slices: the Z indices that were predicted, in order.
+        exemplars: the exemplars of each predicted slice (J-RAS models only).
+        probabilities: float16 class probabilities ``(C, Z, H, W)`` (``(C, H, W)`` for a 2-D
+            input) when asked for, else None.
+        timings: seconds spent in ``embed``, ``search``, ``fusion`` and ``network``.
+    """
 
     labels: np.ndarray
     slices: list[int]
@@ -77,6 +98,23 @@ class InferenceEngine:
     ``compile_model`` runs it through ``torch.compile`` (with a warning and the plain model if
     compilation fails). ``on_warning`` receives user-facing warnings (the GPU fallback) as text;
     without it they are issued as :class:`EngineWarning` with :func:`warnings.warn`.
+
+    Args:
+        model: the model (moved to the device and put in eval mode).
+        bank: the exemplar bank; required for a J-RAS model, unused by a baseline.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps`` (:func:`~.device.select_device`).
+        amp: mixed precision on CUDA.
+        batch_size: slices per network pass, 1..:data:`MAX_BATCH_SIZE`.
+        channels_last: NHWC memory format; None: on CUDA only.
+        compile_model: run the model and retriever through ``torch.compile``.
+        on_warning: receives user-facing warnings as text, or None.
+        readout_only: predict from the readout fusion's propagated mask alone (a diagnostic).
+
+    Raises:
+        JRASError: ``batch_size`` out of range or ``device`` not available.
+        ModelError: ``readout_only`` for a model without the readout fusion.
+        BankError: a J-RAS model without a bank, or a bank with other classes or embedding
+            size.
     """
 
     def __init__(self, model: JRASModel, bank: ExemplarBank | None = None,
@@ -113,6 +151,22 @@ class InferenceEngine:
 
         ``faiss_gpu=False`` keeps the bank's search index on the CPU (``None``: GPU if possible).
         A bank that cannot be written (a read-only folder) is opened read-only.
+
+        Args:
+            run_dir: the run folder (:func:`~.checkpoint.load_model`).
+            bank: a bank folder or an open bank; None: ``run_dir/bank`` for a J-RAS model.
+            device: as for the constructor.
+            faiss_gpu: where the bank's search index lives (only for a bank opened here).
+            **kwargs: the other constructor options (``batch_size``, ``amp``...).
+
+        Returns:
+            The engine.
+
+        Raises:
+            ModelError: the run folder cannot be loaded.
+            BankError: no bank for a J-RAS model, or the bank cannot be opened or does not
+                fit the model.
+            JRASError: the other constructor errors.
         """
         run_dir = Path(run_dir)
         model = load_model(run_dir, "cpu")
@@ -201,7 +255,19 @@ class InferenceEngine:
     def ensure_bank_embeddings(self, progress: ProgressFn | None = None,
                                force: bool = False) -> bool:
         """Embed the bank with the current retriever if needed (always with ``force``, e.g. to
-        repair damaged embeddings); True when it was re-embedded."""
+        repair damaged embeddings); True when it was re-embedded.
+
+        Args:
+            progress: receives ``embed`` events (exemplars embedded, in chunks of 256).
+            force: re-embed even when the stored embeddings match the retriever.
+
+        Returns:
+            True when the bank was (re-)embedded; False when it was up to date, or there is
+            no bank or retriever.
+
+        Raises:
+            BankError: the bank is empty, or it needs embedding and is read-only.
+        """
         if self.bank is None or self.model.retriever is None:
             return False
         if len(self.bank) == 0:
@@ -367,6 +433,30 @@ class InferenceEngine:
         Raises :class:`JRASError` subclasses with clear messages for bad input.
         A GPU out-of-memory error halves ``batch_size`` (kept for later calls) and retries; at
         one slice the engine moves to the CPU with a warning (see ``on_warning``).
+
+        Args:
+            image: the raw image, ``(H, W)`` or ``(Z, H, W)``, any real dtype; it is scaled
+                slice batch by slice batch, never copied whole.
+            modality: intensity scaling (``auto``, ``mri``, ``ct``, ``us``); None: the
+                model's.
+            slices: the Z indices to predict; None: all (a 2-D image has the one slice 0).
+            exclude_patient: patient id whose exemplars are never retrieved, or None.
+            exclude_ids: bank exemplar ids never retrieved.
+            return_probabilities: also return the class probabilities.
+            progress: receives a ``predict`` event per batch (slices done of all).
+            cancel: polled before each batch; True stops the prediction.
+            guide_source: one of ``GUIDE_SOURCES``; ``neighbour`` and ``oracle`` take their
+                exemplars from ``memory`` alone (:func:`~.volume_memory.diagnostic_memory`).
+            memory: annotated slices of this volume, or None.
+
+        Returns:
+            The :class:`Prediction`, arrays at the shape of ``image``.
+
+        Raises:
+            DataError: the image fails :func:`~.io.check_image`.
+            JRASError: a slice or memory slice out of range, an unknown ``guide_source``, the
+                prediction was cancelled, or out of memory on the CPU for one slice.
+            BankError: the bank cannot be embedded, or no exemplar can be retrieved.
         """
         data = check_image(image)
         cfg = self.model.config
@@ -462,7 +552,13 @@ class InferenceEngine:
 
 def load_engine(run_dir: str | Path, bank: str | Path | None = None, device: str = "auto",
                 **kwargs: Any) -> InferenceEngine:
-    """Convenience wrapper around :meth:`InferenceEngine.from_run` with friendly errors."""
+    """Convenience wrapper around :meth:`InferenceEngine.from_run` with friendly errors.
+
+    Raises:
+        ModelError: as :meth:`InferenceEngine.from_run`, and for an :class:`OSError` while
+            loading.
+        BankError: as :meth:`InferenceEngine.from_run`.
+    """
     try:
         return InferenceEngine.from_run(run_dir, bank=bank, device=device, **kwargs)
     except (ModelError, BankError):

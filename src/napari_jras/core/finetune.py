@@ -166,9 +166,10 @@ def finetune_workspace(ws: TunableWorkspace, steps: int = 100, oversample: float
     """Fine-tune the active version into a new, active version (see the module docstring).
 
     ``progress`` receives the trainer's :class:`~.progress.Progress` events with stage
-    "finetune" (``loss`` among the metrics, ``eta_s``) and then "embed"; ``cancel()`` returning True stops the run with
-    :class:`CancelledError`: the active version stays, no version is written, the checkpoint
-    is kept for resuming (``resume=False`` or :meth:`Workspace.discard_finetune` drop it).
+    "finetune" (``loss`` among the metrics, ``eta_s``) and then "embed"; ``cancel()``
+    returning True stops the run with :class:`CancelledError`: the active version stays, no
+    version is written, the checkpoint is kept for resuming (``resume=False`` or
+    :meth:`Workspace.discard_finetune` drop it).
 
     Args:
         ws: the workspace.
@@ -184,6 +185,11 @@ def finetune_workspace(ws: TunableWorkspace, steps: int = 100, oversample: float
 
     Returns:
         The new version, now the active one.
+
+    Raises:
+        JRASError: another fine-tune of this workspace is running.
+        DataError: the workspace holds no exemplar, or ``oversample`` < 1.
+        CancelledError: ``cancel()`` returned True.
     """
     with ws.finetune_slot("A fine-tune of this workspace is already running"):
         return _finetune(ws, steps, oversample, batch_size, device, progress,

@@ -58,6 +58,18 @@ def build_bank(bank_dir: str | Path, model: JRASModel, samples: Sequence[SliceSa
 
     The bank is built in a temporary folder and renamed into place when complete. ``size``
     stores exemplars at a reduced resolution (default: the model size).
+
+    Args:
+        bank_dir: the bank folder to (re)create.
+        model: a J-RAS model: its retriever embeds the slices, its config gives the classes.
+        samples: labelled slices, all of one size (the model size).
+        embeddings: ``(N, D)`` retriever embeddings of ``samples`` (e.g. the trainer's);
+            None: computed here.
+        origin: the provenance ``origin`` of every exemplar.
+        size: side of the stored exemplars; None: the model size.
+
+    Returns:
+        The new bank, open.
     """
     bank_dir = Path(bank_dir)
     tmp = bank_dir.with_name(f".{bank_dir.name}.partial")
@@ -105,6 +117,31 @@ def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
 
     Under torchrun (an initialised process group) every rank trains and rank 0 alone writes the
     run folder; the function returns on every rank once it is complete.
+
+    Args:
+        data: the training cases, a folder or one file (:func:`~.io.find_cases`).
+        out: the run folder.
+        model_config: :class:`ModelConfig` fields by name (JSON-like values).
+        train_config: the training settings.
+        val: validation cases (no patient shared with ``data``) for a logged validation
+            Dice, or None.
+        patient_regex: how case ids map to patient ids, or None.
+        resume: continue a run of the same settings in ``out``; False clears ``out``'s
+            previous run first.
+        epochs: when given, ``steps = ceil(epochs * training slices / batch_size)``.
+        group_duplicates: merge patients with near-duplicate slices.
+        progress: receives the trainer's progress events.
+        cancel: polled before every step; True ends training early, and the model trained
+            so far is written as usual (``steps_done`` in ``train_config.json``).
+
+    Returns:
+        ``out``.
+
+    Raises:
+        DataError: unusable data (:func:`~.data.load_slices`, :func:`~.data.num_classes_of`)
+            or validation patients that also train.
+        ModelError: an invalid model setting, checked before the data are read.
+        JRASError: ``epochs`` < 1, or ``out`` holds a run with other settings.
     """
     out = Path(out)
     # every field checked before the data are read at that size (num_classes, when absent,
@@ -187,9 +224,31 @@ def evaluate_run(model_dir: str | Path, data: str | Path, bank: str | Path | Non
     ``none``, ``random`` (K random bank exemplars of other patients), ``neighbour`` (the
     ground truth of slices z +- 1 of the same volume, the only exemplars) or ``oracle`` (the
     slice's own ground truth).
-    ``engine_options`` go to :class:`InferenceEngine` (``batch_size``, ``compile``,
+    ``engine_options`` go to :class:`InferenceEngine` (``batch_size``, ``compile_model``,
     ``readout_only``: the readout's propagated mask alone, a diagnostic; recorded in the
     provenance).
+
+    Args:
+        model_dir: the run folder of the model.
+        data: the labelled cases to score (:func:`~.io.find_cases`).
+        bank: the bank to retrieve from; None: the run's own.
+        device: the inference device.
+        patient_regex: how case ids map to patient ids, or None.
+        progress: receives an ``evaluate`` event per case.
+        guide_source: see above.
+        group_duplicates: exclude near-duplicates of each case; None: decide as above.
+        **engine_options: see above.
+
+    Returns:
+        The report: ``provenance``, ``model``, ``bank`` (None for a baseline), ``data``,
+        ``guide_source``, ``device``, ``summary`` (:func:`~.metrics.summarize`) and
+        ``cases`` (:func:`~.metrics.evaluate_case` per case, with ``case_id``,
+        ``patient_id``, ``image``, ``retrieved_patients``, ``retrieved_ids`` and
+        ``excluded_duplicates``).
+
+    Raises:
+        JRASError: an unknown ``guide_source``, or the errors of :func:`load_engine`,
+            :func:`~.io.find_cases` and :meth:`InferenceEngine.predict`.
     """
     if guide_source not in GUIDE_SOURCES:
         raise JRASError(f"--guide-source must be one of {', '.join(GUIDE_SOURCES)}, got "
@@ -250,7 +309,12 @@ _MAX_REPORT_BYTES = 256 << 20
 def check_report_path(path: str | Path) -> None:
     """Refuse an evaluation report path before evaluating: an existing file is replaced only
     when it is an earlier report (a JSON object with ``summary`` and ``cases``), so that a
-    mistyped ``--report`` never overwrites a label file or a model's ``config.json``."""
+    mistyped ``--report`` never overwrites a label file or a model's ``config.json``.
+
+    Raises:
+        DataError: a part of the folder path is a file, ``path`` is a folder, or an existing
+            file that is not an earlier report.
+    """
     path = Path(path)
     blocker = next((f for f in path.parents if f.exists() and not f.is_dir()), None)
     if blocker is not None:
@@ -286,7 +350,27 @@ def predict_files(model_dir: str | Path, inputs: str | Path, output: str | Path,
     Images in subfolders of a folder input are written to the same subfolders of ``output``.
     Every output path is checked before anything is written (:func:`plan_outputs`): an existing
     file is replaced only with ``overwrite``, and an input of the run never.
-    ``engine_options`` go to :class:`InferenceEngine` (``batch_size``, ``compile``, ...).
+    ``engine_options`` go to :class:`InferenceEngine` (``batch_size``, ``compile_model``,
+    ...).
+
+    Args:
+        model_dir: the run folder of the model.
+        inputs: one image file or a folder of images (:func:`find_images`).
+        output: the folder the label files are written to (created as needed).
+        bank: the bank to retrieve from; None: the run's own.
+        device: the inference device.
+        ext: the label files' extension (``.tif``, ``.nii.gz``...), which sets the format.
+        progress: receives a ``predict`` event per image written.
+        overwrite: replace existing label files of earlier predictions.
+        **engine_options: see above.
+
+    Returns:
+        The label files written, in the order of the images.
+
+    Raises:
+        DataError: a refused input or output (:func:`plan_outputs`), or an unreadable image.
+        ModelError: the model cannot be loaded (:func:`load_engine`).
+        BankError: its bank cannot be used.
     """
     plan = plan_outputs(inputs, output, ext, overwrite)
     engine = load_engine(model_dir, bank=bank, device=device, **engine_options)
@@ -309,6 +393,18 @@ def plan_outputs(inputs: str | Path, output: str | Path, ext: str = ".tif",
     ``q_label.tif``), whatever ``overwrite`` says; an existing file without ``overwrite``; an
     existing folder; a folder path that runs through a file. Two images that would write the
     same file are refused by :func:`find_images`.
+
+    Args:
+        inputs: one image file or a folder of images.
+        output: the output folder; subfolders of a folder input are mirrored in it.
+        ext: the label files' extension.
+        overwrite: allow replacing existing files (never an input's label file).
+
+    Returns:
+        ``(image, label file)`` pairs, in the order of :func:`find_images`.
+
+    Raises:
+        DataError: any of the refusals above.
     """
     inputs, output = Path(inputs), Path(output)
     files = find_images(inputs)
@@ -348,6 +444,10 @@ def find_images(path: str | Path) -> list[Path]:
 
     Refuses a folder where two images would give the same label file (``a_image.tif`` and
     ``a_image.nii.gz``, or ``a.tif`` and ``a.png``).
+
+    Raises:
+        DataError: ``path`` is missing, of an unsupported type, holds no image, or two of its
+            images would give the same label file.
     """
     path = Path(path)
     if not path.exists():

@@ -59,7 +59,18 @@ class Predictor(Protocol):
 
 @dataclass
 class Propagation:
-    """Result of :func:`propagate`: the new labels of the filled slices and why it stopped."""
+    """Result of :func:`propagate`: the new labels of the filled slices and why it stopped.
+
+    Attributes:
+        labels: the predicted ``(H, W)`` uint8 label map of each filled slice.
+        filled: the filled slices, in the order they were predicted.
+        exemplars: the exemplars that guided each filled slice.
+        confidence: the :func:`slice_confidence` of every predicted slice, filled or not.
+        stopped: why each direction (``forward``, ``backward``) stopped: ``end``,
+            ``empty``, ``confidence`` or ``cancelled``.
+        cancelled: ``cancel()`` returned True.
+        seconds: wall time of the propagation.
+    """
 
     labels: dict[int, np.ndarray] = field(default_factory=dict)
     filled: list[int] = field(default_factory=list)
@@ -93,10 +104,36 @@ def propagate(predictor: Predictor, image: np.ndarray, accepted: Mapping[int, np
 
     ``accepted[z]`` is the (H, W) label map of every annotated slice (``start`` among them);
     they guide the prediction (``slots`` nearest, see the module docstring) and are never
-    overwritten, nor are the ``protected`` slices. ``case_id`` keeps the bank's exemplars of
-    this case out of the retrieved slots; ``records`` and ``origin`` describe the annotated
-    slices in the gallery. ``progress`` receives ``propagate`` events counting predicted slices
-    against all candidates. See the module docstring for the stop rule and ``chain``.
+    overwritten, nor are the ``protected`` slices. ``case_id`` keeps the bank's copies of the
+    memory slices (this case's accepted slices) out of the retrieved slots; ``records`` and
+    ``origin`` describe the annotated slices in the gallery. ``progress`` receives
+    ``propagate`` events counting predicted slices against all candidates. See the module
+    docstring for the stop rule and ``chain``.
+
+    Args:
+        predictor: the engine or workspace that predicts.
+        image: the raw volume ``(Z, H, W)``.
+        accepted: the annotated slices' label maps ``(H, W)`` by slice index.
+        start: the annotated slice to propagate from.
+        protected: slices never predicted nor overwritten (being edited).
+        slots: memory slots per slice (nearest annotated slices); 0 turns the memory off.
+        chain: earlier predictions join the memory as weaker slices.
+        min_confidence: the confidence stop threshold, in [0, 1] (0: never stop on it).
+        stop_on_empty: stop a direction after its first empty prediction.
+        modality: intensity scaling; None: the model's.
+        case_id: this volume's case id in the bank, or None (used with the memory only).
+        records: provenance of the annotated slices by index, shown in the gallery.
+        origin: the ``origin`` shown for memory slices.
+        progress: receives ``propagate`` events.
+        cancel: polled before every ring and by the predictor.
+
+    Returns:
+        The :class:`Propagation`; after a cancel, what was filled until then.
+
+    Raises:
+        JRASError: ``image`` is not 3-D, ``start`` is out of range or not annotated, an
+            annotated slice does not fit the volume, ``min_confidence`` is outside [0, 1],
+            or the predictor failed (other than by the cancel).
     """
     started = time.perf_counter()
     volume = np.asarray(image)

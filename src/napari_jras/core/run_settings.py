@@ -50,7 +50,19 @@ RUN_FILES = (SETTINGS_FILE, CONFIG_FILE, WEIGHTS_FILE, TRAIN_CONFIG_FILE, LOG_FI
 def training_settings(model_config: dict[str, Any], train_config: dict[str, Any],
                       cases: Sequence[Case], patient_regex: str | None,
                       group_duplicates: bool = False) -> dict[str, Any]:
-    """The settings of a training run that decide its weights (see the module docstring)."""
+    """The settings of a training run that decide its weights (see the module docstring).
+
+    Args:
+        model_config: the model's :meth:`ModelConfig.to_dict`.
+        train_config: the resolved train config as a dict (harmless settings are dropped).
+        cases: the training cases (only a hash of their list is kept).
+        patient_regex: how case ids map to patient ids, or None.
+        group_duplicates: whether near-duplicate patients are merged.
+
+    Returns:
+        ``{"model": ..., "train": ..., "data": {"case_list_sha256", "patient_regex",
+        "group_duplicates"}}`` as JSON would read it back (lists, not tuples).
+    """
     settings = {"model": model_config,
                 "train": {k: v for k, v in train_config.items() if k not in HARMLESS_TRAIN_SETTINGS},
                 "data": {"case_list_sha256": case_list_sha256(cases), "patient_regex": patient_regex,
@@ -66,7 +78,13 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def saved_settings(out: Path) -> dict[str, Any] | None:
-    """The training settings of the run in ``out``; None when it holds no run."""
+    """The training settings of the run in ``out``; None when it holds no run.
+
+    Returns:
+        ``run_settings.json`` as written by :func:`record_settings`; for an older run folder
+        ``{"model", "train", "data": None}`` from its newest checkpoint or its own files
+        (either part None when unreadable); None when neither can be read.
+    """
     recorded = _read(out / SETTINGS_FILE)
     if recorded is not None:
         return recorded
@@ -101,6 +119,16 @@ def check_resumable(out: Path, wanted: dict[str, Any]) -> bool:
     """True when ``out`` holds a run with the ``wanted`` settings, False when it holds none.
 
     Raises :class:`JRASError` (the CLI's exit 2) naming the differing settings otherwise.
+
+    Args:
+        out: the run folder.
+        wanted: the new run's :func:`training_settings`.
+
+    Returns:
+        True: resume the run in ``out``; False: ``out`` holds no run.
+
+    Raises:
+        JRASError: ``out`` holds a run whose settings differ.
     """
     saved = saved_settings(out)
     if saved is None:
