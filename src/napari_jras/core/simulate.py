@@ -26,7 +26,8 @@ Dice of every slice by its distance from the middle is reported next to copying 
 slice's mask onto it.
 
 Case Dice is that of the volume assembled from the predictions shown (before correction);
-slice Dice is the mean over foreground classes (1.0 for a class absent from both).
+slice Dice is the mean over the foreground classes present in either mask (1.0 when both
+masks are empty).
 """
 
 from __future__ import annotations
@@ -78,7 +79,18 @@ def _own_weight(exemplars: list, case_id: str) -> float | None:
 
 
 class Annotator:
-    """One setting's simulated annotator in its own workspace."""
+    """One setting's simulated annotator in its own workspace.
+
+    Args:
+        ws: the workspace it predicts with and accepts into.
+        setting: one of :data:`SETTINGS`.
+        slots: same-volume memory slots (``propagate`` only).
+        min_confidence: propagation's confidence stop threshold.
+        chain: propagation also uses its own predictions as memory.
+
+    Raises:
+        JRASError: an unknown ``setting``.
+    """
 
     def __init__(self, ws: Workspace, setting: str, slots: int = 2,
                  min_confidence: float = MIN_CONFIDENCE, chain: bool = False):
@@ -97,7 +109,19 @@ class Annotator:
     def slice_walk(self, image: np.ndarray, label: np.ndarray, case: Case
                    ) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
         """Work through a volume slice by slice from its middle; the predictions shown, a row per
-        slice, and extra case figures."""
+        slice, and extra case figures.
+
+        Args:
+            image: the raw volume ``(Z, H, W)``.
+            label: its expert labels ``(Z, H, W)``, uint8.
+            case: the case (its ids go into the workspace with each accept).
+
+        Returns:
+            The predictions shown ``(Z, H, W)`` uint8; one row per slice in walking order
+            (``slice``, ``dz_to_accepted``: None for the first, ``dice``,
+            ``corrected_pixels``, ``own_weight``: fusion weight of this volume's accepted
+            slices or None); and ``propagated_slices``, ``propagate_s``, ``stops``.
+        """
         n = image.shape[0]
         nc = self.ws.num_classes
         shown = np.zeros(label.shape, np.uint8)
@@ -143,7 +167,17 @@ class Annotator:
 
     def case_pass(self, image: np.ndarray, label: np.ndarray, case: Case
                   ) -> tuple[np.ndarray, dict[str, Any]]:
-        """Whole-case unit: the assembled prediction shown for the case; accept it afterwards."""
+        """Whole-case unit: the assembled prediction shown for the case; accept it afterwards.
+
+        Args:
+            image: the raw image or volume.
+            label: its expert labels, uint8, the shape of ``image``.
+            case: the case.
+
+        Returns:
+            The prediction shown (uint8, the shape of ``image``) and, for ``propagate`` on a
+            volume, ``propagated_slices``, ``propagate_s`` and ``stops`` (else empty).
+        """
         extra: dict[str, Any] = {}
         if self.memory and image.ndim == 3:
             m = image.shape[0] // 2
@@ -172,7 +206,20 @@ class Annotator:
 def one_slice_start(ws: Workspace, image: np.ndarray, label: np.ndarray, case: Case,
                     slots: int = 2, chain: bool = False) -> list[dict[str, Any]]:
     """Propagate the middle slice's expert mask through the volume (no stop rule); Dice of
-    every other slice, propagated and copied from the middle, with its distance."""
+    every other slice, propagated and copied from the middle, with its distance.
+
+    Args:
+        ws: the workspace to predict with (nothing is accepted).
+        image: the raw volume ``(Z, H, W)``.
+        label: its expert labels ``(Z, H, W)``.
+        case: the case (its id keeps copies of the memory slice out of retrieval).
+        slots: memory slots.
+        chain: propagated slices join the memory.
+
+    Returns:
+        One row per other slice, by index: ``slice``, ``dz`` (distance from the middle),
+        ``propagated`` and ``copy`` (:func:`slice_dice` of each).
+    """
     m = image.shape[0] // 2
     result = propagate(ws, image, {m: label[m]}, m, slots=slots, chain=chain,
                        min_confidence=0.0, stop_on_empty=False, case_id=case.case_id)
@@ -188,8 +235,26 @@ def run_setting(source: str | Path, setting: str, cases: Sequence[Case], unit: s
     """Walk through ``cases`` with one setting in a fresh workspace of ``source`` under ``home``.
 
     ``chain``: propagation also uses its own predictions as weaker memory (see
-    :mod:`.propagate`). ``finetune_every`` > 0 (case unit only) adds a fine-tuning round every that many accepted
-    cases (the loop benchmark's ``+finetune`` settings).
+    :mod:`.propagate`). ``finetune_every`` > 0 (case unit only) adds a fine-tuning round every
+    that many accepted cases (the loop benchmark's ``+finetune`` settings).
+
+    Args:
+        source: the model: a run folder or ``builtin`` (:meth:`Workspace.open`).
+        setting: one of :data:`SETTINGS`.
+        cases: the labelled cases, worked through in order.
+        unit: ``slice`` (3-D cases slice by slice; 2-D cases whole) or ``case``.
+        home: the folder the fresh workspace is made under (``home/<name>``).
+        slots: same-volume memory slots.
+        min_confidence: propagation's confidence stop threshold.
+        chain: see above.
+        finetune_every: see above; 0: never.
+        finetune_steps: steps of each fine-tuning round.
+        progress: receives an event per case, stage ``name``, with ``dice`` and
+            ``corrected`` among the metrics.
+        name: the setting's name in the report (default ``setting``).
+
+    Returns:
+        :func:`summarize_setting` of the per-case rows.
     """
     name = name or setting
     ws = Workspace.open(source, home=Path(home) / name)
@@ -236,7 +301,19 @@ def run_setting(source: str | Path, setting: str, cases: Sequence[Case], unit: s
 
 def summarize_setting(name: str, rows: list[dict[str, Any]], finetune_s: float = 0.0
                       ) -> dict[str, Any]:
-    """Totals and means of one setting's per-case rows."""
+    """Totals and means of one setting's per-case rows.
+
+    Args:
+        name: the setting's name.
+        rows: the rows :func:`run_setting` made, one per case (at least one).
+        finetune_s: seconds spent fine-tuning.
+
+    Returns:
+        The setting's report: total and mean corrected pixels, mean and std case Dice, the
+        mean Dice of slices next to an accepted one and of first slices, how often and how
+        much a volume's own accepted slices guided it, the one-slice start by distance, and
+        the rows under ``cases`` (None where a figure does not apply).
+    """
     dices = np.array([r["dice"] for r in rows])
     pixels = np.array([r["corrected_pixels"] for r in rows])
     slices = [s for r in rows for s in r.get("slices", [])]
@@ -298,6 +375,26 @@ def simulate(model: str | Path, data: str | Path, unit: str = "slice",
          "provenance": {...}}
 
     ``model``: a run folder or ``builtin``; ``data``: labelled cases, worked through in order.
+
+    Args:
+        model: a run folder or ``builtin``.
+        data: the labelled cases (:func:`~.io.find_cases`).
+        unit: ``slice`` or ``case`` (see the module docstring).
+        settings: the settings to run, comma-separated or a sequence (:func:`parse_settings`).
+        limit: use only the first ``limit`` cases; None: all.
+        patient_regex: how case ids map to patient ids, or None.
+        slots: same-volume memory slots, at least 1.
+        min_confidence: propagation's confidence stop threshold.
+        chain: propagation also uses its own predictions as memory.
+        progress: receives each setting's per-case events.
+
+    Returns:
+        The report above; ``corrected_pixels_vs_static`` gives each setting's corrected
+        pixels as a fraction of ``static``'s (None without ``static`` or when it corrected
+        none).
+
+    Raises:
+        JRASError: an unknown unit or setting, ``limit`` or ``slots`` < 1, or no cases.
     """
     if unit not in UNITS:
         raise JRASError(f"--unit must be slice or case, got {unit!r}")

@@ -30,7 +30,17 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 def relevance_masks(labels: torch.Tensor, num_classes: int, chunk: int = 64) -> torch.Tensor:
     """One-hot (N,C,32,32) area-downsampled masks of labels (N,H,W), made ``chunk`` at a time
-    (the full-resolution one-hot of every slice at once would take N*H*W*C*8 bytes)."""
+    (the full-resolution one-hot of every slice at once would take N*H*W*C*8 bytes).
+
+    Args:
+        labels: ``(N, H, W)`` int64 class indices, each below ``num_classes``.
+        num_classes: classes including background.
+        chunk: slices one-hot encoded at a time (bounds the memory).
+
+    Returns:
+        ``(N, num_classes, 32, 32)`` float32: each class's pixel share of every cell
+        (side :data:`~.memory.RELEVANCE_SIZE`).
+    """
     parts = [F.interpolate(F.one_hot(labels[i:i + chunk], num_classes).permute(0, 3, 1, 2).float(),
                            size=(RELEVANCE_SIZE, RELEVANCE_SIZE), mode="area")
              for i in range(0, len(labels), chunk)]
@@ -75,7 +85,17 @@ def info_nce(q: torch.Tensor, c: torch.Tensor, positives: torch.Tensor, valid: t
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
-    """SimCLR's NT-Xent on two batches of unit embeddings (positives: same row)."""
+    """SimCLR's NT-Xent on two batches of unit embeddings (positives: same row).
+
+    Args:
+        z1: ``(N, D)`` unit embeddings of the first views.
+        z2: ``(N, D)`` unit embeddings of the second views, row i pairing ``z1[i]``.
+        tau: softmax temperature.
+
+    Returns:
+        The scalar loss: cross-entropy of each of the 2N embeddings finding its pair among
+        the other 2N - 1.
+    """
     z = torch.cat([z1, z2])
     sim = (z @ z.t()) / tau
     n = z1.shape[0]

@@ -26,7 +26,23 @@ NEIGHBOUR_RANGE = 2  # neighbour guides: slices at most this far from the query,
 
 
 class SliceSet:
-    """Slices stacked as tensors at the model size, with patient ids for leakage control."""
+    """Slices stacked as tensors at the model size, with patient ids for leakage control.
+
+    Args:
+        samples: labelled slices, all of one size.
+        num_classes: classes including background; every label value must be below it.
+
+    Attributes:
+        images: ``(N, H, W)`` float32.
+        labels: ``(N, H, W)`` int64 class indices.
+        patients: ``(N,)`` index of each slice's patient in ``patient_names`` (sorted).
+        cases: ``(N,)`` index of each slice's case among the sorted case ids.
+        slice_indices: ``(N,)`` each slice's Z index in its volume.
+
+    Raises:
+        DataError: no slices, slices of different sizes, a slice without label, or a label
+            value >= ``num_classes``.
+    """
 
     def __init__(self, samples: Sequence[SliceSample], num_classes: int):
         if not samples:
@@ -189,6 +205,17 @@ def corrupted_copy(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
 
     The "own slice" exemplar of the guide curriculum: aligned enough to be informative, wrong
     enough (a few pixels off at the boundary, a structure dropped) that copying it is not right.
+
+    Args:
+        x: ``(B, H, W)`` images.
+        y: ``(B, H, W)`` their labels.
+        generator: the trainer's generator (every random draw).
+
+    Returns:
+        The images, randomly rotated (up to 20 degrees), scaled (0.85-1.15) and shifted (up
+        to 6 % of the side per axis), and their masks under the same warp, then shifted by
+        up to 3 pixels per axis; with probability 1/4 a mask also loses one foreground class
+        drawn at random (which may be absent from it).
     """
     images, masks = random_affine(x, y, generator, max_rotation=20.0, scale=(0.85, 1.15),
                                   max_shift=0.06)
@@ -208,7 +235,18 @@ def corrupted_copy(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
 def with_own_exemplar(guide: Guide, own: torch.Tensor, images: torch.Tensor,
                       masks: torch.Tensor, num_classes: int) -> Guide:
     """``guide`` with the first exemplar slot of the queries where ``own`` (B,) is set replaced
-    by ``images``/``masks`` (B,H,W), at the weight of the best retrieved exemplar."""
+    by ``images``/``masks`` (B,H,W), at the weight of the best retrieved exemplar.
+
+    Args:
+        guide: the batch's retrieved guide (K >= 1 slots).
+        own: ``(B,)`` bool, the queries that get their own corrupted slice.
+        images: ``(B, H, W)`` the replacement exemplar images (:func:`corrupted_copy`).
+        masks: ``(B, H, W)`` their label maps.
+        num_classes: classes including background.
+
+    Returns:
+        A new guide, fused again from the changed slots (``present`` kept).
+    """
     ex_images, ex_masks = guide.exemplars.clone(), guide.exemplar_masks.clone()
     ex_images[own, 0] = images[own].to(ex_images.dtype)
     ex_masks[own, 0] = masks[own].to(ex_masks.dtype)
