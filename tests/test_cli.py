@@ -718,3 +718,14 @@ def test_debug_shows_the_exception(tmp_path):
     with pytest.raises(ModelError, match="Model folder not found"):
         cli("--debug", "evaluate", "--model", tmp_path / "missing", "--data", tmp_path,
             "--report", tmp_path / "r.json")
+
+
+@pytest.mark.parametrize("content", ["[]", "{}", '{"model": null, "train": {}}'])
+def test_a_damaged_run_settings_file_is_refused_not_resumed(tmp_path, content):
+    from napari_jras.core.errors import JRASError
+    from napari_jras.core.run_settings import check_resumable
+
+    (tmp_path / "run_settings.json").write_text(content)
+    with pytest.raises(JRASError, match="damaged"):
+        check_resumable(tmp_path, {"model": {}, "train": {}, "data": None})
+    assert (tmp_path / "run_settings.json").read_text() == content

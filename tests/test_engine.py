@@ -15,7 +15,7 @@ from napari_jras.core.checkpoint import load_model
 from napari_jras.core.data import resize_images, resize_labels
 from napari_jras.core.device import amp_dtype, select_device
 from napari_jras.core.engine import InferenceEngine, RetrievedExemplar
-from napari_jras.core.errors import BankError, DataError, JRASError
+from napari_jras.core.errors import BankError, CancelledError, DataError, JRASError
 from napari_jras.core.fusion import align_exemplars, combine
 from napari_jras.core.io import read_volume
 from napari_jras.core.normalize import normalize
@@ -109,7 +109,7 @@ def test_progress_and_cancel(engine, volume):
     engine.batch_size = 4
     engine.predict(volume, progress=lambda p: calls.append((p.done, p.total)))
     assert calls == [(4, 8), (8, 8)]
-    with pytest.raises(JRASError, match="cancelled"):
+    with pytest.raises(CancelledError, match="cancelled"):
         engine.predict(volume, cancel=lambda: True)
     engine.batch_size = 16
 

@@ -268,7 +268,8 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
             k = wrong[0]
             parts.append(f"{len(wrong)} with wrong shape (e.g. {k}: file {tuple(state[k].shape)}, "
                          f"config {tuple(expected[k].shape)})")
-        raise ModelError(f"The weights in {run_dir} do not match its config.json: " + "; ".join(parts))
+        raise ModelError(f"The weights in {run_dir} do not match its {CONFIG_FILE}: "
+                         + "; ".join(parts))
     broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
         raise ModelError(f"The weights in {run_dir} contain NaN or infinite values ({len(broken)} "

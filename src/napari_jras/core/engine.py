@@ -27,7 +27,7 @@ from .bank import ExemplarBank, Hit
 from .checkpoint import load_model
 from .data import resize_images, resize_labels
 from .device import autocast, select_device
-from .errors import BankError, JRASError, ModelError
+from .errors import BankError, CancelledError, JRASError, ModelError
 from .fusion import Guide, align_exemplars, empty_guide, fusion_weights, make_guide
 from .io import check_image
 from .model import JRASModel
@@ -484,7 +484,7 @@ class InferenceEngine:
         start = 0
         while start < len(z_all):
             if cancel is not None and cancel():
-                raise JRASError("Prediction cancelled")
+                raise CancelledError("Prediction cancelled")
             batch = z_all[start:start + self.batch_size]
             try:
                 self._predict_batch(vol, batch, exclude_patient, exclude_ids, result, timings,

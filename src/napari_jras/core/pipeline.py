@@ -146,11 +146,10 @@ def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
     out = Path(out)
     # every field checked before the data are read at that size (num_classes, when absent,
     # comes from the labels: a stand-in here)
-    ModelConfig(**{"num_classes": max(2, len(model_config.get("class_names") or ())),
-                   **model_config})
+    checked = ModelConfig(**{"num_classes": max(2, len(model_config.get("class_names") or ())),
+                             **model_config})
     cases = find_cases(data, patient_regex)
-    size = model_config.get("size", 128)
-    modality = model_config.get("modality", "auto")
+    size, modality = checked.size, checked.modality
     samples = load_slices(cases, size=size, modality=modality)
     if group_duplicates:
         pseudo = duplicate_groups([s.patient_id for s in samples], [s.image for s in samples])

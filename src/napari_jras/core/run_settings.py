@@ -71,10 +71,12 @@ def training_settings(model_config: dict[str, Any], train_config: dict[str, Any]
 
 
 def _read(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``; None when it is missing, unreadable or not an object."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def saved_settings(out: Path) -> dict[str, Any] | None:
@@ -85,8 +87,12 @@ def saved_settings(out: Path) -> dict[str, Any] | None:
         ``{"model", "train", "data": None}`` from its newest checkpoint or its own files
         (either part None when unreadable); None when neither can be read.
     """
-    recorded = _read(out / SETTINGS_FILE)
-    if recorded is not None:
+    if (out / SETTINGS_FILE).exists():
+        recorded = _read(out / SETTINGS_FILE) or {}
+        if not all(isinstance(recorded.get(part), dict) for part in ("model", "train")):
+            raise JRASError(f"{out / SETTINGS_FILE} is damaged (no model and train settings): "
+                            "choose another run folder (--out), or start afresh there "
+                            "(--overwrite)")
         return recorded
     done = sorted(p for p in (out / CHECKPOINTS_DIR).glob(CHECKPOINT_GLOB)
                   if (p / TRAINER_STATE_FILE).exists())
@@ -128,7 +134,8 @@ def check_resumable(out: Path, wanted: dict[str, Any]) -> bool:
         True: resume the run in ``out``; False: ``out`` holds no run.
 
     Raises:
-        JRASError: ``out`` holds a run whose settings differ.
+        JRASError: ``out`` holds a run whose settings differ, or its ``run_settings.json`` is
+            damaged.
     """
     saved = saved_settings(out)
     if saved is None:
