@@ -793,6 +793,7 @@ def test_box_start_without_a_model_then_boxes_to_next_slice(bare_assistant, qtbo
     widget.accept()
     qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
     assert panel.bank_combo.currentText() == "new-modality"  # the image has no modality
+    assert panel.bank_combo.findText("new-modality") >= 0  # offered from now on
     assert any(level == "info" and "Added 1 exemplar(s) from slice(s) 3 of acdc to the bank for "
                "this modality 'new-modality'; the bank now holds 1" in msg for level, msg in notes)
     bank = widget.modality_bank

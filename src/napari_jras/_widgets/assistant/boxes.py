@@ -78,6 +78,12 @@ class BoxesPanel(QGroupBox):
             self.bank_combo.setCurrentText(name)
         return name
 
+    def remember(self, name: str) -> None:
+        """Offer the bank ``name`` in the list (after the first accept into a new bank)."""
+        if self.bank_combo.findText(name) < 0:
+            self.bank_combo.addItem(name)
+        self.bank_combo.setCurrentText(name)
+
     def box_start(self) -> None:
         """Segment the current slice with LiteMedSAM from the boxes of '<image> J-RAS boxes'.
 

@@ -154,6 +154,7 @@ class CorrectPanel(QGroupBox):
             if dock.modality_bank is not None and dock.modality_bank is not result["bank"]:
                 dock.modality_bank.close()
             dock.modality_bank = result["bank"]
+            dock.boxes_panel.remember(result["name"])
             accepted()
             show_info(f"Added {len(result['ids'])} exemplar(s) from slice(s) {slice_list(zs)} "
                       f"of {name} to the bank for this modality '{result['name']}'; the bank "

@@ -139,8 +139,8 @@ class ImageStates(Mapping[str, ImageState]):
             self._updating = False
 
     def _add_labels_layer(self, image: Image) -> Labels:
-        """The image's empty J-RAS labels layer (the model's classes; :data:`~napari_jras.core.modality_bank.BOX_CLASS_NAMES`
-        before any model is loaded)."""
+        """The image's empty J-RAS labels layer: the model's classes, or before any model is
+        loaded :data:`~napari_jras.core.modality_bank.BOX_CLASS_NAMES`."""
         ws = self._workspace()
         names = list(ws.class_names) if ws is not None else list(BOX_CLASS_NAMES)
         meta = {key: image.metadata.get(key)
