@@ -432,6 +432,27 @@ def test_bank_add_refuses_a_baseline_model(runs, acdc_slices_dir, tmp_path, caps
     assert "baseline" in one_error_line(capsys, "bank")
 
 
+def test_bank_export_is_training_data_for_a_first_model(runs, tmp_path, capsys):
+    """bank export writes each exemplar as a <case>_slice<z> pair that train --data reads."""
+    from napari_jras.core.io import find_cases
+
+    out = tmp_path / "pairs"
+    assert cli("bank", "export", "--bank", runs["jras"] / "bank", "--out", out) == 0
+    assert f"Exported 8 exemplar(s) as image/label pairs to {out}" in capsys.readouterr().out
+    with ExemplarBank.open(runs["jras"] / "bank", read_only=True) as bank:
+        records, masks = bank.records(), bank.masks([r["id"] for r in bank.records()])
+    cases = {c.case_id: c for c in find_cases(out, REGEX)}
+    assert sorted(cases) == sorted(f"{r['case_id']}_slice{r['slice_index']}" for r in records)
+    for record, mask in zip(records, masks, strict=True):
+        case = cases[f"{record['case_id']}_slice{record['slice_index']}"]
+        assert case.patient_id == record["patient_id"]
+        np.testing.assert_array_equal(read_volume(case.label_path).data, mask)
+    assert cli("train", "--data", out, "--out", tmp_path / "first", *TINY) == 0
+    assert (tmp_path / "first" / "model.safetensors").is_file()
+    assert cli("bank", "export", "--bank", runs["jras"] / "bank", "--out", out) == 2
+    assert "not a new or empty folder" in one_error_line(capsys, "bank")
+
+
 # --- errors ---------------------------------------------------------------------------------
 def test_bad_training_inputs_exit_2_with_one_line(acdc_slices_dir, tmp_path, capsys):
     (tmp_path / "empty").mkdir()

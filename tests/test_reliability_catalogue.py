@@ -902,6 +902,61 @@ def bank_option_ranges(ctx: Ctx) -> None:
     assert "Removed 1 exemplar(s); 2 left" in ctx.capsys.readouterr().out
 
 
+@check("B18")
+def bank_export_targets(ctx: Ctx) -> None:
+    path, _, _ = _bank(ctx)
+    before = _bank_rows(path)
+    (ctx.tmp / "file").write_text("a file")
+    for target in (ctx.tmp / "file", path):  # a file, a non-empty folder (the bank itself)
+        line = ctx.cli_error("bank", "export", "--bank", path, "--out", target)
+        assert "is not a new or empty folder" in line
+    assert (ctx.tmp / "file").read_text() == "a file" and _bank_rows(path) == before
+    ExemplarBank.create(ctx.tmp / "empty", 16, 3, 8).close()
+    line = ctx.cli_error("bank", "export", "--bank", ctx.tmp / "empty", "--out", ctx.tmp / "o1")
+    assert "holds no exemplars: nothing to export" in line and not (ctx.tmp / "o1").exists()
+    from napari_jras.core import bank_tools
+
+    written = []
+
+    def full_after_two(file, data, spacing=None):
+        if len(written) == 2:
+            raise StorageError(f"Cannot write {file}: No space left on device")
+        written.append(write_volume(file, data, spacing))
+        return written[-1]
+
+    ctx.monkeypatch.setattr(bank_tools, "write_volume", full_after_two)
+    for out in (ctx.tmp / "o2", ctx.tmp / "given"):
+        (ctx.tmp / "given").mkdir(exist_ok=True)
+        written.clear()
+        assert "No space left on device" in ctx.cli_error("bank", "export", "--bank", path,
+                                                          "--out", out)
+        assert not any(file.exists() for file in written)  # nothing half exported
+    assert not (ctx.tmp / "o2").exists() and folder_files(ctx.tmp / "given") == []
+    assert _bank_rows(path) == before
+
+
+@check("B19")
+def modality_bank_names_and_encoders(ctx: Ctx) -> None:
+    from napari_jras.core import modality_bank
+
+    ctx.monkeypatch.setenv("NAPARI_JRAS_HOME", str(ctx.tmp / "home"))
+    for name in ("", "../x", "a/b", "two words"):
+        with pytest.raises(BankError, match="Invalid bank name"):
+            modality_bank.open_bank(name)
+    assert not (ctx.tmp / "home").exists()
+    folder = ctx.tmp / "home" / "banks" / "us"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(BankError, match="is not an exemplar bank: choose another name"):
+        modality_bank.open_bank("us")
+    assert folder_files(folder) == ["notes.txt"]
+    path, _, _ = _bank(ctx, name="home/banks/other")  # 16 px, 8-d embeddings of "v1"
+    before = _bank_rows(path)
+    with pytest.raises(BankError, match="not a LiteMedSAM modality bank .*retriever version v1"):
+        modality_bank.open_bank("other")
+    assert _bank_rows(path) == before
+
+
 # =========================================================================== model loading
 def _config(run: Path) -> dict:
     return json.loads((run / "config.json").read_text())

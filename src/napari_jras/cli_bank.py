@@ -23,7 +23,7 @@ def add_bank_parser(sub: argparse._SubParsersAction,
         sub: the sub-parsers of the main parser.
         add_common: adds the shared options (``--device``, ``--debug``, ...) to a parser.
     """
-    b = sub.add_parser("bank", help="list, add to, rebuild or prune an exemplar bank")
+    b = sub.add_parser("bank", help="list, add to, rebuild, prune or export an exemplar bank")
     bsub = b.add_subparsers(dest="bank_command", required=True, metavar="ACTION")
     bl = bsub.add_parser("list", help="summary and exemplars of a bank")
     bl.add_argument("--bank", required=True)
@@ -51,6 +51,10 @@ def add_bank_parser(sub: argparse._SubParsersAction,
     bp = bsub.add_parser("pack", help="store the bank's pixels in one file (for shipping; "
                                       "the bank stays writable)")
     bp.add_argument("--bank", required=True)
+    be = bsub.add_parser("export", help="write every exemplar as a <case>_slice<z>_image.tif / "
+                                        "_label.tif pair (training data: train --data OUT)")
+    be.add_argument("--bank", required=True)
+    be.add_argument("--out", required=True, help="a new or empty folder")
     b.set_defaults(func=run)
 
 
@@ -76,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     ids = bank_tools.distinct_ids(args.ids) if action == "remove" else []
     model = bank_tools.retriever_model(args.model) \
         if action == "rebuild" and args.model else None
-    with ExemplarBank.open(args.bank, read_only=action == "list") as bank:
+    with ExemplarBank.open(args.bank, read_only=action in ("list", "export")) as bank:
         if action == "list":
             _print_listing(*bank_tools.listing(bank, args.limit), as_json=args.json)
         elif action == "rebuild":
@@ -88,6 +92,13 @@ def run(args: argparse.Namespace) -> int:
             patients = bank_tools.anonymise(bank, args.prefix, args.key)
             kept = f"; the key is in {args.key}: keep it apart from the bank" if args.key else ""
             print(f"Pseudonymised {len(patients)} patient(s) in {len(bank)} exemplars{kept}")
+        elif action == "export":
+            result = bank_tools.export(bank, args.out)
+            older = f" ({result.superseded} older exemplar(s) of the same slices left out)" \
+                if result.superseded else ""
+            print(f"Exported {len(result.pairs)} exemplar(s) as image/label pairs to "
+                  f"{args.out}{older}; train a model on them with "
+                  f"`napari-jras train --data {args.out} --out RUN`")
         else:
             raise BankError(f"Unknown bank action {action}")
     return 0

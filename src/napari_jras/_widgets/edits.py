@@ -160,7 +160,8 @@ def kept_slices(edited: Collection[int], corrections: Iterable[Mapping[str, Any]
 
     Args:
         edited: the image's edited slices.
-        corrections: the workspace's correction records (empty without a workspace).
+        corrections: the workspace's correction records (without a workspace: the modality
+            bank's records, or none).
         case_id: the image's case id.
 
     Returns:

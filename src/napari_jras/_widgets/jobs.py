@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from ..core import bank_tools
+from ..core import bank_tools, modality_bank
+from ..core.bank import ExemplarBank
 from ..core.engine import Prediction
 from ..core.errors import JRASError
 from ..core.progress import CancelFn, Progress, ProgressFn
@@ -118,6 +119,33 @@ def accept_job(ws: Workspace, **kwargs: Any) -> dict[str, Any]:
     ids = ws.accept(**kwargs)
     return {"ids": ids, "bank": len(ws.bank) if ws.bank is not None else None,
             "corrections": len(ws.corrections()), "pending": ws.corrections_since_finetune}
+
+
+def modality_accept_job(bank: ExemplarBank | None, name: str, class_names: list[str],
+                        **kwargs: Any) -> dict[str, Any]:
+    """Store accepted slices in the modality bank ``name`` (no model loaded: the box start).
+
+    Args:
+        bank: the modality bank already open, or None.
+        name: the bank's name; opened (or created with ``class_names``) here unless ``bank``
+            is that bank.
+        class_names: the labels' classes, background first.
+        **kwargs: of :func:`~napari_jras.core.modality_bank.add_accepted`.
+
+    Returns:
+        ``ids`` (the new exemplars), ``size`` (the bank's size now), ``bank`` (the open bank)
+        and ``name``.
+    """
+    opened = bank is None or bank.path != modality_bank.bank_dir(name)
+    if opened:
+        bank = modality_bank.open_bank(name, class_names)
+    try:
+        ids = modality_bank.add_accepted(bank, **kwargs)
+    except BaseException:
+        if opened:
+            bank.close()
+        raise
+    return {"ids": ids, "size": len(bank), "bank": bank, "name": name}
 
 
 def add_folder_job(ws: Workspace, folder: str, device: str) -> tuple[int, int]:

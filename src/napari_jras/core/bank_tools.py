@@ -1,4 +1,4 @@
-"""The work behind ``napari-jras bank``: summary, add, rebuild, anonymise, pack.
+"""The work behind ``napari-jras bank``: summary, add, rebuild, anonymise, pack, export.
 
 Plain functions (no printing, no argument parsing: the command line lives in
 ``napari_jras.cli_bank``), also used by the assistant; they return data and raise
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from .checkpoint import atomic_write_bytes, load_model
 from .data import load_slices
 from .engine import InferenceEngine
 from .errors import BankError
-from .io import find_cases
+from .io import find_cases, write_volume
 from .model import JRASModel
 from .pipeline import provenance_of
 
@@ -231,3 +232,68 @@ def pack(bank_dir: str | Path) -> tuple[int, Path, int]:
     with ExemplarBank.open(bank_dir) as bank:
         count, file = bank.pack()
     return count, file, file.stat().st_size
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export` wrote.
+
+    Attributes:
+        pairs: the case ids written (``<case>_slice<z>``), each as ``<id>_image.tif`` and
+            ``<id>_label.tif``.
+        superseded: exemplars left out because a newer one has the same case and slice.
+    """
+
+    pairs: list[str]
+    superseded: int
+
+
+def export(bank: ExemplarBank, out: str | Path) -> ExportResult:
+    """Write every exemplar as a training pair ``<case>_slice<z>_image.tif`` / ``_label.tif``.
+
+    The pairs are what :func:`~napari_jras.core.io.find_cases` reads (one 2-D case per slice;
+    its patient id, the part before ``_frame``/``_slice``, keeps a volume's slices in one
+    split), so ``napari-jras train --data OUT`` trains a model on the bank. Images are the
+    stored 8-bit normalised slices at the bank's side, labels its class indices. Of several
+    exemplars of one case and slice, the newest is written. A failed export removes what it
+    wrote.
+
+    Args:
+        bank: an open bank.
+        out: a new or empty folder.
+
+    Raises:
+        BankError: ``out`` is a file or a non-empty folder, or the bank is empty.
+        DataError: a file cannot be written.
+    """
+    out = Path(out)
+    if out.is_file() or (out.is_dir() and any(out.iterdir())):
+        raise BankError(f"{out} is not a new or empty folder: export into a new folder")
+    records = bank.records()
+    newest = {(r["case_id"], r["slice_index"]): r for r in records}  # by id: the newest wins
+    if not newest:
+        raise BankError(f"The bank at {bank.path} holds no exemplars: nothing to export")
+    made, written, pairs, taken = not out.exists(), [], [], set()
+    try:
+        for (case, z), record in newest.items():
+            name = f"{_file_safe(str(case))}_slice{z}"
+            if name in taken:  # two case ids that differ only in characters a file name drops
+                name = f"{name}_ex{record['id']}"
+            image = np.round(bank.images([record["id"]])[0] * 255).astype(np.uint8)
+            for suffix, data in (("image", image), ("label", bank.masks([record["id"]])[0])):
+                written.append(write_volume(out / f"{name}_{suffix}.tif", data))
+            pairs.append(name)
+            taken.add(name)
+    except BaseException:
+        for file in written:
+            file.unlink(missing_ok=True)
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return ExportResult(pairs, len(records) - len(pairs))
+
+
+def _file_safe(case_id: str) -> str:
+    """A case id as a file-name part: characters other than letters, digits, ``.``, ``-`` and
+    ``_`` become ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", case_id).strip("._") or "case"

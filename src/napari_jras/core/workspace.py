@@ -27,7 +27,6 @@ import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +40,13 @@ from .checkpoint import (
     load_model,
     read_config,
 )
-from .data import as_slices, resize_images, resize_labels
+from .corrections import now, prepare, store
+from .data import resize_labels
 from .drafts import DraftStore
 from .engine import BANK_DIR, InferenceEngine, Prediction
-from .errors import BankError, DataError, JRASError, ModelError
+from .errors import BankError, JRASError, ModelError
 from .finetune import FINETUNE_DIR, finetune_workspace, pending_job
-from .io import check_image, check_label, patient_of, split_extension
 from .model import JRASModel, ModelConfig
-from .normalize import NormalizedSlices, intensity_map
 from .progress import CancelFn, ProgressFn
 from .run_files import TRAIN_CONFIG_FILE
 from .volume_memory import VolumeMemory
@@ -92,19 +90,9 @@ def builtin_model_dir() -> Path:
     return path
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def _slug(run: Path) -> str:
     name = re.sub(r"[^a-z0-9]+", "-", run.name.lower()).strip("-")[:40] or "model"
     return f"{name}-{hashlib.sha256(str(run).encode()).hexdigest()[:8]}"
-
-
-def as_stored(images: np.ndarray, size: int) -> np.ndarray:
-    """Normalised (N,H,W) images exactly as a bank of side ``size`` returns them (8-bit steps)."""
-    resized = np.clip(resize_images(images, (size, size)), 0.0, 1.0)
-    return np.round(resized * 255).astype(np.float32) / 255
 
 
 class Workspace:
@@ -323,29 +311,12 @@ class Workspace:
         Returns:
             The new exemplar ids.
         """
-        data = check_image(image)
-        labels = np.asarray(labels)
-        labels = labels.astype(np.uint8) if labels.dtype == bool else labels
-        mask = as_slices(check_label(labels, data.shape, self.num_classes))
-        vol = NormalizedSlices(data, intensity_map(data, modality or self._config.modality))
-        zs = _slices_to_store(mask, slices, data.ndim)
-        case = case_id or _case_of(source)
-        created = _now()
-        provenance = [{"case_id": case, "patient_id": patient_id or patient_of(case),
-                       "slice_index": z, "source": source, "origin": CORRECTION,
-                       "author": author or None, "created": created,
-                       "model_version": self._active} for z in zs]
-        side = self._store.size
-        stored, masks = as_stored(vol[zs], side), resize_labels(mask[zs], (side, side))
+        corrections = prepare(image, labels, self.num_classes, self._store.size,
+                              modality or self._config.modality, slices, source, case_id,
+                              author, patient_id, extra={"model_version": self._active})
         with self._lock:
-            replaced = [r["id"] for r in self.corrections()
-                        if r["case_id"] == case and r["slice_index"] in zs]
-            embeddings, version = self._embeddings_for(stored)
-            ids = self._store.add(stored, masks, provenance, embeddings=embeddings,
-                                  retriever_version=version)
-            if replaced:
-                self._store.remove(replaced)
-        return ids
+            embeddings, version = self._embeddings_for(corrections.images)
+            return store(self._store, corrections, embeddings, version)
 
     def _embeddings_for(self, stored: np.ndarray) -> tuple[np.ndarray | None, str | None]:
         """Embeddings for new exemplars, or (None, None) when the bank awaits re-embedding."""
@@ -467,7 +438,7 @@ class Workspace:
                 self._engine.set_model(model)
             if self._bank is not None:
                 embed_bank(self._bank, model, self.path / EMBEDDINGS_DIR, known, progress)
-            version = ModelVersion(folder.name, folder, _now(), parent, note, metrics, seen_until)
+            version = ModelVersion(folder.name, folder, now(), parent, note, metrics, seen_until)
             self._versions.append(version)
             self._active, self._config = version.name, model.config
             self._save_meta()
@@ -479,28 +450,6 @@ class Workspace:
             "format": FORMAT, "format_version": FORMAT_VERSION, "source": self.source,
             "created": self.created, "active": self._active,
             "versions": [v.to_json() for v in self._versions]})
-
-
-def _case_of(source: str) -> str:
-    """Case id of an image file name: ``p1_frame01_image.nii.gz`` -> ``p1_frame01``."""
-    stem = split_extension(Path(source).name)[0] if source else ""
-    return stem.removesuffix("_image") or "unnamed"
-
-
-def _slices_to_store(mask: np.ndarray, slices: Sequence[int] | None, ndim: int) -> list[int]:
-    if slices is None:
-        zs = [0] if ndim == 2 else [z for z in range(mask.shape[0]) if mask[z].any()]
-        if not zs:
-            raise DataError("The corrected mask is empty: paint the structures first, or name "
-                            "the slices to store")
-        return zs
-    zs = sorted({int(z) for z in slices})
-    if not zs:
-        raise DataError("No slices were given to store")
-    bad = [z for z in zs if not 0 <= z < mask.shape[0]]
-    if bad:
-        raise DataError(f"Slice {bad[0]} is out of range (the image has {mask.shape[0]} slices)")
-    return zs
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
@@ -540,7 +489,7 @@ def _create(path: Path, source: str, run: Path) -> None:
         else:
             ExemplarBank.create(tmp / CORRECTIONS_DIR, size=cfg.size, num_classes=cfg.num_classes,
                                 embed_dim=1, class_names=cfg.class_names).close()
-        version = ModelVersion("v000", first, _now(), note=f"copy of {source}")
+        version = ModelVersion("v000", first, now(), note=f"copy of {source}")
         atomic_write_json(tmp / WORKSPACE_FILE, {
             "format": FORMAT, "format_version": FORMAT_VERSION, "source": source,
             "created": version.created, "active": "v000", "versions": [version.to_json()]})

@@ -6,14 +6,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from napari.layers import Image, Shapes
-from qtpy.QtWidgets import QGroupBox, QPushButton
+from qtpy.QtWidgets import QComboBox, QGroupBox, QPushButton
 
+from ...core import modality_bank
 from ...core.backbones.litemedsam_net import availability as litemedsam_availability
 from ...core.errors import DataError
 from ...core.zero_shot import boxes_from_labels, boxes_on_slice
 from .._common import (
     button_row,
     current_index,
+    form,
     go_to_index,
     show_error,
     show_info,
@@ -23,7 +25,7 @@ from .._common import (
 )
 from ..edits import kept_slices
 from ..jobs import box_job
-from .state import BOX_CLASSES, LABELS_SUFFIX, case_id_of, check_image_layer
+from .state import LABELS_SUFFIX, case_id_of, check_image_layer
 
 if TYPE_CHECKING:
     from .dock import AssistantWidget
@@ -32,7 +34,8 @@ BOXES_SUFFIX = " J-RAS boxes"
 
 
 class BoxesPanel(QGroupBox):
-    """Box start and "Boxes -> next slice" (disabled, with the install hint, without weights)."""
+    """Box start, "Boxes -> next slice" and the bank for this modality, where Accept stores the
+    slices while no model is loaded (all disabled, with the install hint, without weights)."""
 
     def __init__(self, dock: AssistantWidget) -> None:
         super().__init__("Start without a model: boxes")
@@ -41,20 +44,45 @@ class BoxesPanel(QGroupBox):
         self.box_button.clicked.connect(self.box_start)
         self.box_next_button = QPushButton("Boxes \u2192 next slice")
         self.box_next_button.clicked.connect(self.boxes_to_next_slice)
+        self.bank_combo = QComboBox()
+        self.bank_combo.setEditable(True)
+        self.bank_combo.addItems(modality_bank.names())
+        self.bank_combo.setCurrentText("")
+        self.bank_combo.lineEdit().setPlaceholderText("the image's modality")
         lite = litemedsam_availability()
-        if lite["available"]:
+        self.available = bool(lite["available"])
+        if self.available:
             self.box_button.setToolTip(
                 "Segment the current slice from the boxes drawn in the image's 'J-RAS boxes' "
                 "Shapes layer (box 1 paints class 1, box 2 class 2, ...); no trained model needed")
             self.box_next_button.setToolTip(
                 "The current slice's painted classes, each as a box, prompt the next (empty) slice")
+            self.bank_combo.setToolTip(
+                "Without a trained model, Accept stores your corrected slices in this bank "
+                f"({modality_bank.bank_dir(modality_bank.DEFAULT_NAME).parent}/<name>, "
+                "LiteMedSAM embeddings); `napari-jras bank export` turns it into training data")
         else:
-            for button in (self.box_button, self.box_next_button):
-                button.setEnabled(False)
-                button.setToolTip(f"Needs LiteMedSAM's weights: {lite['how']}")
+            for widget in (self.box_button, self.box_next_button, self.bank_combo):
+                widget.setEnabled(False)
+                widget.setToolTip(f"Needs LiteMedSAM's weights: {lite['how']}")
         stack(self, wrapped_label("Draw a box around each structure (outer ones first), or "
-                                  "paint one slice; LiteMedSAM segments, you correct."),
-              button_row(self.box_button, self.box_next_button))
+                                  "paint one slice; LiteMedSAM segments, you correct and accept."),
+              button_row(self.box_button, self.box_next_button),
+              form(("Bank for this modality", self.bank_combo)))
+
+    def bank_name(self, layer: Image) -> str:
+        """The modality bank's name: the one chosen, else the image's modality (then shown)."""
+        name = self.bank_combo.currentText().strip()
+        if not name:
+            name = modality_bank.default_name(layer.metadata.get("modality"))
+            self.bank_combo.setCurrentText(name)
+        return name
+
+    def remember(self, name: str) -> None:
+        """Offer the bank ``name`` in the list (after the first accept into a new bank)."""
+        if self.bank_combo.findText(name) < 0:
+            self.bank_combo.addItem(name)
+        self.bank_combo.setCurrentText(name)
 
     def box_start(self) -> None:
         """Segment the current slice with LiteMedSAM from the boxes of '<image> J-RAS boxes'.
@@ -144,9 +172,11 @@ class BoxesPanel(QGroupBox):
 
     def _kept(self, layer: Image) -> set[int]:
         """Slices a box start never writes: unaccepted edits and accepted corrections."""
-        ws = self.dock.workspace
-        return kept_slices(self.dock.states.edited_slices(layer.name),
-                           ws.corrections() if ws is not None else [], case_id_of(layer))
+        ws, bank = self.dock.workspace, self.dock.modality_bank
+        accepted = ws.corrections() if ws is not None else (
+            bank.records() if bank is not None else [])
+        return kept_slices(self.dock.states.edited_slices(layer.name), accepted,
+                           case_id_of(layer))
 
     def _segment(self, layer: Image, z: int, boxes: list[list[float]], labels: list[int],
                  go: bool) -> None:
@@ -158,7 +188,8 @@ class BoxesPanel(QGroupBox):
             return
         state = dock.states.get(layer.name)
         names = (state.labels.metadata.get("class_names") if state is not None else None) or (
-            dock.workspace.class_names if dock.workspace is not None else BOX_CLASSES)
+            dock.workspace.class_names if dock.workspace is not None else
+            modality_bank.BOX_CLASS_NAMES)
         if max(labels) >= len(names):
             show_error(f"{len(boxes)} boxes, but '{layer.name}{LABELS_SUFFIX}' has "
                        f"{len(names) - 1} classes: draw at most {len(names) - 1} boxes per slice")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from qtpy.QtWidgets import (
 
 from ..._writer import write_labels
 from ...core.errors import DataError
+from ...core.modality_bank import BOX_CLASS_NAMES
 from ...core.propagate import MIN_CONFIDENCE, Propagation
 from .._common import (
     button_row,
@@ -29,7 +31,7 @@ from .._common import (
     wrapped_label,
 )
 from ..edits import slice_list
-from ..jobs import accept_job, propagate_job
+from ..jobs import accept_job, modality_accept_job, propagate_job
 from .state import LABELS_SUFFIX, ImageState, case_id_of, check_image_layer
 
 if TYPE_CHECKING:
@@ -86,7 +88,8 @@ class CorrectPanel(QGroupBox):
 
     # -- accept ----------------------------------------------------------------------------
     def accept(self) -> None:
-        """Store the edited slices (or the current slice) of the chosen image in the bank."""
+        """Store the edited slices (or the current slice) of the chosen image in the bank: the
+        model's, or without a model (box start) the bank for this modality."""
         dock = self.dock
         layer = dock.current_image()
         if layer is None:
@@ -96,7 +99,7 @@ class CorrectPanel(QGroupBox):
         if state is None:
             show_error(f"Segment '{layer.name}' first, correct the J-RAS labels, then accept")
             return
-        if dock.workspace is None:
+        if dock.workspace is None and not dock.boxes_panel.available:
             show_error("Accept stores the slice in a J-RAS model's exemplar bank (the model "
                        "embeds it): pick a model under Model first; your labels stay as they are")
             return
@@ -110,11 +113,18 @@ class CorrectPanel(QGroupBox):
                   "patient_id": meta.get("patient_id"), "author": _user()}
         name = layer.name
 
-        def done(result: dict[str, Any]) -> None:
+        def accepted() -> None:
             if dock.states.get(name) is state:
                 state.edits.accept(labels, zs)
-                if not dock.states.edited_slices(name):
+                if dock.workspace is not None and not dock.states.edited_slices(name):
                     dock.workspace.discard_draft(state.edits.key)
+
+        if dock.workspace is None:  # box start: the bank for this modality (LiteMedSAM)
+            self._accept_to_modality_bank(name, zs, accepted, kwargs)
+            return
+
+        def done(result: dict[str, Any]) -> None:
+            accepted()
             bank = (f"the bank now holds {result['bank']} exemplars ({result['corrections']} "
                     "corrections)" if result["bank"] is not None else
                     f"{result['corrections']} corrections kept for fine-tuning")
@@ -130,6 +140,30 @@ class CorrectPanel(QGroupBox):
                 dock.learn_panel.finetune(auto=True)
 
         dock.run(accept_job, dock.workspace, label=f"Accepting slice(s) {slice_list(zs)} of {name}",
+                 done=done, **kwargs)
+
+    def _accept_to_modality_bank(self, name: str, zs: list[int], accepted: Callable[[], None],
+                                 kwargs: dict[str, Any]) -> None:
+        """Accept without a model: store the slices in the bank for this modality."""
+        dock = self.dock
+        state = dock.states.get(name)
+        bank_name = dock.boxes_panel.bank_name(dock.viewer.layers[name])
+        class_names = list(state.labels.metadata.get("class_names") or BOX_CLASS_NAMES)
+
+        def done(result: dict[str, Any]) -> None:
+            if dock.modality_bank is not None and dock.modality_bank is not result["bank"]:
+                dock.modality_bank.close()
+            dock.modality_bank = result["bank"]
+            dock.boxes_panel.remember(result["name"])
+            accepted()
+            show_info(f"Added {len(result['ids'])} exemplar(s) from slice(s) {slice_list(zs)} "
+                      f"of {name} to the bank for this modality '{result['name']}'; the bank "
+                      f"now holds {result['size']} exemplars")
+            dock.status.setText(f"Accepted slice(s) {slice_list(zs)} of {name} into "
+                                f"{result['bank'].path}")
+
+        dock.run(modality_accept_job, dock.modality_bank, bank_name, class_names,
+                 label=f"Accepting slice(s) {slice_list(zs)} of {name} into '{bank_name}'",
                  done=done, **kwargs)
 
     # -- propagate -------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from napari.layers import Image, Labels
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QLabel, QProgressBar, QPushButton, QScrollArea, QVBoxLayout, QWidget
 
+from ...core.bank import ExemplarBank
 from ...core.workspace import BUILTIN, Workspace
 from .._common import JobSlot, legend_html, show_info, show_warning, unwrap
 from .bank import BankPanel
@@ -53,6 +54,7 @@ class AssistantWidget(QWidget):
         super().__init__(parent)
         self.viewer = unwrap(viewer)
         self.workspace: Workspace | None = None
+        self.modality_bank: ExemplarBank | None = None  # where Accept stores without a model
         self.source = BUILTIN
         self.states = ImageStates(self.viewer, lambda: self.workspace, self)
         self._queued: Callable[[], None] | None = None

@@ -12,15 +12,13 @@ from napari.layers import Image, Labels
 from qtpy.QtCore import QObject, QTimer
 
 from ...core.errors import DataError
+from ...core.modality_bank import BOX_CLASS_NAMES
 from ...core.workspace import Workspace
 from .._common import Task, class_colormap, class_features, error_message, show_error
 from ..edits import SliceEdits, draft_key, draft_meta
 
 AUTOSAVE_MS = 2000
 LABELS_SUFFIX = " J-RAS"
-BOX_CLASSES = ("background",) + tuple(f"structure {i}" for i in range(1, 9))
-"""Class names of a labels layer made before any model is loaded (box start): the k-th box of a
-slice paints class k, so at most 8 boxes per slice."""
 
 
 @dataclass
@@ -141,10 +139,10 @@ class ImageStates(Mapping[str, ImageState]):
             self._updating = False
 
     def _add_labels_layer(self, image: Image) -> Labels:
-        """The image's empty J-RAS labels layer (the model's classes; :data:`BOX_CLASSES`
-        before any model is loaded)."""
+        """The image's empty J-RAS labels layer: the model's classes, or before any model is
+        loaded :data:`~napari_jras.core.modality_bank.BOX_CLASS_NAMES`."""
         ws = self._workspace()
-        names = list(ws.class_names) if ws is not None else list(BOX_CLASSES)
+        names = list(ws.class_names) if ws is not None else list(BOX_CLASS_NAMES)
         meta = {key: image.metadata.get(key)
                 for key in ("case_id", "patient_id", "spacing", "source") if key in image.metadata}
         meta.update(class_names=names, jras_image=image.name,
