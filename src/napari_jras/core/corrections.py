@@ -54,7 +54,19 @@ def case_of(source: str) -> str:
 
 def slices_to_store(mask: np.ndarray, slices: Sequence[int] | None, ndim: int) -> list[int]:
     """The slices to store: ``slices`` checked, or by default every slice with foreground (the
-    one slice of a 2-D image)."""
+    one slice of a 2-D image).
+
+    Args:
+        mask: the labels as a (Z, H, W) stack (one slice for a 2-D image).
+        slices: the Z indices wanted (duplicates dropped), or None for the default.
+        ndim: the image's number of dimensions (2 or 3).
+
+    Returns:
+        The slice indices, sorted.
+
+    Raises:
+        DataError: an empty 3-D mask without ``slices``, no slices given, or a slice out of range.
+    """
     if slices is None:
         zs = [0] if ndim == 2 else [z for z in range(mask.shape[0]) if mask[z].any()]
         if not zs:
@@ -90,8 +102,9 @@ def prepare(image: np.ndarray, labels: np.ndarray, num_classes: int, size: int, 
         extra: more provenance fields (e.g. the model version).
 
     Raises:
-        DataError: a bad image, labels of another shape or with unknown classes, an empty mask
-            without ``slices``, or a slice out of range.
+        DataError: a bad image, labels of another shape or with unknown classes, an empty 3-D
+            mask without ``slices`` (a 2-D image's one slice is stored even when empty), or a
+            slice out of range.
     """
     data = check_image(image)
     labels = np.asarray(labels)
@@ -111,6 +124,15 @@ def prepare(image: np.ndarray, labels: np.ndarray, num_classes: int, size: int, 
 def store(bank: ExemplarBank, corrections: Corrections, embeddings: np.ndarray | None,
           retriever_version: str | None) -> list[int]:
     """Add the corrections to ``bank``; an accepted (case, slice) accepted again is replaced.
+
+    The earlier corrections of the same (case, slice) are removed only after the new ones were
+    added, so a refused add leaves the bank unchanged.
+
+    Args:
+        bank: an open, writable bank of the corrections' side and classes.
+        corrections: from :func:`prepare`.
+        embeddings: one per slice, or None to store the slices without embeddings.
+        retriever_version: the version that made ``embeddings`` (None without them).
 
     Returns:
         The new exemplar ids.

@@ -79,7 +79,12 @@ class TunableWorkspace(Protocol):
                         metrics: dict[str, Any], seen_until: int,
                         known: dict[int, np.ndarray] | None = None,
                         progress: ProgressFn | None = None) -> ModelVersion:
-        """Adopt a finished version folder: embed the bank, make it the active version."""
+        """Adopt a finished version folder: embed the bank, make it the active version.
+
+        Args:
+            model, folder, parent, note, metrics, seen_until, known, progress: see
+                :meth:`napari_jras.core.workspace.Workspace.install_version`.
+        """
 
 
 @dataclass

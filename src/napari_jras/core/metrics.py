@@ -76,7 +76,8 @@ def dice_per_class(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.nda
 def mean_dice(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> float:
     """Mean Dice over the foreground classes present in ``pred`` or ``gt`` (NaN if none is).
 
-    The arguments and errors are those of :func:`dice_per_class`.
+    Args:
+        pred, gt, num_classes: as for :func:`dice_per_class`, which also lists the errors.
     """
     return _nanmean(dice_per_class(pred, gt, num_classes))
 

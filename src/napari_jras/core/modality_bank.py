@@ -80,6 +80,14 @@ def open_bank(name: str, class_names: Sequence[str] = BOX_CLASS_NAMES,
               home: str | Path | None = None) -> ExemplarBank:
     """The modality bank ``name``, created (with ``class_names``) when it does not exist.
 
+    Args:
+        name: the bank's name (a plain token, see :func:`bank_dir`).
+        class_names: the class names of a new bank (an existing bank keeps its own).
+        home: the napari-jras home (default: :func:`~napari_jras.core.workspace.home_dir`).
+
+    Returns:
+        The open (writable) bank; the caller closes it.
+
     Raises:
         BankError: a bad name, a non-empty folder that is no bank, or a bank that is not a
             modality bank (another side or embedding length, or embeddings of another
@@ -160,6 +168,18 @@ def add_accepted(bank: ExemplarBank, image: np.ndarray, labels: np.ndarray,
 
 
 def search(bank: ExemplarBank, images: np.ndarray, k: int = 3) -> list[list[Hit]]:
-    """The ``k`` stored slices most similar (cosine of :func:`embed`) to each of (N, H, W)
-    normalised images in [0, 1], best first."""
+    """The ``k`` stored slices most similar (cosine of :func:`embed`) to each image, best first.
+
+    Args:
+        bank: an open modality bank.
+        images: (N, H, W) normalised images in [0, 1] (resized to :data:`SIZE`).
+        k: the number of hits wanted per image (fewer when the bank holds fewer).
+
+    Returns:
+        One list of :class:`~napari_jras.core.bank.Hit` per image.
+
+    Raises:
+        BankError: an empty bank, or embeddings of another retriever version.
+        ModelError: the LiteMedSAM weights are missing or not the released file.
+    """
     return bank.search(embed(images), k, VERSION)

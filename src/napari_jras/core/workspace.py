@@ -339,8 +339,11 @@ class Workspace:
 
     # --- drafts ---------------------------------------------------------------------------
     def save_draft(self, key: str, labels: np.ndarray, meta: dict[str, Any] | None = None) -> None:
-        """Autosave unfinished labels (and JSON-able ``meta``) under ``key``, atomically
-        (see :meth:`.DraftStore.save`)."""
+        """Autosave unfinished labels (and JSON-able ``meta``) under ``key``, atomically.
+
+        Args:
+            key, labels, meta: see :meth:`napari_jras.core.drafts.DraftStore.save`.
+        """
         self._drafts.save(key, labels, meta)
 
     def load_draft(self, key: str) -> tuple[np.ndarray, dict[str, Any]] | None:

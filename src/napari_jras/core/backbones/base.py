@@ -223,6 +223,9 @@ def check_choice(value: Any, option: str, choices: tuple[str, ...]) -> str:
 
     Returns:
         ``value`` unchanged.
+
+    Raises:
+        ModelError: ``value`` is not one of ``choices``.
     """
     if value not in choices:
         raise ModelError(f"option '{option}' must be one of {', '.join(choices)}; got {value!r}")

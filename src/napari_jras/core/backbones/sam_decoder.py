@@ -113,7 +113,16 @@ class Attention(nn.Module):
         return x.reshape(batch, tokens, self.num_heads, channels // self.num_heads).transpose(1, 2)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """(B, Nq, C), (B, Nk, C), (B, Nk, C) -> (B, Nq, C)."""
+        """(B, Nq, C), (B, Nk, C), (B, Nk, C) -> (B, Nq, C).
+
+        Args:
+            q: (B, Nq, C) queries.
+            k: (B, Nk, C) keys.
+            v: (B, Nk, C) values, one per key.
+
+        Returns:
+            (B, Nq, C): the heads' attention outputs, joined and projected back to C channels.
+        """
         out = F.scaled_dot_product_attention(self._heads(self.q_proj(q)),
                                              self._heads(self.k_proj(k)),
                                              self._heads(self.v_proj(v)))

@@ -32,6 +32,12 @@ def check_settings(size: int, num_classes: int, embed_dim: int,
                    class_names: Sequence[str] | None) -> list[str]:
     """Validate the settings of a new bank.
 
+    Args:
+        size: the side length of stored images and masks (a whole number >= 8).
+        num_classes: the number of classes, background included (2..256).
+        embed_dim: the embedding length (>= 1).
+        class_names: ``num_classes`` non-empty names, or None for default names.
+
     Returns:
         The class names (``background``, ``class 1``, ... when ``class_names`` is None).
     """
@@ -154,7 +160,16 @@ def check_pixels(images: np.ndarray, masks: np.ndarray, size: int,
 
 def check_embeddings(embeddings: np.ndarray, n: int, embed_dim: int) -> np.ndarray:
     """``embeddings`` as contiguous float32 (n, embed_dim); refuses other shapes and non-finite
-    values."""
+    values.
+
+    Args:
+        embeddings: the new embeddings, one row per exemplar.
+        n: the number of exemplars.
+        embed_dim: the bank's embedding length.
+
+    Raises:
+        BankError: a shape other than (n, embed_dim), non-numbers, NaN or infinity.
+    """
     vecs = np.asarray(embeddings)
     if vecs.shape != (n, embed_dim):
         raise BankError(f"Expected embeddings of shape ({n}, {embed_dim}), got {vecs.shape}")
@@ -190,6 +205,12 @@ def embedding_blobs(embeddings: np.ndarray | None, retriever_version: str | None
 def check_replacement(ids: Iterable[int], embeddings: np.ndarray, retriever_version: str,
                       embed_dim: int) -> tuple[list[int], np.ndarray]:
     """Validate new embeddings for every exemplar (``ExemplarBank.set_embeddings``).
+
+    Args:
+        ids: the exemplar ids, each once, in the order of ``embeddings``.
+        embeddings: (len(ids), embed_dim) finite numbers.
+        retriever_version: the version that made them (a plain token).
+        embed_dim: the bank's embedding length.
 
     Returns:
         ``ids`` as a list and the embeddings as contiguous float32 (len(ids), embed_dim).

@@ -77,7 +77,19 @@ class ExemplarBank:
     def create(cls, path: str | Path, size: int, num_classes: int, embed_dim: int,
                class_names: list[str] | None = None, *,
                use_gpu: bool | None = None) -> ExemplarBank:
-        """Create an empty bank in a new (or empty) folder ``path``."""
+        """Create an empty bank in a new (or empty) folder ``path``.
+
+        Args:
+            path: the bank folder (created when missing; must be empty).
+            size: the side length images and masks are stored at (>= 8).
+            num_classes: the number of mask classes, background included (2..256).
+            embed_dim: the embedding length of the retriever used with the bank.
+            class_names: one name per class (default ``background``, ``class 1``, ...).
+            use_gpu: passed to the search index (:class:`~napari_jras.core.index.EmbeddingIndex`).
+
+        Raises:
+            BankError: invalid settings, or a folder that cannot hold a new bank.
+        """
         path = Path(path)
         class_names = checks.check_settings(size, num_classes, embed_dim, class_names)
         db = create_database(path, BankSettings(size, num_classes, embed_dim, class_names))
@@ -88,9 +100,16 @@ class ExemplarBank:
              read_only: bool | None = False) -> ExemplarBank:
         """Open an existing bank folder (cleans up after interrupted writes, repairs the index).
 
-        ``read_only=True`` never writes to the folder (changes raise :class:`BankError`);
-        ``None`` opens read-only only when the folder or database cannot be written; ``False``
-        (default) refuses such a bank with a clear message.
+        Args:
+            path: the bank folder.
+            use_gpu: passed to the search index (:class:`~napari_jras.core.index.EmbeddingIndex`).
+            read_only: True never writes to the folder (changes raise :class:`BankError`);
+                None opens read-only only when the folder or database cannot be written; False
+                (default) refuses such a bank with a clear message.
+
+        Raises:
+            BankError: no bank at ``path``, a damaged or newer bank, or (``read_only=False``) a
+                bank that cannot be written.
         """
         path = Path(path)
         db, read_only = open_database(path, read_only)
@@ -170,11 +189,23 @@ class ExemplarBank:
             retriever_version: str | None = None) -> list[int]:
         """Add exemplars; returns their new ids.
 
-        ``images`` (N, H, W) in [0, 1] and ``masks`` (N, H, W) class indices are resized to the
-        bank size. ``provenance[i]`` needs ``case_id`` and ``origin`` (training / correction /
-        import); ``patient_id`` (default: from the case id), ``slice_index`` (0), ``source``,
-        ``author`` and ``created`` (now, UTC) are optional, other keys are kept as extra fields.
-        ``embeddings`` (N, D) must come with the ``retriever_version`` of the stored ones.
+        Args:
+            images: (N, H, W) in [0, 1], resized to the bank size.
+            masks: (N, H, W) class indices (or booleans), resized to the bank size.
+            provenance: one dict per exemplar; needs ``case_id`` and ``origin`` (training /
+                correction / import); ``patient_id`` (default: from the case id),
+                ``slice_index`` (0), ``source``, ``author`` and ``created`` (now, UTC) are
+                optional, other keys are kept as extra fields.
+            embeddings: (N, embed_dim), or None to add the exemplars without embeddings.
+            retriever_version: the version that made ``embeddings`` (given with them only); it
+                must be the version of the embeddings already stored.
+
+        Returns:
+            The new ids, in the order of ``images``.
+
+        Raises:
+            BankError: invalid input, another retriever version, or a read-only bank (nothing
+                is added).
         """
         images, masks = checks.check_pixels(images, masks, self.size, self.num_classes)
         rows = checks.check_provenance(provenance, len(images))
@@ -262,7 +293,17 @@ class ExemplarBank:
     @_locked
     def set_embeddings(self, ids: Iterable[int], embeddings: np.ndarray,
                        retriever_version: str) -> None:
-        """Replace every exemplar's embedding at once (after re-embedding the whole bank)."""
+        """Replace every exemplar's embedding at once (after re-embedding the whole bank).
+
+        Args:
+            ids: exactly the bank's exemplar ids, each once, in the order of ``embeddings``.
+            embeddings: (len(ids), embed_dim) finite numbers.
+            retriever_version: the version that made them; it becomes the bank's only version.
+
+        Raises:
+            BankError: missing or unknown ids, invalid embeddings or version, or a read-only
+                bank (nothing changes).
+        """
         ids, vecs = checks.check_replacement(ids, embeddings, retriever_version, self.embed_dim)
         with self._transaction() as db:
             stored = {r[0] for r in db.execute("SELECT id FROM exemplars")}
@@ -334,9 +375,23 @@ class ExemplarBank:
                exclude_ids: Sequence[Iterable[int]] | None = None) -> list[list[Hit]]:
         """The ``k`` most similar exemplars of each query, best first.
 
-        ``exclude_patients[q]`` removes every exemplar of that patient from query ``q``'s results
-        (no leakage), ``exclude_ids[q]`` removes single exemplars. A query gets fewer than ``k``
-        hits when fewer eligible exemplars exist.
+        A query gets fewer than ``k`` hits when fewer eligible exemplars exist.
+
+        Args:
+            query_embeddings: (Q, embed_dim) embeddings of the queries.
+            k: the number of hits wanted per query.
+            retriever_version: the version that made the queries; it must be the one of the
+                stored embeddings.
+            exclude_patients: per query, a patient whose exemplars are all left out of its
+                results (no leakage), or None.
+            exclude_ids: per query, single exemplar ids to leave out.
+
+        Returns:
+            One list of :class:`~napari_jras.core.bank.search.Hit` per query.
+
+        Raises:
+            BankError: a wrong query shape, ``k`` < 1, exclusion lists of another length, an
+                empty bank, missing or damaged embeddings, or another retriever version.
         """
         queries = np.asarray(query_embeddings)
         if queries.ndim != 2 or queries.shape[1] != self.embed_dim:

@@ -77,7 +77,15 @@ class IndexSync:
         return was_current, token
 
     def added(self, ids: Sequence[int], vecs: np.ndarray, was_current: bool, token: str) -> None:
-        """Exemplars with embeddings were committed: add them to a current cached index."""
+        """Exemplars with embeddings were committed: add them to a current cached index.
+
+        Args:
+            ids: the new exemplars' ids.
+            vecs: their (len(ids), embed_dim) float32 embeddings.
+            was_current: whether the cached index matched the stored embeddings before the
+                change (from :meth:`bump_token`); when not, it is reloaded before the next search.
+            token: the new ``embeddings_token`` (from :meth:`bump_token`).
+        """
         if was_current and self.index is not None:
             self.index.add(ids, vecs)
         elif was_current:
@@ -85,7 +93,14 @@ class IndexSync:
         self._changed(was_current, token)
 
     def removed(self, gone: Sequence[int], was_current: bool, token: str) -> None:
-        """Embedded exemplars were deleted: drop them from a current cached index."""
+        """Embedded exemplars were deleted: drop them from a current cached index.
+
+        Args:
+            gone: the deleted exemplars that had an embedding.
+            was_current: as for :meth:`added`; an index that left out a deleted (damaged)
+                embedding is reloaded instead.
+            token: the new ``embeddings_token``.
+        """
         was_current = was_current and not set(gone) & set(self.damaged)  # else: rebuild
         if was_current:
             self.index.remove(gone)
@@ -93,7 +108,13 @@ class IndexSync:
         self._changed(was_current, token)
 
     def replaced(self, ids: Sequence[int], vecs: np.ndarray, token: str) -> None:
-        """Every embedding was replaced by ``vecs``: the cached index is built from them."""
+        """Every embedding was replaced by ``vecs``: the cached index is built from them.
+
+        Args:
+            ids: every exemplar id of the bank.
+            vecs: their (len(ids), embed_dim) float32 embeddings.
+            token: the new ``embeddings_token``.
+        """
         self.index = EmbeddingIndex(ids, vecs, use_gpu=self._use_gpu) if ids else None
         self.damaged = []
         self._changed(True, token)

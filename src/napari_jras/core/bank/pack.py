@@ -17,7 +17,17 @@ def pack_name(db: sqlite3.Connection) -> str | None:
 
 def packed_spans(db: sqlite3.Connection, path: Path, ids: Sequence[int],
                  pack: str | None) -> dict[int, tuple[int, int]]:
-    """(byte offset, byte length) in the pack ``pack`` of those ``ids`` stored there."""
+    """(byte offset, byte length) in the pack ``pack`` of those ``ids`` stored there.
+
+    Args:
+        db: the bank's connection.
+        path: the bank folder (for error messages).
+        ids: exemplar ids.
+        pack: the pack's file name (None when the bank has none: the result is empty).
+
+    Returns:
+        The spans keyed by id; ids whose pixels are in their own file are left out.
+    """
     if pack is None:
         return {}
     return fetch(db, path, ids, "byte_offset, byte_length", "packed_pixels")

@@ -130,7 +130,11 @@ class PixelStore:
 
     def raw(self, ids: Sequence[int], packed: Mapping[int, tuple[int, int]],
             pack: str | None) -> list[bytes]:
-        """The stored archives of ``ids``, byte for byte, after checking that each decodes."""
+        """The stored archives of ``ids``, byte for byte, after checking that each decodes.
+
+        Args:
+            ids, packed, pack: as for :meth:`read`, which also lists the errors.
+        """
         out = []
         for i, blob, where in self._blobs(ids, packed, pack):
             self._decode(i, blob, where)
