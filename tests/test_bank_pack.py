@@ -266,3 +266,31 @@ def test_bank_tools_return_data_and_print_nothing(tmp_path, capsys):
     assert bank_tools.pack(path)[:1] == (len(ids),)
     assert bank_tools.distinct_ids([3, 1, 3]) == [3, 1]
     assert capsys.readouterr() == ("", "")
+
+
+def test_a_failed_create_closes_its_database(tmp_path, monkeypatch):
+    from napari_jras.core.bank import exemplar_bank
+
+    closed = []
+    real = exemplar_bank.create_database
+
+    def recording(*args, **kwargs):
+        db = real(*args, **kwargs)
+
+        class Db:  # the real connection, with its close recorded
+            def __getattr__(self, name):
+                return getattr(db, name)
+
+            def close(self):
+                closed.append(True)
+                db.close()
+        return Db()
+
+    def failing_init(self, *args, **kwargs):
+        raise RuntimeError("index could not be built")
+
+    monkeypatch.setattr(exemplar_bank, "create_database", recording)
+    monkeypatch.setattr(exemplar_bank.ExemplarBank, "__init__", failing_init)
+    with pytest.raises(RuntimeError, match="index could not be built"):
+        exemplar_bank.ExemplarBank.create(tmp_path / "bank", size=16, num_classes=2, embed_dim=4)
+    assert closed == [True]

@@ -93,7 +93,11 @@ class ExemplarBank:
         path = Path(path)
         class_names = checks.check_settings(size, num_classes, embed_dim, class_names)
         db = create_database(path, BankSettings(size, num_classes, embed_dim, class_names))
-        return cls(path, db, use_gpu)
+        try:
+            return cls(path, db, use_gpu)
+        except BaseException:
+            db.close()
+            raise
 
     @classmethod
     def open(cls, path: str | Path, *, use_gpu: bool | None = None,
