@@ -227,3 +227,20 @@ def test_cli_pretrained_litemedsam_for_unet_is_the_retriever_encoder(four_slices
     config = json.loads((run / "config.json").read_text())
     assert config["backbone"] == "unet" and config["retriever"]["encoder"] == "litemedsam"
     assert config["retriever"]["checkpoint_sha256"] == CHECKPOINT_SHA256
+
+
+def test_memory_estimate_before_training_stops_an_oversized_batch(monkeypatch):
+    from napari_jras.core import memory
+    from napari_jras.core.errors import JRASError
+    from napari_jras.core.model import JRASModel, ModelConfig
+
+    monkeypatch.delenv(memory.SKIP_ENV, raising=False)
+    no_checkpoint(monkeypatch)
+    model = JRASModel(ModelConfig(num_classes=NUM_CLASSES, backbone="litemedsam", size=64,
+                                  backbone_options={"checkpoint_sha256": "0" * 64}))
+    small, large = (memory.estimate_training_memory(model, b) for b in (2, 8))
+    assert 0 < small.activations < large.activations  # one decoder pass per class and image
+    monkeypatch.setattr(memory, "available_memory", lambda device: large.total // 2)
+    with pytest.raises(JRASError, match="lower --batch-size"):
+        memory.check_training_memory(model, 8, torch.device("cpu"))
+    memory.check_training_memory(model, 1, torch.device("cpu"))
