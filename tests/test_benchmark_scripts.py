@@ -217,3 +217,14 @@ def test_bench_litemedsam_smoke(acdc_slices_dir, tmp_path):
         assert row["seconds_per_step"] > 0 and row["seconds_per_slice"] > 0
         assert row["predicted_slices"] == 2
     assert report["provenance"]["git_at_start"]
+
+
+@pytest.mark.slow
+def test_bench_propagate_gui_smoke(tmp_path):
+    if not os.environ.get("DISPLAY"):
+        pytest.skip("needs a display (pytest-xvfb provides one)")
+    script("benchmarks/speed/bench_propagate_gui.py", "--out", tmp_path / "gui", "--repeats", "1")
+    result = json.loads((tmp_path / "gui" / "propagate_gui.json").read_text())
+    (run,) = result["runs"]
+    assert run["ticks"] > 0 and run["max_gap_ms"] >= 0 and "Propagated" in run["status"]
+    assert result["commit"]
