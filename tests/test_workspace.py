@@ -285,3 +285,22 @@ def test_finetune_uses_only_the_public_workspace_api():
                and isinstance(node.value, ast.Name) and node.value.id == "ws"
                and node.attr.startswith("_")}
     assert private == set()
+
+
+def test_slices_to_store_defaults_and_refusals():
+    import numpy as np
+
+    from napari_jras.core.corrections import slices_to_store
+    from napari_jras.core.errors import DataError
+
+    mask = np.zeros((4, 8, 8), np.uint8)
+    mask[2, 3, 3] = 1
+    assert slices_to_store(mask, None, 3) == [2]  # every slice with foreground
+    assert slices_to_store(mask[:1] * 0, None, 2) == [0]  # a 2-D image's slice, even if empty
+    assert slices_to_store(mask, [3, 1, 3], 3) == [1, 3]
+    with pytest.raises(DataError, match="corrected mask is empty"):
+        slices_to_store(np.zeros_like(mask), None, 3)
+    with pytest.raises(DataError, match="No slices"):
+        slices_to_store(mask, [], 3)
+    with pytest.raises(DataError):
+        slices_to_store(mask, [4], 3)
