@@ -534,7 +534,6 @@ class InferenceEngine:
                 torch.cuda.synchronize()
             timings["network"] += time.perf_counter() - t0
 
-
     def _readout_probabilities(self, query: torch.Tensor, guide: Guide | None,
                                size: tuple[int, int]) -> torch.Tensor:
         """The readout's propagated mask alone (a diagnostic): class probabilities at ``size``.
