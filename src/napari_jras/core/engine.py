@@ -541,10 +541,9 @@ class InferenceEngine:
         A slice without exemplars gets probability 1 for the background.
         """
         _, p_read = self.model.forward_readout(query, guide)
-        if p_read is None:
-            p_read = torch.zeros(query.shape[0], self.model.config.num_classes,
-                                 *query.shape[-2:], device=query.device)
-        p_read = p_read.float().clone()
+        if p_read is None:  # no exemplar in the batch
+            p_read = query.new_zeros(query.shape[0], self.model.config.num_classes, 1, 1)
+        p_read = p_read.float()  # the model's own output: safe to change in place
         p_read[:, 0] += (p_read.sum(1) <= 0).float()  # no exemplar: background
         return F.interpolate(p_read, size=size, mode="bilinear", align_corners=False)
 
