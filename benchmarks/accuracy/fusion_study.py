@@ -34,8 +34,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 
-from napari_jras.core.io import find_cases, load_case  # noqa: E402
-from napari_jras.core.metrics import mean_dice  # noqa: E402
+from report_fusion_study import copy_neighbour_cases  # noqa: E402
+
+from napari_jras.core.io import find_cases  # noqa: E402
 from napari_jras.core.provenance import git_state, provenance  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "acdc"
@@ -64,15 +65,9 @@ def subset(train: Path, n_patients: int, seed: int, work: Path) -> Path:
 
 
 def copy_neighbour_dice(val: Path) -> float:
-    """Mean foreground Dice over val volumes of predicting slice z by the ground truth of z-1
-    (z+1 for the first slice): what copying an accepted neighbour gives with no network."""
-    scores = []
-    for case in find_cases(val):
-        _, label = load_case(case)
-        label = np.asarray(label)
-        copied = np.concatenate([label[1:2], label[:-1]])
-        scores.append(mean_dice(copied, label, 4))
-    return float(np.mean(scores))
+    """Mean over val volumes of :func:`report_fusion_study.copy_neighbour_cases`."""
+    values, _ = copy_neighbour_cases(val)
+    return float(np.mean(list(values.values())))
 
 
 def run(cmd: list[str], log: Path) -> None:

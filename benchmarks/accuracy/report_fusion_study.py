@@ -56,8 +56,9 @@ def load(folders: list[Path]) -> dict[tuple[str, int, str], dict[int, dict[str, 
     return found
 
 
-def copy_neighbour(val: Path) -> dict[str, float]:
-    """Per patient: Dice of predicting slice z by the ground truth of z-1 (z+1 for z = 0)."""
+def copy_neighbour_cases(val: Path) -> tuple[dict[str, float], dict[str, str]]:
+    """Per case: Dice of predicting slice z by the ground truth of z-1 (z+1 for z = 0), what
+    copying an accepted neighbour gives with no network; and each case's patient."""
     values, unit_of = {}, {}
     for case in find_cases(val):
         _, label = load_case(case)
@@ -65,7 +66,12 @@ def copy_neighbour(val: Path) -> dict[str, float]:
         copied = np.concatenate([label[1:2], label[:-1]])
         values[case.case_id] = mean_dice(copied, label, int(label.max()) + 1)
         unit_of[case.case_id] = case.patient_id
-    return unit_means(values, unit_of)
+    return values, unit_of
+
+
+def copy_neighbour(val: Path) -> dict[str, float]:
+    """Per patient (mean of its cases): :func:`copy_neighbour_cases`."""
+    return unit_means(*copy_neighbour_cases(val))
 
 
 def main() -> None:
