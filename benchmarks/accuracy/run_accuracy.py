@@ -20,6 +20,10 @@ mean of the two frames; BUSI / COVID CT: the duplicate group), averaged over see
 Wilcoxon test, Holm's correction across each table and a bootstrap 95 % CI of the difference
 (``benchmarks/report_stats.py``); better / worse is claimed only with >= 3 seeds.
 
+``--budget cpu-litemedsam`` compares LiteMedSAM (``--backbone litemedsam``, encoder frozen)
+with and without retrieval: 256 px, no augmentation, so each slice is encoded once into
+``<work>/embedding_cache`` (``$NAPARI_JRAS_EMBEDDING_CACHE``), ACDC on 4 of its patients.
+
 Run folders go to ``<work>/runs/<budget>-<steps>steps-seed<N>``. A finished run is reused only
 when its recorded train and evaluate commands are the current ones and its report carries
 provenance; any other run in the folder is replaced (``train --overwrite``), and an interrupted
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import re
@@ -46,8 +51,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
+from fusion_study import subset  # noqa: E402
 from report_stats import MIN_SEEDS, holm, mean_sd, paired, unit_means, verdict  # noqa: E402
 
+from napari_jras.core.backbones.embedding_cache import FOLDER_ENV  # noqa: E402
 from napari_jras.core.duplicates import THRESHOLD, duplicate_groups  # noqa: E402
 from napari_jras.core.io import find_cases, read_volume  # noqa: E402
 from napari_jras.core.provenance import provenance  # noqa: E402
@@ -71,6 +78,13 @@ BUDGETS = {
         "segformer": {"variant": "b0"},
         "sam": {"variant": "tiny", "image_size": 96},
     }, "retriever": {"width": 8, "input_size": 64}, "embed_dim": 64},
+    # LiteMedSAM (pretrained, image encoder frozen) fine-tuned as MedSAM is: its own 256 px input,
+    # no augmentation (each slice's embedding is computed once, benchmarks/_work/embedding_cache),
+    # AdamW at 1e-4; ACDC on 4 training patients (the label-efficient case; a CPU budget)
+    "cpu-litemedsam": {"size": 256, "steps": 200, "batch_size": 2, "backbones": {
+        "litemedsam": {},
+    }, "retriever": {"width": 8, "input_size": 64}, "embed_dim": 64,
+        "train_flags": ["--no-augment", "--lr", "1e-4"], "acdc_patients": 4},
     # paper-like: 256 px, a full schedule; for a GPU machine
     "gpu": {"size": 256, "steps": 8000, "batch_size": 16, "backbones": {
         "unet": {"base_channels": 32},
@@ -137,10 +151,15 @@ def split_by_group(name: str, data: Path, work: Path, seed: int = 0,
     return root / "train", root / "val", groups
 
 
-def dataset_folders(name: str, data: Path, work: Path) -> tuple[Path, Path, dict[str, str]]:
-    """(train, val) folders of a dataset and the unit (patient / group) of each case id."""
+def dataset_folders(name: str, data: Path, work: Path,
+                    acdc_patients: int | None = None) -> tuple[Path, Path, dict[str, str]]:
+    """(train, val) folders of a dataset and the unit (patient / group) of each case id;
+    ``acdc_patients``: train ACDC on that many of its patients (drawn with seed 0)."""
     if name == "acdc":
-        return data / "acdc" / "train", data / "acdc" / "val", {}
+        train = data / "acdc" / "train"
+        if acdc_patients:
+            train = subset(train, acdc_patients, 0, work / "splits")
+        return train, data / "acdc" / "val", {}
     return split_by_group(name, data, work)
 
 
@@ -170,7 +189,8 @@ def train_and_evaluate(dataset: str, backbone: str, mode: str, budget: dict, run
         "--batch-size", str(budget["batch_size"]), "--seed", str(seed),
         "--class-names", DATASETS[dataset], "--embed-dim", str(budget["embed_dim"]),
         "--retriever-options", json.dumps(budget["retriever"]), "--quiet",
-    ] + (["--no-retrieval"] if mode == "baseline" else []) + extra \
+    ] + budget.get("train_flags", []) + (["--no-retrieval"] if mode == "baseline" else []) \
+        + extra \
         + (["--group-duplicates"] if dataset in GROUPED else [])
     eval_cmd = cli + ["evaluate", "--model", str(out), "--data", str(val_dir),
                       "--report", str(report), "--quiet"]
@@ -389,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown dataset or backbone: {dataset}:{backbone}")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    folders = {d: dataset_folders(d, args.data, args.work)
+    os.environ.setdefault(FOLDER_ENV, str(args.work / "embedding_cache"))  # LiteMedSAM runs
+    folders = {d: dataset_folders(d, args.data, args.work, budget.get("acdc_patients"))
                for d in {d for d, _ in pairs} | ({"acdc"} if args.ablations else set())}
     splits = {d: {"train": str(f[0]), "val": str(f[1]),
                   "groups": len(set(f[2].values())) if f[2] else None} for d, f in folders.items()}

@@ -208,9 +208,11 @@ class LiteMedSAMEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) in [0, 1] -> (B, 256) pooled embedding."""
+        from .backbones.embedding_cache import encode_cached
+
         pixels = x.expand(-1, 3, -1, -1)
         with torch.no_grad():
-            tokens = self.model(pixels, slice(None, self.frozen))
+            tokens = encode_cached(self.model, pixels, slice(None, self.frozen))
         return self.model(tokens, slice(self.frozen, None)).mean(dim=(2, 3))
 
 

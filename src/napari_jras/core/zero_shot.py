@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .backbones.embedding_cache import encode_cached
 from .backbones.litemedsam_net import INPUT_SIZE, LiteMedSAM, load_litemedsam
 from .errors import ModelError
 
@@ -100,7 +101,7 @@ def box_logits(image2d: np.ndarray, boxes: Sequence[Sequence[float]],
     pixels = F.interpolate(pixels[None, None], size=(new_h, new_w), mode="bilinear",
                            align_corners=False)
     pixels = F.pad(pixels, (0, INPUT_SIZE - new_w, 0, INPUT_SIZE - new_h))
-    embedding = net.image_encoder(pixels.expand(-1, 3, -1, -1).to(device))
+    embedding = encode_cached(net.image_encoder, pixels.expand(-1, 3, -1, -1).to(device))
     xyxy = box_array.copy()
     xyxy[:, [0, 2]] = np.clip(xyxy[:, [0, 2]], 0, width - 1)
     xyxy[:, [1, 3]] = np.clip(xyxy[:, [1, 3]], 0, height - 1)

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from ..errors import ModelError
 from . import register_backbone
 from .base import Backbone, check_choice
+from .embedding_cache import encode_cached
 from .litemedsam_net import (
     CHECKPOINT_SHA256,
     INPUT_SIZE,
@@ -115,16 +116,17 @@ class LiteMedSAMBackbone(Backbone):
 
     def embed(self, query: Tensor) -> Tensor:
         """Image embeddings ``(B, 256, 64, 64)`` of queries ``(B, 1, H, W)`` in [0, 1]; no
-        gradients (or activations kept) for the frozen stages."""
+        gradients (or activations kept) for the frozen stages, whose outputs are cached
+        (:mod:`.embedding_cache`)."""
         encoder = self.sam.image_encoder
         pixels = to_encoder_input(query)
         if self.train_image_encoder == "all":
             return encoder(pixels)
         if self.train_image_encoder == "none":
             with torch.no_grad():
-                return encoder(pixels)
+                return encode_cached(encoder, pixels)
         with torch.no_grad():
-            tokens = encoder(pixels, slice(None, LAST_STAGE))
+            tokens = encode_cached(encoder, pixels, slice(None, LAST_STAGE))
         return encoder(tokens, slice(LAST_STAGE, None))
 
     def forward(self, query: Tensor, guide_image: Tensor | None = None,

@@ -246,6 +246,13 @@ class TinyViT(nn.Module):
             nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
             LayerNorm2d(out_channels))
 
+    def modules_run(self, stages: slice = slice(None)) -> list[nn.Module]:
+        """The modules :meth:`forward` runs for ``stages`` (patch embedding, stages, neck)."""
+        start, stop, _ = stages.indices(len(self.layers) + 1)
+        return ([self.patch_embed] if start == 0 else []) + \
+            list(self.layers[start:min(stop, len(self.layers))]) + \
+            ([self.neck] if stop > len(self.layers) else [])
+
     def forward(self, x: Tensor, stages: slice = slice(None)) -> Tensor:
         """Image ``(B, 3, S, S)`` -> embedding ``(B, 256, S/4, S/4)``.
 
