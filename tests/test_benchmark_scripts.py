@@ -210,11 +210,12 @@ def test_bench_litemedsam_smoke(acdc_slices_dir, tmp_path):
     write_volume(tmp_path / "two_slices.tif", volume)
     script("benchmarks/speed/bench_litemedsam.py", "--data", acdc_slices_dir, "--volume",
            tmp_path / "two_slices.tif", "--steps", "2", "--batch-size", "1", "--size", "64",
-           "--threads", "1", "--out", tmp_path / "speed.json")
+           "--threads", "1", "--cached-training", "--out", tmp_path / "speed.json")
     report = json.loads((tmp_path / "speed.json").read_text())
-    assert set(report["modes"]) == {"jras", "baseline"}
+    assert set(report["modes"]) == {"jras", "baseline"} and report["settings"]["cached_training"]
     for row in report["modes"].values():
         assert row["seconds_per_step"] > 0 and row["seconds_per_slice"] > 0
+        assert row["seconds_per_slice_again"] > 0
         assert row["predicted_slices"] == 2
     assert report["provenance"]["git_at_start"]
 
