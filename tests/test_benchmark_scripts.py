@@ -229,3 +229,12 @@ def test_bench_propagate_gui_smoke(tmp_path):
     (run,) = result["runs"]
     assert run["ticks"] > 0 and run["max_gap_ms"] >= 0 and "Propagated" in run["status"]
     assert result["commit"]
+
+
+def test_readout_ceiling_smoke(tmp_path):
+    script("benchmarks/accuracy/readout_ceiling.py", "--val", DATA / "acdc", "--sizes", "32",
+           "--out", tmp_path / "ceiling.json")
+    rows = {(r["source"], r["values"]): r["dice"]
+            for r in json.loads((tmp_path / "ceiling.json").read_text())["rows"]}
+    assert rows[("oracle", "fine")] > rows[("oracle", "pooled 1/4")] > rows[("oracle", "pooled 1/8")]
+    assert rows[("oracle", "fine")] > rows[("neighbour", "fine")]

@@ -95,6 +95,45 @@ def test_readout_of_the_query_itself_reproduces_its_mask():
     assert torch.equal(p_other.argmax(1), other[:, 0])
 
 
+def test_fine_values_reproduce_the_full_resolution_mask_pooled_ones_lose_its_detail():
+    """Read from the query itself, ``fine`` values give back every pixel of a mask finer than
+    the key grid; ``pooled`` values (runs saved before) can only give its 1/4-scale blur."""
+    h = w = 8
+    codes = torch.randn(8, h * w).view(1, 8, h, w)
+    mask = torch.randint(0, 3, (1, 1, 4 * h, 4 * w))  # detail below the 1/4 scale
+    present = torch.ones(1, 1, dtype=bool)
+    reads = {}
+    for values in ("fine", "pooled"):
+        readout = MemoryReadout(feature_channels=8, num_classes=3, values=values, key_dim=8)
+        with torch.no_grad():
+            readout.key.weight.copy_(torch.eye(8)[:, :, None, None] * 20)
+            readout.key.bias.zero_()
+            reads[values], confidence = readout.read(codes, codes[:, None], mask, present)
+            skip, logits = readout.inject(reads[values], confidence)
+        assert skip.shape == (1, 8, h, w)
+        assert logits.shape == (1, 3, *reads[values].shape[-2:])
+    assert reads["fine"].shape == (1, 3, 4 * h, 4 * w)
+    assert torch.equal(reads["fine"].argmax(1), mask[:, 0])
+    assert reads["pooled"].shape == (1, 3, h, w)
+    upsampled = torch.nn.functional.interpolate(reads["pooled"], scale_factor=4.0)
+    assert float((upsampled.argmax(1) == mask[:, 0]).float().mean()) < 0.8
+    # pooled back to the key scale, the fine readout is the pooled one (same skip input)
+    assert torch.allclose(torch.nn.functional.avg_pool2d(reads["fine"], 4), reads["pooled"],
+                          atol=1e-5)
+
+
+def test_new_runs_read_fine_values_and_older_readout_runs_load_pooled():
+    model = _model()
+    assert model.config.readout_values == "fine" and model.readout.fine
+    old = model.config.to_dict()
+    del old["readout_values"]  # a run folder written before the option existed
+    loaded = JRASModel(ModelConfig.from_dict(old))
+    assert loaded.config.readout_values == "pooled" and not loaded.readout.fine
+    loaded.load_state_dict(model.state_dict())  # the same weights fit both
+    with pytest.raises(ModelError, match="readout_values"):
+        ModelConfig(num_classes=3, readout_values="sharp")
+
+
 def test_readout_loss_trains_correspondence_and_the_model_uses_its_exemplars():
     """A few steps of the readout loss alone make the keys match a shifted exemplar to its
     query; the trained model's prediction then changes with the exemplar it is given."""
@@ -136,7 +175,7 @@ def test_transunet_supports_the_readout():
                                                   "img_size": 32})
     guide = _guide(torch.rand(1, 2, 32, 32), torch.randint(0, 3, (1, 2, 32, 32)))
     logits, p_read = model.forward_readout(torch.rand(1, 1, 32, 32), guide)
-    assert logits.shape == (1, 3, 32, 32) and p_read.shape == (1, 3, 8, 8)
+    assert logits.shape == (1, 3, 32, 32) and p_read.shape == (1, 3, 32, 32)  # fine values
 
 
 def test_curriculum_defaults_and_overrides():

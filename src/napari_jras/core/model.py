@@ -20,7 +20,7 @@ from .backbones.base import MAX_CLASSES
 from .errors import ModelError
 from .fusion import MAX_K, MAX_TAU, MIN_TAU, Guide, check_k_tau
 from .normalize import MODALITIES
-from .readout import READOUT_LEVEL, MemoryReadout
+from .readout import READOUT_LEVEL, VALUES, MemoryReadout
 from .retrieval import Retriever, build_retriever, check_retriever_options
 from .settings import KeyOption, check_settings, setting
 
@@ -83,6 +83,10 @@ class ModelConfig:
         help="how exemplars guide the segmenter: readout (memory readout, the default for "
              "unet/transunet), concat (the paper's input concatenation; the only one for "
              "segformer/sam); auto picks")
+    readout_values: str = setting(
+        "fine", choices=VALUES,
+        help="readout fusion: propagate full-resolution mask blocks (fine) or masks pooled to "
+             "1/4 scale (pooled, runs saved before it existed)")
     format_version: int = setting(FORMAT_VERSION, low=1, high=FORMAT_VERSION, flag=None,
                                   help="version of the config.json format")
 
@@ -124,7 +128,8 @@ class ModelConfig:
 
         Args:
             data: the parsed ``config.json``; a config without ``fusion`` (saved before the
-                readout fusion existed) gets ``concat``.
+                readout fusion existed) gets ``concat``, one without ``readout_values``
+                ``pooled``.
 
         Returns:
             The checked config.
@@ -139,7 +144,8 @@ class ModelConfig:
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise ModelError(
                 f"This model was saved by a newer napari-jras (format {version}); please upgrade")
-        data = {"fusion": "concat", **data}  # run folders from before the readout fusion
+        # run folders from before the readout fusion, and before its fine values
+        data = {"fusion": "concat", "readout_values": "pooled", **data}
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
@@ -186,7 +192,8 @@ class JRASModel(nn.Module):
             if channels is None or len(channels) <= READOUT_LEVEL:
                 raise ModelError(f"The readout fusion needs an encoder-decoder backbone (unet, "
                                  f"transunet); use fusion 'concat' with '{config.backbone}'")
-            self.readout = MemoryReadout(channels[READOUT_LEVEL], config.num_classes)
+            self.readout = MemoryReadout(channels[READOUT_LEVEL], config.num_classes,
+                                         config.readout_values)
         # the backbone's resolved options (defaults, the architecture of pretrained weights)
         # let a saved run rebuild offline, without the pretrained checkpoint
         self.config.backbone_options = {
@@ -241,9 +248,10 @@ class JRASModel(nn.Module):
             drop_deep: (B,) bool, or None.
 
         Returns:
-            Logits (B, C, H, W) and ``P_read`` (B, C, ceil(H / 4), ceil(W / 4)), the
-            propagated class probabilities (zero for queries without exemplars); None when no
-            query of the batch has an exemplar.
+            Logits (B, C, H, W) and ``P_read`` (B, C, H, W) (``readout_values`` ``fine``) or
+            (B, C, ceil(H / 4), ceil(W / 4)) (``pooled``), the propagated class probabilities
+            (zero for queries without exemplars); None when no query of the batch has an
+            exemplar.
         """
         seg, readout = self.segmenter, self.readout
         height, width = query.shape[-2:]
@@ -272,7 +280,7 @@ class JRASModel(nn.Module):
                                             size=logits.shape[-2:], mode="bilinear",
                                             align_corners=False)
         if p_read is not None:
-            stride = 2**READOUT_LEVEL
+            stride = 1 if readout.fine else 2**READOUT_LEVEL
             p_read = p_read[..., :-(-height // stride), :-(-width // stride)]
         return logits[..., :height, :width], p_read
 

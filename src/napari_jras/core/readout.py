@@ -9,12 +9,18 @@ copy it). The ``readout`` fusion follows space-time memory networks (STM, STCN, 
    affinity between every query position and every one of the K x h x w exemplar positions
    (negative squared L2 distance, softmax over all exemplar positions, as in STCN), plus the
    log of exemplar k's retrieval weight (the retriever's say, and its gradient);
-3. the *values* are the exemplar one-hot masks pooled to 1/4 scale, so the readout is a
-   propagated soft segmentation ``P_read`` (B, C, h, w), plus a per-pixel confidence (how
-   peaked the affinity is);
+3. the *values* are the exemplar one-hot masks, so the readout is a propagated soft
+   segmentation ``P_read`` plus a per-pixel confidence (how peaked the affinity is). With
+   ``values="fine"`` (new runs) each exemplar position carries its whole 4 x 4 block of mask
+   pixels (``pixel_unshuffle``) and ``P_read`` comes back at full resolution
+   (``pixel_shuffle``): read from the query itself it is the query's mask exactly, where the
+   masks ``pooled`` to 1/4 scale (runs saved before) lose the boundaries: on ``acdc/val`` at
+   96 px a slice's own mask pooled to 1/4 and upsampled scores Dice 0.85, at full resolution
+   0.97 (``benchmarks/accuracy/readout_ceiling.py``);
 4. ``[P_read, confidence]`` enter the decoder through zero-initialised 1x1 convolutions, at the
-   1/4 skip and on the logits: at initialisation, and whenever no exemplar is given, the
-   network is exactly the baseline.
+   1/4 skip (``P_read`` average-pooled to 1/4, which for ``fine`` equals the ``pooled``
+   readout) and on the logits (at ``P_read``'s resolution): at initialisation, and whenever
+   no exemplar is given, the network is exactly the baseline.
 
 ``P_read`` is trained by its own loss against the query's ground truth (see
 :func:`readout_loss`), which is what makes the keys learn correspondence.
@@ -30,6 +36,7 @@ from torch import Tensor, nn
 
 READOUT_LEVEL = 2  # encoder level whose features give the keys: stride 2**2 = 4
 KEY_DIM = 32
+VALUES = ("fine", "pooled")
 EPS = 1e-6
 
 
@@ -39,12 +46,16 @@ class MemoryReadout(nn.Module):
     Args:
         feature_channels: channels F of the encoder features the keys are computed from.
         num_classes: classes C including background.
+        values: ``fine`` (full-resolution mask blocks) or ``pooled`` (masks pooled to the
+            key scale).
         key_dim: channels of the keys.
     """
 
-    def __init__(self, feature_channels: int, num_classes: int, key_dim: int = KEY_DIM):
+    def __init__(self, feature_channels: int, num_classes: int, values: str = "fine",
+                 key_dim: int = KEY_DIM):
         super().__init__()
         self.num_classes = num_classes
+        self.fine = values == "fine"
         self.key = nn.Conv2d(feature_channels, key_dim, 1)
         self.to_skip = nn.Conv2d(num_classes + 1, feature_channels, 1)
         self.to_logits = nn.Conv2d(num_classes + 1, num_classes, 1)
@@ -59,16 +70,17 @@ class MemoryReadout(nn.Module):
         Args:
             query_features: (B, F, h, w) encoder features of the queries.
             exemplar_features: (B, K, F, h, w) features of their exemplars.
-            exemplar_masks: (B, K, H, W) integer label maps of the exemplars (any H, W that
-                pools to h, w).
+            exemplar_masks: (B, K, H, W) integer label maps of the exemplars (``fine``: H, W
+                multiples s x h, s x w; ``pooled``: any H, W that pools to h, w).
             present: (B, K) bool, False for empty exemplar slots.
             weights: (B, K) retrieval fusion weights, a prior on which exemplar to read from
                 (log w_k is added to the affinity logits of exemplar k); through them the
                 segmentation loss reaches the retriever, as in the concat fusion.
 
         Returns:
-            ``P_read`` (B, C, h, w), a probability map per class where a query has at least one
-            exemplar (zeros elsewhere), and the confidence (B, 1, h, w) in [0, 1].
+            ``P_read`` (B, C, H, W) (``fine``) or (B, C, h, w) (``pooled``), a probability map
+            per class where a query has at least one exemplar (zeros elsewhere), and the
+            confidence (B, 1, h, w) in [0, 1].
         """
         b, k, f, h, w = exemplar_features.shape
         kq = self.key(query_features).flatten(2)  # B,D,P
@@ -87,10 +99,17 @@ class MemoryReadout(nn.Module):
         logits = torch.where(any_exemplar[:, None, None], logits, torch.zeros_like(logits))
         affinity = logits.softmax(1)  # over all K x h x w exemplar positions
         onehot = F.one_hot(exemplar_masks.long(), self.num_classes).permute(0, 1, 4, 2, 3).float()
-        values = F.adaptive_avg_pool2d(onehot.flatten(0, 1), (h, w))  # B*K,C,h,w
-        values = values.reshape(b, k, self.num_classes, h * w).permute(0, 2, 1, 3)
-        values = values.reshape(b, self.num_classes, k * h * w)
+        scale = exemplar_masks.shape[-2] // h
+        if self.fine:  # each position's s x s block of mask pixels, C*s*s channels
+            values = F.pixel_unshuffle(onehot.flatten(0, 1), scale)  # B*K,C*s*s,h,w
+        else:
+            values = F.adaptive_avg_pool2d(onehot.flatten(0, 1), (h, w))  # B*K,C,h,w
+        channels = values.shape[1]
+        values = values.reshape(b, k, channels, h * w).permute(0, 2, 1, 3)
+        values = values.reshape(b, channels, k * h * w)
         p_read = torch.einsum("bcm,bmp->bcp", values, affinity).reshape(b, -1, h, w)
+        if self.fine:
+            p_read = F.pixel_shuffle(p_read, scale)  # B,C,H,W
         # confidence: share of the affinity on the best position, on a log scale in [0, 1]
         peak = affinity.max(1).values.clamp_min(EPS)
         confidence = (torch.log(peak * k * h * w) / math.log(k * h * w + 1)).clamp(0, 1)
@@ -98,18 +117,24 @@ class MemoryReadout(nn.Module):
         return p_read * on, confidence.reshape(b, 1, h, w) * on
 
     def inject(self, p_read: Tensor, confidence: Tensor) -> tuple[Tensor, Tensor]:
-        """(skip residual (B, F, h, w), logit residual at 1/4 scale (B, C, h, w)).
+        """(skip residual (B, F, h, w), logit residual at ``P_read``'s resolution).
 
         Args:
-            p_read: (B, C, h, w) propagated probabilities from :meth:`read`.
+            p_read: propagated probabilities from :meth:`read`, (B, C, H, W) or (B, C, h, w).
             confidence: (B, 1, h, w) confidence from :meth:`read`.
 
         Returns:
             The residual added to the encoder features at the readout level and the one added
-            (upsampled) to the logits; both zero at initialisation.
+            (upsampled where needed) to the logits; both zero at initialisation.
         """
-        cue = torch.cat([p_read, confidence], 1).to(self.to_skip.weight.dtype)
-        return self.to_skip(cue), self.to_logits(cue)
+        dtype = self.to_skip.weight.dtype
+        size = confidence.shape[-2:]
+        pooled = F.adaptive_avg_pool2d(p_read, size) if p_read.shape[-2:] != size else p_read
+        skip = self.to_skip(torch.cat([pooled, confidence], 1).to(dtype))
+        if pooled is p_read:
+            return skip, self.to_logits(torch.cat([p_read, confidence], 1).to(dtype))
+        fine_confidence = F.interpolate(confidence, size=p_read.shape[-2:], mode="nearest")
+        return skip, self.to_logits(torch.cat([p_read, fine_confidence], 1).to(dtype))
 
 
 def readout_loss(p_read: Tensor, target: Tensor, present: Tensor) -> Tensor:
