@@ -125,13 +125,43 @@ def test_fine_values_reproduce_the_full_resolution_mask_pooled_ones_lose_its_det
 def test_new_runs_read_fine_values_and_older_readout_runs_load_pooled():
     model = _model()
     assert model.config.readout_values == "fine" and model.readout.fine
+    assert model.config.readout_prior == "local" and model.readout.locality is not None
     old = model.config.to_dict()
-    del old["readout_values"]  # a run folder written before the option existed
+    del old["readout_values"], old["readout_prior"]  # a run folder from before the options
     loaded = JRASModel(ModelConfig.from_dict(old))
     assert loaded.config.readout_values == "pooled" and not loaded.readout.fine
-    loaded.load_state_dict(model.state_dict())  # the same weights fit both
+    assert loaded.config.readout_prior == "none" and loaded.readout.locality is None
+    state = {k: v for k, v in model.state_dict().items() if k != "readout.locality"}
+    loaded.load_state_dict(state)  # an older run's weights load strictly
     with pytest.raises(ModelError, match="readout_values"):
         ModelConfig(num_classes=3, readout_values="sharp")
+    with pytest.raises(ModelError, match="readout_prior"):
+        ModelConfig(num_classes=3, readout_prior="global")
+
+
+def test_locality_prior_starts_near_copying_in_place_and_is_learned():
+    """With keys that see nothing (all positions alike), the locality prior alone reads each
+    query position from the same exemplar position: the exemplar's mask is copied in place,
+    and lambda trains with the readout loss."""
+    h = w = 8
+    readout = MemoryReadout(feature_channels=4, num_classes=3, key_dim=4)
+    with torch.no_grad():
+        readout.key.weight.zero_()
+        readout.key.bias.zero_()
+    features = torch.randn(1, 4, h, w)
+    mask = torch.zeros(1, 1, 4 * h, 4 * w, dtype=torch.long)
+    mask[..., 8:20, 4:16], mask[..., 18:30, 14:28] = 1, 2
+    p_read, _ = readout.read(features, features[:, None], mask, torch.ones(1, 1, dtype=bool))
+    agreement = float((p_read.argmax(1) == mask[:, 0]).float().mean())
+    assert agreement > 0.95
+    without = MemoryReadout(feature_channels=4, num_classes=3, prior="none", key_dim=4)
+    with torch.no_grad():
+        without.key.weight.zero_()
+        without.key.bias.zero_()
+    p_flat, _ = without.read(features, features[:, None], mask, torch.ones(1, 1, dtype=bool))
+    assert float((p_flat.argmax(1) == mask[:, 0]).float().mean()) < agreement - 0.2
+    readout_loss(p_read, mask[:, 0], torch.ones(1, 1, dtype=bool)).backward()
+    assert readout.locality.grad is not None and float(readout.locality.grad.abs()) > 0
 
 
 def test_readout_loss_trains_correspondence_and_the_model_uses_its_exemplars():

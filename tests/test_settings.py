@@ -203,7 +203,7 @@ def test_train_option_names_are_kept():
         "--no-retrieval", "--k", "--tau", "--align-shift", "--epochs", "--steps", "--size",
         "--batch-size", "--lr", "--seed", "--modality", "--num-classes", "--class-names",
         "--pretrained", "--embed-dim", "--retriever-options", "--contrastive-every",
-        "--warmup-steps", "--freeze-retriever", "--fusion", "--readout-values", "--guide-dropout",
+        "--warmup-steps", "--freeze-retriever", "--fusion", "--readout-values", "--readout-prior", "--guide-dropout",
         "--neighbour-guides", "--own-guides", "--class-sampling", "--readout-weight",
         "--image-dropout", "--no-augment", "--no-amp", "--overwrite", "--no-resume",
         "--checkpoint-every", "--val-every", "--log-every", "--patient-regex",

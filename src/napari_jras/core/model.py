@@ -20,7 +20,7 @@ from .backbones.base import MAX_CLASSES
 from .errors import ModelError
 from .fusion import MAX_K, MAX_TAU, MIN_TAU, Guide, check_k_tau
 from .normalize import MODALITIES
-from .readout import READOUT_LEVEL, VALUES, MemoryReadout
+from .readout import PRIORS, READOUT_LEVEL, VALUES, MemoryReadout
 from .retrieval import Retriever, build_retriever, check_retriever_options
 from .settings import KeyOption, check_settings, setting
 
@@ -87,6 +87,11 @@ class ModelConfig:
         "fine", choices=VALUES,
         help="readout fusion: propagate full-resolution mask blocks (fine) or masks pooled to "
              "1/4 scale (pooled, runs saved before it existed)")
+    readout_prior: str = setting(
+        "local", choices=PRIORS,
+        help="readout fusion: a learned locality prior on the affinity (local: reading starts "
+             "near copying the exemplar in place) or keys alone (none, runs saved before it "
+             "existed)")
     format_version: int = setting(FORMAT_VERSION, low=1, high=FORMAT_VERSION, flag=None,
                                   help="version of the config.json format")
 
@@ -129,7 +134,7 @@ class ModelConfig:
         Args:
             data: the parsed ``config.json``; a config without ``fusion`` (saved before the
                 readout fusion existed) gets ``concat``, one without ``readout_values``
-                ``pooled``.
+                ``pooled``, one without ``readout_prior`` ``none``.
 
         Returns:
             The checked config.
@@ -145,7 +150,7 @@ class ModelConfig:
             raise ModelError(
                 f"This model was saved by a newer napari-jras (format {version}); please upgrade")
         # run folders from before the readout fusion, and before its fine values
-        data = {"fusion": "concat", "readout_values": "pooled", **data}
+        data = {"fusion": "concat", "readout_values": "pooled", "readout_prior": "none", **data}
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
@@ -193,7 +198,7 @@ class JRASModel(nn.Module):
                 raise ModelError(f"The readout fusion needs an encoder-decoder backbone (unet, "
                                  f"transunet); use fusion 'concat' with '{config.backbone}'")
             self.readout = MemoryReadout(channels[READOUT_LEVEL], config.num_classes,
-                                         config.readout_values)
+                                         config.readout_values, config.readout_prior)
         # the backbone's resolved options (defaults, the architecture of pretrained weights)
         # let a saved run rebuild offline, without the pretrained checkpoint
         self.config.backbone_options = {

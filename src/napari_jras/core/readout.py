@@ -8,7 +8,10 @@ copy it). The ``readout`` fusion follows space-time memory networks (STM, STCN, 
 2. a 1x1 *key* projection of the 1/4-scale features, shared by query and exemplars, gives an
    affinity between every query position and every one of the K x h x w exemplar positions
    (negative squared L2 distance, softmax over all exemplar positions, as in STCN), plus the
-   log of exemplar k's retrieval weight (the retriever's say, and its gradient);
+   log of exemplar k's retrieval weight (the retriever's say, and its gradient), plus (new
+   runs, ``prior="local"``) a learned locality prior ``-lambda d^2`` on the distance between
+   the two positions, so that reading starts near copying the exemplar in place and the keys
+   only have to learn the motion;
 3. the *values* are the exemplar one-hot masks, so the readout is a propagated soft
    segmentation ``P_read`` plus a per-pixel confidence (how peaked the affinity is). With
    ``values="fine"`` (new runs) each exemplar position carries its whole 4 x 4 block of mask
@@ -37,6 +40,8 @@ from torch import Tensor, nn
 READOUT_LEVEL = 2  # encoder level whose features give the keys: stride 2**2 = 4
 KEY_DIM = 32
 VALUES = ("fine", "pooled")
+PRIORS = ("local", "none")
+LOCALITY_INIT = 0.5  # prior -0.5 d^2 (d in key-grid cells): 1 cell -0.5, 3 cells -4.5
 EPS = 1e-6
 
 
@@ -48,14 +53,21 @@ class MemoryReadout(nn.Module):
         num_classes: classes C including background.
         values: ``fine`` (full-resolution mask blocks) or ``pooled`` (masks pooled to the
             key scale).
+        prior: ``local`` adds a learned locality prior ``-lambda d^2`` to the affinity (d: the
+            distance between query and exemplar position in key-grid cells, lambda >= 0
+            learned, 0.5 at first), so reading starts near "copy the exemplar in place" and
+            the keys only have to learn the motion; ``none``: keys alone.
         key_dim: channels of the keys.
     """
 
     def __init__(self, feature_channels: int, num_classes: int, values: str = "fine",
-                 key_dim: int = KEY_DIM):
+                 prior: str = "local", key_dim: int = KEY_DIM):
         super().__init__()
         self.num_classes = num_classes
         self.fine = values == "fine"
+        # lambda = softplus(raw); None: no prior (runs saved before it existed)
+        self.locality = (nn.Parameter(torch.tensor(math.log(math.expm1(LOCALITY_INIT))))
+                         if prior == "local" else None)
         self.key = nn.Conv2d(feature_channels, key_dim, 1)
         self.to_skip = nn.Conv2d(num_classes + 1, feature_channels, 1)
         self.to_logits = nn.Conv2d(num_classes + 1, num_classes, 1)
@@ -90,6 +102,8 @@ class MemoryReadout(nn.Module):
         # -||q - e||^2 up to a per-query constant: 2 q.e - |e|^2 (STCN's L2 affinity)
         logits = (2 * torch.einsum("bdm,bdp->bmp", ke, kq) - ke.pow(2).sum(1)[:, :, None])
         logits = logits / math.sqrt(d)
+        if self.locality is not None:
+            logits = logits - F.softplus(self.locality) * _squared_distances(h, w, k, logits)
         if weights is not None:
             prior = torch.log(weights.float().clamp_min(EPS))  # B,K
             logits = logits + prior[:, :, None].expand(b, k, h * w).reshape(b, k * h * w, 1)
@@ -135,6 +149,16 @@ class MemoryReadout(nn.Module):
             return skip, self.to_logits(torch.cat([p_read, confidence], 1).to(dtype))
         fine_confidence = F.interpolate(confidence, size=p_read.shape[-2:], mode="nearest")
         return skip, self.to_logits(torch.cat([p_read, fine_confidence], 1).to(dtype))
+
+
+def _squared_distances(h: int, w: int, k: int, like: Tensor) -> Tensor:
+    """(K x h x w, h x w) squared distances in grid cells between every exemplar position
+    (repeated for the K exemplars) and every query position."""
+    ys, xs = torch.meshgrid(torch.arange(h, device=like.device, dtype=like.dtype),
+                            torch.arange(w, device=like.device, dtype=like.dtype), indexing="ij")
+    positions = torch.stack([ys.flatten(), xs.flatten()], 1)  # P,2
+    squared = torch.cdist(positions, positions).pow(2)
+    return squared.repeat(k, 1)
 
 
 def readout_loss(p_read: Tensor, target: Tensor, present: Tensor) -> Tensor:
