@@ -142,13 +142,11 @@ class MemoryReadout(nn.Module):
             (upsampled where needed) to the logits; both zero at initialisation.
         """
         dtype = self.to_skip.weight.dtype
-        size = confidence.shape[-2:]
-        pooled = F.adaptive_avg_pool2d(p_read, size) if p_read.shape[-2:] != size else p_read
-        skip = self.to_skip(torch.cat([pooled, confidence], 1).to(dtype))
-        if pooled is p_read:
-            return skip, self.to_logits(torch.cat([p_read, confidence], 1).to(dtype))
-        fine_confidence = F.interpolate(confidence, size=p_read.shape[-2:], mode="nearest")
-        return skip, self.to_logits(torch.cat([p_read, fine_confidence], 1).to(dtype))
+        fine = p_read.shape[-2:] != confidence.shape[-2:]
+        pooled = F.adaptive_avg_pool2d(p_read, confidence.shape[-2:]) if fine else p_read
+        spread = F.interpolate(confidence, size=p_read.shape[-2:]) if fine else confidence
+        return (self.to_skip(torch.cat([pooled, confidence], 1).to(dtype)),
+                self.to_logits(torch.cat([p_read, spread], 1).to(dtype)))
 
 
 def _squared_distances(h: int, w: int, k: int, like: Tensor) -> Tensor:
@@ -157,8 +155,7 @@ def _squared_distances(h: int, w: int, k: int, like: Tensor) -> Tensor:
     ys, xs = torch.meshgrid(torch.arange(h, device=like.device, dtype=like.dtype),
                             torch.arange(w, device=like.device, dtype=like.dtype), indexing="ij")
     positions = torch.stack([ys.flatten(), xs.flatten()], 1)  # P,2
-    squared = torch.cdist(positions, positions).pow(2)
-    return squared.repeat(k, 1)
+    return (positions[:, None] - positions[None]).pow(2).sum(-1).repeat(k, 1)
 
 
 def readout_loss(p_read: Tensor, target: Tensor, present: Tensor) -> Tensor:
