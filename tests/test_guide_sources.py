@@ -147,3 +147,43 @@ def test_readout_only_scores_the_propagated_mask_alone(tiny_run, tiny_baseline_r
     report = json.loads(out.read_text())
     assert report["provenance"]["readout_only"] is True
     assert report["guide_source"] == "neighbour"
+
+
+def test_accepted_slices_of_the_volume_are_trusted_other_exemplars_are_not(tiny_run, volume,
+                                                                           labels):
+    """readout_trust mixes the propagated mask in for annotated same-volume slices only."""
+    def engine(**options):
+        return InferenceEngine.from_run(tiny_run, device="cpu", **options)
+
+    assert engine().readout_trust == pytest.approx(0.75)  # the default of new runs
+    full, none_ = engine(readout_trust=1.0), engine(readout_trust=0.0)
+    read = engine(readout_only=True)
+    oracle = {name: e.predict(volume, memory=diagnostic_memory("oracle", labels),
+                              return_probabilities=True).probabilities.astype(np.float32)
+              for name, e in (("full", full), ("none", none_), ("read", read))}
+    # trust 1 on the slice's own annotation: the prediction is the propagated mask (up to
+    # where the resize to the volume's size happens: on log-probabilities, or probabilities)
+    assert np.abs(oracle["full"] - oracle["read"]).mean() < 0.01
+    assert (oracle["full"].argmax(0) == oracle["read"].argmax(0)).mean() > 0.99
+    assert np.abs(oracle["full"] - oracle["none"]).mean() > 0.05  # trust changes it
+    for memory in (None, VolumeMemory({0: labels[0], 2: labels[2]}, predicted=frozenset({0, 2}))):
+        # retrieved exemplars, and the model's own predicted slices, are not trusted
+        a = full.predict(volume, memory=memory, return_probabilities=True).probabilities
+        b = none_.predict(volume, memory=memory, return_probabilities=True).probabilities
+        np.testing.assert_array_equal(a, b)
+
+
+def test_readout_trust_is_checked_and_recorded(tiny_run, tiny_baseline_run, data_dir, tmp_path):
+    with pytest.raises(JRASError, match="between 0 and 1"):
+        InferenceEngine.from_run(tiny_run, device="cpu", readout_trust=1.5)
+    with pytest.raises(JRASError, match="readout fusion"):
+        InferenceEngine.from_run(tiny_baseline_run, device="cpu", readout_trust=0.5)
+    data = tmp_path / "data"
+    data.mkdir()
+    for suffix in ("image", "label"):
+        shutil.copy(data_dir / "acdc" / f"patient045_frame01_{suffix}.tif", data)
+    out = tmp_path / "trust.json"
+    assert main(["evaluate", "--model", str(tiny_run), "--data", str(data), "--report", str(out),
+                 "--guide-source", "neighbour", "--readout-trust", "0.5", "--quiet", "--device",
+                 "cpu"]) == 0
+    assert json.loads(out.read_text())["provenance"]["readout_trust"] == 0.5

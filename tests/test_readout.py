@@ -8,7 +8,7 @@ from test_jras_core import TINY_RETRIEVER, TINY_UNET, synthetic_samples
 from napari_jras.core.errors import JRASError, ModelError
 from napari_jras.core.fusion import make_guide
 from napari_jras.core.model import JRASModel, ModelConfig
-from napari_jras.core.readout import MemoryReadout, readout_loss
+from napari_jras.core.readout import MemoryReadout, readout_loss, trust_readout
 from napari_jras.core.train import (
     CURRICULUM,
     JointTrainer,
@@ -127,8 +127,10 @@ def test_new_runs_read_fine_values_and_older_readout_runs_load_pooled():
     assert model.config.readout_values == "fine" and model.readout.fine
     assert model.config.readout_prior == "local" and model.readout.locality is not None
     old = model.config.to_dict()
-    del old["readout_values"], old["readout_prior"]  # a run folder from before the options
+    # a run folder from before the options
+    del old["readout_values"], old["readout_prior"], old["readout_trust"]
     loaded = JRASModel(ModelConfig.from_dict(old))
+    assert loaded.config.readout_trust == 0.0  # older runs predict as they did
     assert loaded.config.readout_values == "pooled" and not loaded.readout.fine
     assert loaded.config.readout_prior == "none" and loaded.readout.locality is None
     state = {k: v for k, v in model.state_dict().items() if k != "readout.locality"}
@@ -274,3 +276,18 @@ def test_image_dropout_zeroes_deep_features_of_chosen_queries_only():
     torch.testing.assert_close(full[1], dropped[1])
     with pytest.raises(JRASError, match="image_dropout"):
         TrainConfig(image_dropout=1.0)
+
+
+def test_trust_readout_mixes_the_propagated_mask_into_the_prediction():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 3, 16, 16, generator=g)
+    p_read = torch.rand(3, 3, 4, 4, generator=g).softmax(1)
+    up = torch.nn.functional.interpolate(p_read, size=(16, 16), mode="bilinear",
+                                         align_corners=False)
+    mixed = trust_readout(logits, p_read, torch.tensor([0.0, 1.0, 0.25]))
+    assert torch.equal(mixed[0], logits[0])  # no trust: the network's logits unchanged
+    mixed = mixed.softmax(1)
+    assert torch.allclose(mixed[1], up[1], atol=1e-5)
+    assert torch.allclose(mixed[2], 0.75 * logits[2].softmax(0) + 0.25 * up[2], atol=1e-5)
+    with pytest.raises(ModelError, match="readout_trust"):
+        ModelConfig(num_classes=3, readout_trust=1.5)

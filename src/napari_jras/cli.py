@@ -113,7 +113,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           group_duplicates={"auto": None, "on": True, "off": False}[
                               args.group_duplicates],
                           progress=_progress_printer(args.quiet), readout_only=args.readout_only,
-                          **_engine_options(args))
+                          readout_trust=args.readout_trust, **_engine_options(args))
     atomic_write_json(Path(args.report), report)
     overall = report["summary"]["mean"]
     print(f"{report['data']['cases']} cases  Dice {overall['dice']['mean']:.4f} +- "
@@ -280,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--readout-only", action="store_true",
                    help="diagnostic (readout fusion only): score the readout's propagated "
                         "mask alone, without the image path")
+    e.add_argument("--readout-trust", type=float, default=None, metavar="T",
+                   help="diagnostic (readout fusion only): weight in [0, 1] of the readout's "
+                        "propagated mask for slices guided by their own volume's annotated "
+                        "slices (neighbour, oracle); default: the model's readout_trust")
     e.add_argument("--group-duplicates", choices=["auto", "on", "off"], default="auto",
                    help="never retrieve near-duplicates of the evaluated image (thumbnail "
                         "correlation >= 0.95); auto: on when every case is its own patient")

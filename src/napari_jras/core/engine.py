@@ -109,6 +109,9 @@ class InferenceEngine:
         compile_model: run the model and retriever through ``torch.compile``.
         on_warning: receives user-facing warnings as text, or None.
         readout_only: predict from the readout fusion's propagated mask alone (a diagnostic).
+        readout_trust: weight of the readout's propagated mask for slices guided by accepted
+            slices of their own volume (:func:`~.readout.trust_readout`), in [0, 1]; None:
+            the model's ``readout_trust``.
 
     Raises:
         JRASError: ``batch_size`` out of range or ``device`` not available.
@@ -120,13 +123,22 @@ class InferenceEngine:
     def __init__(self, model: JRASModel, bank: ExemplarBank | None = None,
                  device: str | torch.device = "auto", amp: bool = True, batch_size: int = 16,
                  channels_last: bool | None = None, compile_model: bool = False,
-                 on_warning: Callable[[str], None] | None = None, readout_only: bool = False):
+                 on_warning: Callable[[str], None] | None = None, readout_only: bool = False,
+                 readout_trust: float | None = None):
         self.batch_size = check_int(batch_size, "batch_size", 1, MAX_BATCH_SIZE, JRASError)
+        kind = (f"this one: fusion {model.config.fusion}, retrieval "
+                f"{'on' if model.config.use_retrieval else 'off'}")
         if readout_only and not model.config.uses_readout:
-            raise ModelError("--readout-only needs a J-RAS model with the readout fusion (this "
-                             f"one: fusion {model.config.fusion}, retrieval "
-                             f"{'on' if model.config.use_retrieval else 'off'})")
+            raise ModelError(f"--readout-only needs a J-RAS model with the readout fusion ({kind})")
+        if readout_trust is not None:
+            if not model.config.uses_readout:
+                raise ModelError("--readout-trust needs a J-RAS model with the readout fusion "
+                                 f"({kind})")
+            if not (isinstance(readout_trust, (int, float)) and 0.0 <= readout_trust <= 1.0):
+                raise JRASError(f"--readout-trust must be between 0 and 1, got {readout_trust!r}")
         self.readout_only = readout_only
+        self.readout_trust = float(model.config.readout_trust if readout_trust is None
+                                   else readout_trust)
         self.device = select_device(device)
         self.model = model
         self.amp = amp
@@ -342,7 +354,9 @@ class InferenceEngine:
 
         Slots are filled in order: the volume's annotated slices (``memory``), then retrieved
         (or, for the ``random`` diagnostic, random) exemplars up to K; ``none`` gives no
-        exemplar. Fusion weights are ``softmax(score / tau)`` over the filled slots.
+        exemplar. Fusion weights are ``softmax(score / tau)`` over the filled slots. A readout
+        model's guide carries ``readout_trust``: ``self.readout_trust`` times the fusion weight
+        of the annotated (not predicted) same-volume slots, each times its memory score.
         """
         cfg = self.model.config
         t0 = time.perf_counter()
@@ -409,6 +423,13 @@ class InferenceEngine:
         images, masks = align_exemplars(x, images, masks, cfg.max_shift)
         guide = make_guide(images, masks, weights.to(self.device), scores,
                            torch.zeros(scores.shape, dtype=torch.long), cfg.num_classes)
+        if cfg.uses_readout and self.readout_trust > 0:
+            accepted = torch.zeros_like(scores)
+            for i, row in enumerate(rows):
+                for j, (score, _, _, item) in enumerate(row):
+                    if item.id < 0 and not item.record.get("predicted"):
+                        accepted[i, j] = score
+            guide.readout_trust = (self.readout_trust * (weights * accepted).sum(1)).to(self.device)
         shown = []
         for i, row in enumerate(rows):
             shown.append([replace(item, weight=float(weights[i, j]))

@@ -28,7 +28,9 @@ class Guide:
     onto the query; ``exemplars`` (B,K,H,W) float and ``exemplar_masks`` (B,K,H,W) int are the
     exemplars themselves, which the ``readout`` fusion reads one by one; ``present`` (B,K) is
     False for empty slots (a query trained or predicted without exemplars). ``weights`` and
-    ``scores`` are (B,K).
+    ``scores`` are (B,K). ``readout_trust`` (B,), set by the inference engine only: how much
+    the readout fusion's propagated mask counts in each query's prediction
+    (:func:`~.readout.trust_readout`).
     """
 
     image: torch.Tensor
@@ -39,6 +41,7 @@ class Guide:
     exemplars: torch.Tensor | None = None
     exemplar_masks: torch.Tensor | None = None
     present: torch.Tensor | None = None
+    readout_trust: torch.Tensor | None = None
 
 
 def make_guide(images: torch.Tensor, masks: torch.Tensor, weights: torch.Tensor,

@@ -20,7 +20,14 @@ from .backbones.base import MAX_CLASSES
 from .errors import ModelError
 from .fusion import MAX_K, MAX_TAU, MIN_TAU, Guide, check_k_tau
 from .normalize import MODALITIES
-from .readout import PRIORS, READOUT_LEVEL, VALUES, MemoryReadout
+from .readout import (
+    PRIORS,
+    READOUT_LEVEL,
+    READOUT_TRUST,
+    VALUES,
+    MemoryReadout,
+    trust_readout,
+)
 from .retrieval import Retriever, build_retriever, check_retriever_options
 from .settings import KeyOption, check_settings, setting
 
@@ -92,6 +99,12 @@ class ModelConfig:
         help="readout fusion: a learned locality prior on the affinity (local: reading starts "
              "near copying the exemplar in place) or keys alone (none, runs saved before it "
              "existed)")
+    readout_trust: float = setting(
+        READOUT_TRUST, low=0.0, high=1.0,
+        help="readout fusion: weight of the readout's propagated mask in the prediction of a "
+             "slice guided by accepted slices of its own volume (the annotator's corrections, "
+             "the neighbour/oracle diagnostics), against the network's output; 0: the "
+             "network's output alone (runs saved before it existed)")
     format_version: int = setting(FORMAT_VERSION, low=1, high=FORMAT_VERSION, flag=None,
                                   help="version of the config.json format")
 
@@ -134,7 +147,8 @@ class ModelConfig:
         Args:
             data: the parsed ``config.json``; a config without ``fusion`` (saved before the
                 readout fusion existed) gets ``concat``, one without ``readout_values``
-                ``pooled``, one without ``readout_prior`` ``none``.
+                ``pooled``, one without ``readout_prior`` ``none``, one without
+                ``readout_trust`` 0.
 
         Returns:
             The checked config.
@@ -149,8 +163,9 @@ class ModelConfig:
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise ModelError(
                 f"This model was saved by a newer napari-jras (format {version}); please upgrade")
-        # run folders from before the readout fusion, and before its fine values
-        data = {"fusion": "concat", "readout_values": "pooled", "readout_prior": "none", **data}
+        # run folders from before the readout fusion, its fine values, prior and trust
+        data = {"fusion": "concat", "readout_values": "pooled", "readout_prior": "none",
+                "readout_trust": 0.0, **data}
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
@@ -214,7 +229,10 @@ class JRASModel(nn.Module):
         """Segment ``query`` (B,1,H,W); ``guide`` is required in ``concat`` retrieval mode.
 
         A ``readout`` model given no guide (or a guide whose slots are all empty) predicts
-        exactly as its image path alone.
+        exactly as its image path alone. A guide with ``readout_trust`` (B,) mixes the
+        readout's propagated mask into the prediction with that weight per query
+        (:func:`~.readout.trust_readout`; the engine sets it for slices guided by accepted
+        slices of their own volume).
 
         Args:
             query: (B, 1, H, W) float images in [0, 1]; any H, W (padded internally).
@@ -228,7 +246,11 @@ class JRASModel(nn.Module):
                 fit the backbone (shape, channels, classes).
         """
         if self.readout is not None:
-            return self.forward_readout(query, guide)[0]
+            logits, p_read = self.forward_readout(query, guide)
+            trust = guide.readout_trust if guide is not None else None
+            if p_read is None or trust is None:
+                return logits
+            return trust_readout(logits, p_read, trust)
         if self.config.use_retrieval:
             if guide is None:
                 raise ModelError("This J-RAS model needs retrieved exemplars (a guide) to predict")

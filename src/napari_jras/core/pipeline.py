@@ -224,8 +224,9 @@ def evaluate_run(model_dir: str | Path, data: str | Path, bank: str | Path | Non
     ground truth of slices z +- 1 of the same volume, the only exemplars) or ``oracle`` (the
     slice's own ground truth).
     ``engine_options`` go to :class:`InferenceEngine` (``batch_size``, ``compile_model``,
-    ``readout_only``: the readout's propagated mask alone, a diagnostic; recorded in the
-    provenance).
+    ``readout_only``: the readout's propagated mask alone, a diagnostic; ``readout_trust``:
+    the weight of that mask for slices guided by their own volume's annotated slices; both
+    recorded in the provenance).
 
     Args:
         model_dir: the run folder of the model.
@@ -287,6 +288,8 @@ def evaluate_run(model_dir: str | Path, data: str | Path, bank: str | Path | Non
         "provenance": provenance(data=data, cases=cases, model_dir=model_dir,
                                  device=str(engine.device), guide_source=guide_source,
                                  readout_only=engine.readout_only,
+                                 readout_trust=(engine.readout_trust if cfg.uses_readout
+                                                else None),
                                  group_duplicates=group_duplicates,
                                  duplicate_threshold=DUPLICATE_THRESHOLD if group_duplicates
                                  else None),
