@@ -26,6 +26,15 @@ def labels(data_dir):
     return read_volume(data_dir / "acdc" / "patient045_frame01_label.tif").data.astype(np.uint8)
 
 
+def _one_case(data_dir, tmp_path):
+    """A data folder holding one ACDC case (patient045_frame01)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for suffix in ("image", "label"):
+        shutil.copy(data_dir / "acdc" / f"patient045_frame01_{suffix}.tif", data)
+    return data
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_run, tmp_path_factory):
     run = tmp_path_factory.mktemp("sources") / "run"
@@ -101,10 +110,7 @@ def test_memory_rules_and_bad_sources(engine, volume, labels):
 
 
 def test_cli_evaluate_records_the_guide_source(tiny_run, data_dir, tmp_path, capsys):
-    data = tmp_path / "data"
-    data.mkdir()
-    for suffix in ("image", "label"):
-        shutil.copy(data_dir / "acdc" / f"patient045_frame01_{suffix}.tif", data)
+    data = _one_case(data_dir, tmp_path)
     reports = {}
     for source in ("retrieved", "none", "neighbour", "oracle", "random"):
         out = tmp_path / f"{source}.json"
@@ -136,10 +142,7 @@ def test_readout_only_scores_the_propagated_mask_alone(tiny_run, tiny_baseline_r
     assert not np.array_equal(full.labels, oracle.labels)
     with pytest.raises(JRASError, match="readout fusion"):
         InferenceEngine.from_run(tiny_baseline_run, device="cpu", readout_only=True)
-    data = tmp_path / "data"
-    data.mkdir()
-    for suffix in ("image", "label"):
-        shutil.copy(data_dir / "acdc" / f"patient045_frame01_{suffix}.tif", data)
+    data = _one_case(data_dir, tmp_path)
     out = tmp_path / "readout.json"
     assert main(["evaluate", "--model", str(tiny_run), "--data", str(data), "--report", str(out),
                  "--guide-source", "neighbour", "--readout-only", "--quiet", "--device",
@@ -178,10 +181,7 @@ def test_readout_trust_is_checked_and_recorded(tiny_run, tiny_baseline_run, data
         InferenceEngine.from_run(tiny_run, device="cpu", readout_trust=1.5)
     with pytest.raises(JRASError, match="readout fusion"):
         InferenceEngine.from_run(tiny_baseline_run, device="cpu", readout_trust=0.5)
-    data = tmp_path / "data"
-    data.mkdir()
-    for suffix in ("image", "label"):
-        shutil.copy(data_dir / "acdc" / f"patient045_frame01_{suffix}.tif", data)
+    data = _one_case(data_dir, tmp_path)
     out = tmp_path / "trust.json"
     assert main(["evaluate", "--model", str(tiny_run), "--data", str(data), "--report", str(out),
                  "--guide-source", "neighbour", "--readout-trust", "0.5", "--quiet", "--device",

@@ -18,7 +18,6 @@ affinity). The neighbour at ``fine`` is plain copying of the neighbour's mask.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 from napari_jras.core.io import find_cases, read_volume  # noqa: E402
 from napari_jras.core.metrics import mean_dice  # noqa: E402
-from napari_jras.core.provenance import provenance  # noqa: E402
+from napari_jras.core.provenance import provenance, script_command, write_report  # noqa: E402
 
 
 def through(mask: np.ndarray, size: int, stride: int, num_classes: int) -> np.ndarray:
@@ -73,11 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                       "resolution, with a perfect affinity (no network)",
               "rows": rows,
               "provenance": provenance(data=args.val, cases=cases,
-                                       command="python benchmarks/accuracy/readout_ceiling.py "
-                                               + " ".join(sys.argv[1:] if argv is None else argv))}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"-> {args.out}")
+                                       command=script_command(__file__, argv))}
+    write_report(args.out, report)
     return 0
 
 

@@ -17,9 +17,7 @@ mean foreground Dice per run and value, and the value with the best mean over th
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 from napari_jras.core.engine import load_engine  # noqa: E402
 from napari_jras.core.io import find_cases, load_case  # noqa: E402
 from napari_jras.core.metrics import mean_dice  # noqa: E402
-from napari_jras.core.provenance import provenance  # noqa: E402
+from napari_jras.core.provenance import provenance, script_command, write_report  # noqa: E402
 from napari_jras.core.volume_memory import diagnostic_memory  # noqa: E402
 
 
@@ -79,11 +77,9 @@ def main(argv: list[str] | None = None) -> int:
               "patients": sorted({c.patient_id for c in cases}), "dice": dice,
               "mean_over_runs": mean, "best": best,
               "provenance": provenance(data=args.train, cases=cases,
-                                       command="python benchmarks/accuracy/tune_readout_trust.py "
-                                               + " ".join(sys.argv[1:] if argv is None else argv))}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"best trust {best} (mean {mean[str(best)]:.4f}) -> {args.out}")
+                                       command=script_command(__file__, argv))}
+    print(f"best trust {best} (mean {mean[str(best)]:.4f})")
+    write_report(args.out, report)
     return 0
 
 

@@ -23,7 +23,6 @@ counts as a match). Reported per retriever: the mean relevance of the top-K, and
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from napari_jras.core.checkpoint import load_model
 from napari_jras.core.data import load_slices
 from napari_jras.core.io import find_cases
-from napari_jras.core.provenance import git_state
+from napari_jras.core.provenance import git_state, script_command, write_report
 from napari_jras.core.retrieval import LiteMedSAMEncoder, Retriever, embed_images
 from napari_jras.core.train import mask_relevance
 
@@ -123,11 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         "provenance": {"commit": commit, "torch": torch.__version__,
                        "threads": args.threads, "machine": platform.platform(),
                        "seconds": round(time.time() - start, 1),
-                       "command": "python benchmarks/retrieval/relevance.py "
-                                  + " ".join(sys.argv[1:] if argv is None else argv)},
+                       "command": script_command(__file__, argv)},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    write_report(args.out, report)
     for name, row in results.items():
         print(f"{name:14s} relevance top-{args.k} {row['mean_relevance']:.4f}  "
               f"top-1 {row['top1_relevance']:.4f}")

@@ -40,7 +40,7 @@ import torch
 from napari_jras.core.backbones.embedding_cache import FOLDER_ENV
 from napari_jras.core.engine import InferenceEngine
 from napari_jras.core.io import find_cases, read_volume
-from napari_jras.core.provenance import git_state, provenance
+from napari_jras.core.provenance import git_state, provenance, script_command, write_report
 
 MODES = {"jras": [], "baseline": ["--no-retrieval"]}
 
@@ -126,12 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "provenance": provenance(data=args.data, cases=find_cases(args.data), device="cpu",
                                  git_at_start=git, cpus=os.cpu_count(),
-                                 command="python benchmarks/speed/bench_litemedsam.py "
-                                         + " ".join(sys.argv[1:] if argv is None else argv)),
+                                 command=script_command(__file__, argv)),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"-> {args.out}")
+    write_report(args.out, report)
     return 0
 
 

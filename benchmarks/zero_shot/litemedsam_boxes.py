@@ -36,7 +36,7 @@ import torch
 from napari_jras.core.backbones.litemedsam_net import CHECKPOINT_SHA256, load_litemedsam
 from napari_jras.core.data import as_slices
 from napari_jras.core.io import find_cases, load_case
-from napari_jras.core.provenance import git_state
+from napari_jras.core.provenance import git_state, script_command
 from napari_jras.core.zero_shot import box_logits, boxes_from_labels
 
 SOURCES = ("oracle", "propagated")
@@ -118,8 +118,7 @@ def write_report(args: argparse.Namespace, per_case: list[dict], slice_seconds: 
         "provenance": {"commit": args.commit, "checkpoint_sha256": CHECKPOINT_SHA256,
                        "torch": torch.__version__, "threads": args.threads,
                        "machine": platform.platform(), "seconds": round(time.time() - start, 1),
-                       "command": "python benchmarks/zero_shot/litemedsam_boxes.py "
-                                  + " ".join(sys.argv[1:])},
+                       "command": script_command(__file__, None)},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))

@@ -9,9 +9,11 @@ read whole datasets for each report).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import subprocess
+import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -129,3 +131,33 @@ def provenance(*, data: str | Path | None = None, cases: Sequence[Case] | None =
         record["guide_source"] = guide_source
     record.update(extra)
     return record
+
+
+def script_command(script: str | Path, argv: Sequence[str] | None = None) -> str:
+    """The command line a benchmark script ran with, for its report's provenance.
+
+    Args:
+        script: the script's file (``__file__``); shown relative to the current folder when
+            it lies below it (the repository root, where the scripts are run from).
+        argv: its arguments; None: ``sys.argv[1:]``.
+
+    Returns:
+        ``python <script> <arguments>``.
+    """
+    path = Path(script).resolve()
+    with contextlib.suppress(ValueError):
+        path = path.relative_to(Path.cwd())
+    return " ".join(["python", str(path), *(sys.argv[1:] if argv is None else argv)])
+
+
+def write_report(path: str | Path, report: dict[str, Any]) -> None:
+    """Write a benchmark report as indented JSON (creating its folder) and say where.
+
+    Args:
+        path: the JSON file to write.
+        report: the report, JSON-serialisable.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    print(f"-> {path}")
