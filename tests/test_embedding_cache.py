@@ -150,3 +150,21 @@ def test_frozen_litemedsam_encodes_each_training_slice_once():
         again = model(query, guide, mask)
     assert seen[0] == 2
     assert torch.allclose(first, again, atol=1e-5)
+
+
+@torch.no_grad()
+def test_bypassed_neither_reads_nor_stores():
+    encoder = frozen_encoder()
+    seen = counted(encoder)
+    x = images(2, 0)
+    with embedding_cache.bypassed():
+        assert torch.equal(encode_cached(encoder, x), encoder(x))
+        encode_cached(encoder, x)
+    assert seen[0] == 6 and not embedding_cache._memory.entries  # nothing stored
+    encode_cached(encoder, x)
+    with embedding_cache.bypassed(False):  # inactive: the cache works
+        encode_cached(encoder, x)
+    assert seen[0] == 8  # one miss, then one hit
+    with embedding_cache.bypassed():
+        encode_cached(encoder, x)  # not read either
+    assert seen[0] == 10

@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed as ddp
+from .backbones import embedding_cache
 from .device import autocast
 from .errors import DataError, JRASError
 from .fusion import Guide, soft_topk_guide
@@ -325,10 +326,12 @@ class JointTrainer:
             if ddp.any_rank(self.cancel()):
                 self._log({"phase": "cancelled"})
                 break
-            sup_acc += self.supervised_step()
-            if (self.use_retrieval and not cfg.freeze_retriever
-                    and every(self.step, cfg.contrastive_every)):
-                con_acc += self.contrastive_step()
+            # augmented images are seen once: keeping their frozen-encoder outputs is useless
+            with embedding_cache.bypassed(cfg.augment):
+                sup_acc += self.supervised_step()
+                if (self.use_retrieval and not cfg.freeze_retriever
+                        and every(self.step, cfg.contrastive_every)):
+                    con_acc += self.contrastive_step()
             n_acc += 1
             self.scheduler.step()
             self.step += 1

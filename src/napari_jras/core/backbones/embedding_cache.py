@@ -15,7 +15,8 @@ process-wide LRU of :data:`MEMORY_BYTES` and, when ``$NAPARI_JRAS_EMBEDDING_CACH
 folder, also there as ``<fingerprint>/<digest>.npy`` (shared between processes, never pruned:
 delete the folder to reclaim it). Stages with trainable parameters or in train mode, or run
 with gradients on, are never cached; frozen weights changed in place other than by
-``load_state_dict`` are not noticed.
+``load_state_dict`` are not noticed. Inside :func:`bypassed` (per thread; the trainer uses it
+for augmented training images, each of which is seen once) nothing is read or stored.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ import hashlib
 import os
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +72,24 @@ class _MemoryLRU:
 
 
 _memory = _MemoryLRU(MEMORY_BYTES)
+_bypass: ContextVar[bool] = ContextVar("embedding_cache_bypass", default=False)
+
+
+@contextmanager
+def bypassed(active: bool = True) -> Iterator[None]:
+    """Within this block (in this thread only), :func:`encode_cached` neither reads nor stores.
+
+    For inputs that never come back, such as augmented training images: caching them would
+    only push useful entries out of the LRU.
+
+    Args:
+        active: False makes the block a no-op (so a caller can pass its condition).
+    """
+    token = _bypass.set(active or _bypass.get())
+    try:
+        yield
+    finally:
+        _bypass.reset(token)
 
 
 def clear_memory() -> None:
@@ -88,7 +110,7 @@ def encode_cached(encoder: TinyViT, pixels: Tensor, stages: slice = slice(None))
     computed before.
 
     Images not in the cache are encoded together in one call. When the stages run are not
-    :func:`cacheable` this is just ``encoder(pixels, stages)``.
+    :func:`cacheable`, or inside :func:`bypassed`, this is just ``encoder(pixels, stages)``.
 
     Args:
         encoder: a TinyViT image encoder.
@@ -99,7 +121,7 @@ def encode_cached(encoder: TinyViT, pixels: Tensor, stages: slice = slice(None))
         (B, ...) outputs on ``pixels``' device, as ``encoder(pixels, stages)`` gives them.
     """
     modules = encoder.modules_run(stages)
-    if pixels.is_meta or not cacheable(modules):  # meta: a memory estimate, no values
+    if pixels.is_meta or _bypass.get() or not cacheable(modules):  # meta: no values
         return encoder(pixels, stages)
     prefix = fingerprint(encoder, stages)
     flat = pixels.detach().to("cpu", torch.float32).contiguous()
