@@ -27,6 +27,7 @@ import numpy as np
 from napari_jras.core.bank import ExemplarBank
 from napari_jras.core.checkpoint import atomic_write_json, load_model, load_tensors, save_tensors
 from napari_jras.core.engine import InferenceEngine
+from napari_jras.core.model import ModelConfig
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "napari_jras" / "_builtin" / "cardiac_mri"
 
@@ -96,12 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-every", type=int, default=4)
     parser.add_argument("--report", type=Path, help="evaluate report of the run (for the card)")
     parser.add_argument("--baseline-report", type=Path, help="evaluate report of the baseline")
+    parser.add_argument("--readout-trust", type=float,
+                        help="replace the run's readout_trust (readout fusion) in the package")
     args = parser.parse_args(argv)
 
     tmp = args.out.with_name(f".{args.out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    shutil.copy2(args.run / "config.json", tmp / "config.json")
+    config = json.loads((args.run / "config.json").read_text())
+    if args.readout_trust is not None:
+        config["readout_trust"] = args.readout_trust
+    atomic_write_json(tmp / "config.json", ModelConfig.from_dict(config).to_dict())
     # half-precision storage halves the download; weights load back into float32 parameters
     weights = load_tensors(args.run / "model.safetensors")
     save_tensors(tmp / "model.safetensors",

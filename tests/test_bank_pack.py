@@ -222,14 +222,16 @@ def test_cli_bank_pack(tmp_path, capsys):
     assert "napari-jras bank: error: No exemplar bank folder" in capsys.readouterr().err
 
 
-# Computed from the built-in bank as it shipped before packing (371 files under pixels/, commit
-# e3d4071): packing must not change a single id, pixel, embedding or record.
+# ids, masks and images: computed from the built-in bank as it shipped before packing (371 files
+# under pixels/, commit e3d4071); packing must not change a single one. Embeddings and records:
+# those of the built-in model retrained with the readout fusion (docs/builtin_model.md), whose
+# retriever embedded the same 371 slices.
 BUILTIN_SHA256 = {
     "ids": "80abf252f42e5ca284cfc3303b3f950cc1d48b141fbb157e424853c1d039ebf0",
     "masks": "2c086cef13932e0b4d6936779b9aa7492bec4b2499396f0495ab2b70cdfb1409",
     "images": "8e6b97c5d3ae03390a977a21e4cde367a6213bad36374513da174fc71b1a5329",
-    "embeddings": "af634bc79455ab6e489993c54177b04f89a57d900dc1a705ef7f5f1e685a96bc",
-    "records": "53b6d72902d38f11684261068488894143f26c45f647f263d88abb0c14c135cb",
+    "embeddings": "67751bc02f808d9a1bbce77d0d0a6bc37f9a3bc0102b5491604d00070d74be31",
+    "records": "f5c70f2cd8639956fc2e8710a0f40173592c32d494da52f6223ec12b856a09d2",
 }
 
 
