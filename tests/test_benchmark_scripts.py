@@ -172,6 +172,13 @@ def test_fusion_study_and_report_smoke(shared_data, tmp_path):
     names = {row["comparison"] for row in stats["comparisons"]}
     assert {"retrieved vs baseline", "neighbour vs retrieved"} <= names
     assert all(row["verdict"].startswith("no claim") for row in stats["comparisons"])
+    run = next((tmp_path / "work").glob("readout_2p_seed0_*"))
+    script("benchmarks/accuracy/tune_readout_trust.py", "--runs", run, "--exclude",
+           tmp_path / "work" / "train_2p_seed0", "--train", shared_data / "acdc" / "val",
+           "--patients", "1", "--trust", "0", "1", "--out", tmp_path / "tune.json")
+    tune = json.loads((tmp_path / "tune.json").read_text())
+    assert tune["patients"] == ["patient003"] and tune["best"] in (0, 1)
+    assert set(tune["dice"][str(run)]) == {"0.0", "1.0"}
 
 
 @pytest.mark.slow
@@ -238,3 +245,9 @@ def test_readout_ceiling_smoke(tmp_path):
             for r in json.loads((tmp_path / "ceiling.json").read_text())["rows"]}
     assert rows[("oracle", "fine")] > rows[("oracle", "pooled 1/4")] > rows[("oracle", "pooled 1/8")]
     assert rows[("oracle", "fine")] > rows[("neighbour", "fine")]
+
+
+def test_plot_trust_smoke(tmp_path):
+    pytest.importorskip("matplotlib")
+    script("benchmarks/accuracy/plot_trust.py", "--out", tmp_path / "trust.png")
+    assert (tmp_path / "trust.png").stat().st_size > 10_000
