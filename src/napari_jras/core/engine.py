@@ -363,10 +363,12 @@ class InferenceEngine:
         size = (cfg.size, cfg.size)
         rows: list[list[tuple[float, torch.Tensor, torch.Tensor, RetrievedExemplar]]] = []
         in_memory: list[set[int]] = []  # slices of this volume already in each row's memory
+        trusted: list[list[float]] = []  # per row, the memory score of each annotated slot
         for z in batch:
             row = []
             nearest = memory.nearest(z) if memory is not None else []
             in_memory.append({s for s, _ in nearest})
+            trusted.append([0.0 if s in memory.predicted else score for s, score in nearest])
             for s, score in nearest:
                 image = torch.from_numpy(resize_images(vol[[s]], size)[0])
                 mask = torch.from_numpy(resize_labels(
@@ -425,10 +427,8 @@ class InferenceEngine:
                            torch.zeros(scores.shape, dtype=torch.long), cfg.num_classes)
         if cfg.uses_readout and self.readout_trust > 0:
             accepted = torch.zeros_like(scores)
-            for i, row in enumerate(rows):
-                for j, (score, _, _, item) in enumerate(row):
-                    if item.id < 0 and not item.record.get("predicted"):
-                        accepted[i, j] = score
+            for i, row_scores in enumerate(trusted):  # memory slots come first in each row
+                accepted[i, :len(row_scores)] = torch.tensor(row_scores)
             guide.readout_trust = (self.readout_trust * (weights * accepted).sum(1)).to(self.device)
         shown = []
         for i, row in enumerate(rows):
