@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -156,14 +157,22 @@ def test_bench_speed_smoke(acdc_slices_dir, tmp_path):
 
 @pytest.mark.slow
 def test_fusion_study_and_report_smoke(shared_data, tmp_path):
-    out = tmp_path / "study"
-    script("benchmarks/accuracy/fusion_study.py", "--data", shared_data / "acdc", "--work",
+    out, acdc = tmp_path / "study", tmp_path / "acdc"
+    shutil.copytree(shared_data / "acdc", acdc)
+    for suffix in ("image", "label"):  # a third patient, held out to choose readout_trust on
+        shutil.copy(acdc / "train" / f"patient002_frame01_{suffix}.tif",
+                    acdc / "train" / f"patient004_frame01_{suffix}.tif")
+    script("benchmarks/accuracy/fusion_study.py", "--data", acdc, "--work",
            tmp_path / "work", "--out", out, "--patients", "2", "--seeds", "0", "--variants",
            "baseline", "readout", "--sources", "retrieved", "neighbour", "--steps", "2",
-           "--size", "32", "--base-channels", "4", "--workers", "1")
+           "--size", "32", "--base-channels", "4", "--workers", "1", "--tune-patients", "1")
     study = json.loads((out / "study.json").read_text())
     assert {(r["variant"], r["patients"]) for r in study["results"]} == {
         ("baseline", 2), ("readout", 2)}
+    readout = next(r for r in study["results"] if r["variant"] == "readout")
+    run = next((tmp_path / "work").glob("readout_2p_seed0_*"))
+    tuning = json.loads((run / "train_config.json").read_text())["readout_trust_tuning"]
+    assert tuning["volumes"] == 1 and readout["readout_trust"] == tuning["chosen"]
     assert study["provenance"]["git_at_start"] and 0 <= study["copy_neighbour_dice"] <= 1
     assert (out / "readout_2p_seed0_neighbour.json").is_file()
     script("benchmarks/accuracy/report_fusion_study.py", "--reports", out, "--patients", "2",

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 
 from report_fusion_study import copy_neighbour_cases  # noqa: E402
+from tune_readout_trust import held_out  # noqa: E402
 
 from napari_jras.core.io import find_cases  # noqa: E402
 from napari_jras.core.provenance import git_state, provenance  # noqa: E402
@@ -54,13 +55,17 @@ def subset(train: Path, n_patients: int, seed: int, work: Path) -> Path:
     patients = sorted({c.patient_id for c in cases})
     if n_patients < len(patients):
         patients = sorted(random.Random(seed).sample(patients, n_patients))
-    folder = work / f"train_{n_patients}p_seed{seed}"
+    return link_cases([c for c in cases if c.patient_id in patients],
+                      work / f"train_{n_patients}p_seed{seed}")
+
+
+def link_cases(cases: list, folder: Path) -> Path:
+    """A fresh ``folder`` of symlinks to the image and label files of ``cases``."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     for case in cases:
-        if case.patient_id in patients:
-            for path in (case.image_path, case.label_path):
-                (folder / path.name).symlink_to(path.resolve())
+        for path in (case.image_path, case.label_path):
+            (folder / path.name).symlink_to(path.resolve())
     return folder
 
 
@@ -82,10 +87,16 @@ def run(cmd: list[str], log: Path) -> None:
 
 
 def job(args: argparse.Namespace, variant: str, n_patients: int, seed: int, train: Path,
-        out: Path, work: Path) -> dict:
-    """Train one variant and evaluate it with its guide sources; returns mean Dice per source."""
+        out: Path, work: Path, tune: Path | None = None) -> dict:
+    """Train one variant and evaluate it with its guide sources; returns mean Dice per source.
+
+    ``tune``: held-out training patients a readout run chooses its ``readout_trust`` on
+    (``train --val``).
+    """
     settings = {"size": args.size, "steps": args.steps, "base": args.base_channels, "seed": seed,
-                "patients": n_patients, "variant": variant, "extra": args.extra}
+                "patients": n_patients, "variant": variant, "extra": args.extra,
+                "tune": args.tune_patients}
+    tuning = ["--val", str(tune)] if tune is not None and variant == "readout" else []
     tag = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     name = f"{variant}_{n_patients}p_seed{seed}"
     run_dir = work / f"{name}_{tag}"
@@ -99,7 +110,8 @@ def job(args: argparse.Namespace, variant: str, n_patients: int, seed: int, trai
                "--seed", str(seed), "--class-names", "background,RV,myocardium,LV",
                "--k", "2", "--embed-dim", "64", "--retriever-options",
                json.dumps({"width": 8, "input_size": 64}), "--checkpoint-every",
-               str(args.steps), "--quiet", *VARIANTS[variant], *args.extra.split()], log)
+               str(args.steps), "--quiet", *VARIANTS[variant], *tuning, *args.extra.split()],
+        log)
     train_s = time.time() - started
     sources = ["retrieved"] if variant == "baseline" else args.sources
     dice = {}
@@ -112,8 +124,9 @@ def job(args: argparse.Namespace, variant: str, n_patients: int, seed: int, trai
         dice[source] = {"mean": summary["mean"]["dice"]["mean"],
                         "per_class": {c: v["dice"]["mean"]
                                       for c, v in summary.get("per_class", {}).items()}}
+    trust = json.loads((run_dir / "config.json").read_text()).get("readout_trust")
     return {"variant": variant, "patients": n_patients, "seed": seed, "train_s": train_s,
-            "dice": dice, "run": run_dir.name}
+            "dice": dice, "run": run_dir.name, "readout_trust": trust}
 
 
 def main() -> None:
@@ -128,6 +141,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--base-channels", type=int, default=8)
     parser.add_argument("--extra", default="", help="more train flags for every J-RAS variant")
+    parser.add_argument("--tune-patients", type=int, default=0,
+                        help="readout runs choose readout_trust on this many acdc/train "
+                             "patients outside their training subset (train --val); 0: never")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--data", type=Path, default=DATA, help="an ACDC folder with train/, val/")
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks/_work/fusion_study",
@@ -140,10 +156,15 @@ def main() -> None:
     for n in args.patients:
         for seed in args.seeds:
             train = subset(args.data / "train", n, seed, work)
-            jobs += [(v, n, seed, train) for v in args.variants]
+            tune = None
+            if args.tune_patients:
+                tune = link_cases(held_out(args.data / "train", [train], args.tune_patients,
+                                           seed), work / f"tune_{n}p_seed{seed}")
+            jobs += [(v, n, seed, train, tune) for v in args.variants]
     results, git = [], git_state()  # the code that runs: read at start
     with cf.ThreadPoolExecutor(args.workers) as pool:
-        futures = {pool.submit(job, args, v, n, s, t, out, work): (v, n, s) for v, n, s, t in jobs}
+        futures = {pool.submit(job, args, v, n, s, t, out, work, h): (v, n, s)
+                   for v, n, s, t, h in jobs}
         for future in cf.as_completed(futures):
             result = future.result()
             results.append(result)

@@ -25,10 +25,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 
 from napari_jras.core.engine import load_engine  # noqa: E402
-from napari_jras.core.io import find_cases, load_case  # noqa: E402
-from napari_jras.core.metrics import mean_dice  # noqa: E402
+from napari_jras.core.io import find_cases  # noqa: E402
 from napari_jras.core.provenance import provenance, script_command, write_report  # noqa: E402
-from napari_jras.core.volume_memory import diagnostic_memory  # noqa: E402
+from napari_jras.core.trust_tuning import TRUST_GRID, best_trust, neighbour_dice  # noqa: E402
 
 
 def held_out(train: Path, exclude: list[Path], n_patients: int, seed: int) -> list:
@@ -49,29 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=Path, default=REPO.parent / "shared/data/acdc/train")
     parser.add_argument("--patients", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--trust", type=float, nargs="+",
-                        default=[0.0, 0.25, 0.5, 0.625, 0.75, 0.875, 1.0])
+    parser.add_argument("--trust", type=float, nargs="+", default=list(TRUST_GRID))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     cases = held_out(args.train, args.exclude, args.patients, args.seed)
-    volumes = [load_case(c) for c in cases]
     dice: dict[str, dict[str, float]] = {}
     for run in args.runs:
-        num_classes = None
-        for trust in args.trust:
-            engine = load_engine(run, device="cpu", readout_trust=trust)
-            num_classes = engine.model.config.num_classes
-            scores = []
-            for case, (image, label) in zip(cases, volumes, strict=True):
-                pred = engine.predict(image.data, exclude_patient=case.patient_id,
-                                      guide_source="neighbour",
-                                      memory=diagnostic_memory("neighbour", label))
-                scores.append(mean_dice(pred.labels, np.asarray(label), num_classes))
-            dice.setdefault(str(run), {})[str(trust)] = round(float(np.mean(scores)), 4)
-            print(f"{run.name} trust {trust}: {np.mean(scores):.4f}", flush=True)
+        scores, _ = neighbour_dice(load_engine(run, device="cpu"), cases, args.trust)
+        dice[str(run)] = {str(t): round(d, 4) for t, d in scores.items()}
+        print(f"{run.name}: {dice[str(run)]}", flush=True)
     mean = {str(t): round(float(np.mean([d[str(t)] for d in dice.values()])), 4)
             for t in args.trust}
-    best = max(args.trust, key=lambda t: mean[str(t)])
+    best = best_trust({float(t): mean[str(t)] for t in args.trust})
     report = {"what": "mean foreground Dice with --guide-source neighbour per readout_trust, on "
                       "ACDC training patients none of the runs was trained on",
               "patients": sorted({c.patient_id for c in cases}), "dice": dice,

@@ -86,7 +86,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = train_run(args.data, args.out, model_config, train_config, val=args.val,
                         patient_regex=args.patient_regex, resume=not args.overwrite,
                         epochs=args.epochs, group_duplicates=args.group_duplicates,
-                        progress=_progress_printer(args.quiet))
+                        progress=_progress_printer(args.quiet),
+                        tune_trust=args.readout_trust is None)
         if is_main():
             print(f"Model written to {out}")
     return 0
@@ -242,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a J-RAS (or baseline) model on labelled cases",
                        description="Train a J-RAS model (or the same backbone without retrieval).")
     t.add_argument("--data", required=True, help="folder of <name>_image.* + <name>_label.* pairs")
-    t.add_argument("--val", help="validation folder (other patients) for val Dice in the log")
+    t.add_argument("--val", help="validation folder (other patients): val Dice in the log and, "
+                                 "for a readout model, the choice of --readout-trust")
     t.add_argument("--out", required=True, help="run folder to write (a run already there is resumed if it "
                                                 "was started with the same settings)")
     add_options(t, ModelConfig)

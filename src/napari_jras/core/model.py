@@ -104,7 +104,8 @@ class ModelConfig:
         help="readout fusion: weight of the readout's propagated mask in the prediction of a "
              "slice guided by accepted slices of its own volume (the annotator's corrections, "
              "the neighbour/oracle diagnostics), against the network's output; 0: the "
-             "network's output alone (runs saved before it existed)")
+             "network's output alone (runs saved before it existed); train chooses it on "
+             "the --val volumes unless given")
     format_version: int = setting(FORMAT_VERSION, low=1, high=FORMAT_VERSION, flag=None,
                                   help="version of the config.json format")
 

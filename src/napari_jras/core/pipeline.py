@@ -39,9 +39,10 @@ from .model import JRASModel, ModelConfig
 from .progress import CancelFn, Progress, ProgressFn
 from .provenance import provenance
 from .retrieval import embed_images, retriever_version
-from .run_files import TRAIN_CONFIG_FILE
+from .run_files import CONFIG_FILE, TRAIN_CONFIG_FILE
 from .run_settings import check_resumable, clear_run, record_settings, training_settings
 from .train import JointTrainer, SliceSet, TrainConfig, seed_everything
+from .trust_tuning import tune_readout_trust
 from .volume_memory import GUIDE_SOURCES, diagnostic_memory
 
 
@@ -100,7 +101,7 @@ def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
               train_config: TrainConfig, val: str | Path | None = None,
               patient_regex: str | None = None, resume: bool = True, epochs: int | None = None,
               group_duplicates: bool = False, progress: ProgressFn | None = None,
-              cancel: CancelFn | None = None) -> Path:
+              cancel: CancelFn | None = None, tune_trust: bool = True) -> Path:
     """Train a J-RAS (or baseline) model on the cases under ``data`` into the run folder ``out``.
 
     ``model_config`` holds :class:`ModelConfig` fields; ``num_classes`` is read from the labels
@@ -118,6 +119,11 @@ def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
     Under torchrun (an initialised process group) every rank trains and rank 0 alone writes the
     run folder; the function returns on every rank once it is complete.
 
+    A readout model trained with ``val`` volumes gets the ``readout_trust`` that scores best
+    on them with neighbour guides (:func:`~.trust_tuning.tune_readout_trust`, written to
+    ``config.json``; the scores go to ``train_config.json`` as ``readout_trust_tuning``),
+    unless ``tune_trust`` is False (a value the user chose).
+
     Args:
         data: the training cases, a folder or one file (:func:`~.io.find_cases`).
         out: the run folder.
@@ -133,6 +139,7 @@ def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
         progress: receives the trainer's progress events.
         cancel: polled before every step; True ends training early, and the model trained
             so far is written as usual (``steps_done`` in ``train_config.json``).
+        tune_trust: choose ``readout_trust`` on the ``val`` volumes (readout models only).
 
     Returns:
         ``out``.
@@ -192,16 +199,24 @@ def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
     trainer.fit()
     if ddp.is_main():
         save_model(out, model)
-        atomic_write_json(out / TRAIN_CONFIG_FILE, {
+        summary = {
             "train": asdict(trainer.config), "data": _data_summary(data, cases, samples),
             "val": Path(val).name if val is not None else None, "steps_done": trainer.step,
             "group_duplicates": group_duplicates,
             "wall_time_s": round(time.time() - started, 1), "device": str(trainer.device),
             "world_size": trainer.world_size, "torch": torch.__version__,
-            "machine": platform.machine()})
+            "machine": platform.machine()}
+        atomic_write_json(out / TRAIN_CONFIG_FILE, summary)
         if model.config.use_retrieval:
             build_bank(out / BANK_DIR, model.cpu(), samples,
                        embeddings=trainer.bank_emb.cpu().numpy())
+        if tune_trust and val is not None and model.config.uses_readout:
+            tuning = tune_readout_trust(out, val_cases, device=str(trainer.device),
+                                        progress=progress)
+            if tuning["chosen"] is not None:
+                atomic_write_json(out / CONFIG_FILE, replace(
+                    model.config, readout_trust=tuning["chosen"]).to_dict())
+            atomic_write_json(out / TRAIN_CONFIG_FILE, {**summary, "readout_trust_tuning": tuning})
     ddp.barrier()
     return out
 

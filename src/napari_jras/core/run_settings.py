@@ -8,8 +8,9 @@ in the folder is touched. :func:`clear_run` removes a previous run's files for `
 
 Settings that do not change the trained weights are not compared: ``log_every``,
 ``checkpoint_every`` and ``val_every`` (logging and saving only) and ``device`` (a run may resume
-on another device; results then differ only by floating-point rounding). The validation folder
-(``--val``) only adds a logged validation Dice and is not compared either.
+on another device; results then differ only by floating-point rounding), nor the model's
+``readout_trust`` (a weight of prediction, chosen on ``--val`` after training). The validation
+folder (``--val``) only adds a logged validation Dice and that choice, and is not compared.
 
 Run folders written before this file existed are compared with their newest checkpoint
 (``config.json`` and the ``train_config`` in ``trainer.json``), else with the folder's own
@@ -42,6 +43,8 @@ from .run_files import (
 )
 
 HARMLESS_TRAIN_SETTINGS = ("log_every", "checkpoint_every", "val_every", "device")
+# a prediction-time weight (chosen on --val after training): never decides the weights
+HARMLESS_MODEL_SETTINGS = ("readout_trust",)
 # what a training run writes into its folder (all of it goes with --overwrite; nothing else does)
 RUN_FILES = (SETTINGS_FILE, CONFIG_FILE, WEIGHTS_FILE, TRAIN_CONFIG_FILE, LOG_FILE,
              CHECKPOINTS_DIR, BANK_DIR, BANK_PARTIAL_DIR)
@@ -116,7 +119,8 @@ def differing_settings(saved: dict[str, Any], wanted: dict[str, Any]) -> list[st
         old, new = saved.get(part), wanted[part]
         if old is None:
             continue
-        keys = sorted((set(old) | set(new)) - set(HARMLESS_TRAIN_SETTINGS if part == "train" else ()))
+        harmless = {"train": HARMLESS_TRAIN_SETTINGS, "model": HARMLESS_MODEL_SETTINGS}.get(part, ())
+        keys = sorted((set(old) | set(new)) - set(harmless))
         changed += [f"{part}.{k}" for k in keys if old.get(k) != new.get(k)]
     return changed
 
