@@ -64,7 +64,7 @@ class TrainConfig:
     batch_size: int = setting(8, low=1, high=MAX_BATCH, panel=True,
                               help="slices per step; the global batch: under torchrun it is "
                                    "split across the processes")
-    lr: float = setting(1e-3, low=0.0, high=1.0, open_low=True,
+    lr: float = setting(1e-2, low=0.0, high=1.0, open_low=True,
                         help="AdamW learning rate (5 % linear warm-up, then cosine decay)")
     weight_decay: float = setting(1e-4, low=0.0, high=1.0, flag=None, help="AdamW weight decay")
     warmup_fraction: float = setting(0.05, low=0.0, high=1.0, flag=None,
