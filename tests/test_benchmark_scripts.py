@@ -260,3 +260,21 @@ def test_plot_trust_smoke(tmp_path):
     pytest.importorskip("matplotlib")
     script("benchmarks/accuracy/plot_trust.py", "--out", tmp_path / "trust.png")
     assert (tmp_path / "trust.png").stat().st_size > 10_000
+
+
+def test_report_seed_groups_counts_unlearned_classes(tmp_path):
+    def report(name, rv, lv):
+        path = tmp_path / f"{name}.json"
+        per_class = {"RV": {"dice": {"mean": rv}}, "LV": {"dice": {"mean": lv}}}
+        path.write_text(json.dumps({"summary": {"mean": {"dice": {"mean": (rv + lv) / 2}},
+                                                "per_class": per_class}}))
+        return path
+
+    script("benchmarks/accuracy/report_seed_groups.py", "--group", "low lr",
+           report("a", 0.0, 0.9), report("b", 0.8, 0.9), "--group", "high lr",
+           report("c", 0.75, 0.85), report("d", 0.72, 0.8), "--out", tmp_path / "s.json")
+    groups = json.loads((tmp_path / "s.json").read_text())["groups"]
+    assert groups["low lr"]["a_class_unlearned"] == 1
+    assert groups["low lr"]["every_class_above_0.7"] == 1
+    assert groups["high lr"]["every_class_above_0.7"] == 2
+    assert groups["high lr"]["mean"] == pytest.approx((0.8 + 0.76) / 2)

@@ -60,7 +60,7 @@ def lrs(history: list[dict]) -> list[float]:
 def test_training_logs_the_formula_and_resumes_with_the_scheduler_state(tmp_path):
     whole = trainer(tmp_path / "whole")
     expected = lrs(whole.fit())
-    assert_close(expected, [formula(s, 8, 0.5, 1e-3) for s in range(1, 9)])
+    assert_close(expected, [formula(s, 8, 0.5, TrainConfig().lr) for s in range(1, 9)])
     first = trainer(tmp_path / "run", cancel_at=3)
     first.fit()  # cancelled after step 3: its checkpoint holds the scheduler's state_dict
     saved = json.loads(next((tmp_path / "run" / "checkpoints").glob("step_*/trainer.json"))
@@ -84,8 +84,8 @@ def test_checkpoints_without_the_scheduler_state_resume_on_the_same_learning_rat
     file.write_text(json.dumps(old))
     resumed = trainer(tmp_path)
     assert resumed.resume() and resumed.step == 2
-    assert_close(resumed.scheduler.get_last_lr(), [formula(2, 8, 0.5, 1e-3)])
-    assert_close(lrs(resumed.fit()), [formula(s, 8, 0.5, 1e-3) for s in range(3, 9)])
+    assert_close(resumed.scheduler.get_last_lr(), [formula(2, 8, 0.5, TrainConfig().lr)])
+    assert_close(lrs(resumed.fit()), [formula(s, 8, 0.5, TrainConfig().lr) for s in range(3, 9)])
 
 
 def test_restoring_an_old_step_count_replays_the_schedule():

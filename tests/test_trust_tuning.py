@@ -80,10 +80,13 @@ def test_train_with_val_writes_the_chosen_trust_and_a_given_one_is_kept(acdc_sli
     assert "readout_trust_tuning" not in json.loads((out / "train_config.json").read_text())
 
 
-def test_no_tuning_without_val_or_when_switched_off(acdc_slices_dir, val_dir, tmp_path):
+@pytest.mark.parametrize("how", ["switched off", "cancelled"])
+def test_no_tuning_when_switched_off_or_cancelled(acdc_slices_dir, val_dir, tmp_path, how):
     config = dict(TINY_MODEL, use_retrieval=True, modality="mri")
+    options = ({"tune_trust": False} if how == "switched off"
+               else {"cancel": lambda: True})  # cancelled before its first step
     out = train_run(acdc_slices_dir, tmp_path / "run", config,
                     TrainConfig(steps=2, batch_size=4, seed=0), val=val_dir,
-                    patient_regex=REGEX, tune_trust=False)
+                    patient_regex=REGEX, **options)
     assert json.loads((out / "config.json").read_text())["readout_trust"] == 0.75
     assert "readout_trust_tuning" not in json.loads((out / "train_config.json").read_text())

@@ -95,8 +95,9 @@ def job(args: argparse.Namespace, variant: str, n_patients: int, seed: int, trai
     """
     settings = {"size": args.size, "steps": args.steps, "base": args.base_channels, "seed": seed,
                 "patients": n_patients, "variant": variant, "extra": args.extra,
-                "tune": args.tune_patients}
+                "tune": args.tune_patients, "lr": args.lr}
     tuning = ["--val", str(tune)] if tune is not None and variant == "readout" else []
+    lr = ["--lr", str(args.lr)] if args.lr is not None else []
     tag = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     name = f"{variant}_{n_patients}p_seed{seed}"
     run_dir = work / f"{name}_{tag}"
@@ -110,7 +111,7 @@ def job(args: argparse.Namespace, variant: str, n_patients: int, seed: int, trai
                "--seed", str(seed), "--class-names", "background,RV,myocardium,LV",
                "--k", "2", "--embed-dim", "64", "--retriever-options",
                json.dumps({"width": 8, "input_size": 64}), "--checkpoint-every",
-               str(args.steps), "--quiet", *VARIANTS[variant], *tuning, *args.extra.split()],
+               str(args.steps), "--quiet", *VARIANTS[variant], *lr, *tuning, *args.extra.split()],
         log)
     train_s = time.time() - started
     sources = ["retrieved"] if variant == "baseline" else args.sources
@@ -124,7 +125,8 @@ def job(args: argparse.Namespace, variant: str, n_patients: int, seed: int, trai
         dice[source] = {"mean": summary["mean"]["dice"]["mean"],
                         "per_class": {c: v["dice"]["mean"]
                                       for c, v in summary.get("per_class", {}).items()}}
-    trust = json.loads((run_dir / "config.json").read_text()).get("readout_trust")
+    trust = (json.loads((run_dir / "config.json").read_text()).get("readout_trust")
+             if variant == "readout" else None)
     return {"variant": variant, "patients": n_patients, "seed": seed, "train_s": train_s,
             "dice": dice, "run": run_dir.name, "readout_trust": trust}
 
@@ -140,6 +142,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--base-channels", type=int, default=8)
+    parser.add_argument("--lr", type=float, help="learning rate of every variant (default: "
+                                                 "train's)")
     parser.add_argument("--extra", default="", help="more train flags for every J-RAS variant")
     parser.add_argument("--tune-patients", type=int, default=0,
                         help="readout runs choose readout_trust on this many acdc/train "

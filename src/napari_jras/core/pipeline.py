@@ -122,7 +122,7 @@ def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
     A readout model trained with ``val`` volumes gets the ``readout_trust`` that scores best
     on them with neighbour guides (:func:`~.trust_tuning.tune_readout_trust`, written to
     ``config.json``; the scores go to ``train_config.json`` as ``readout_trust_tuning``),
-    unless ``tune_trust`` is False (a value the user chose).
+    unless ``tune_trust`` is False (a value the user chose) or training was cancelled.
 
     Args:
         data: the training cases, a folder or one file (:func:`~.io.find_cases`).
@@ -210,7 +210,8 @@ def train_run(data: str | Path, out: str | Path, model_config: dict[str, Any],
         if model.config.use_retrieval:
             build_bank(out / BANK_DIR, model.cpu(), samples,
                        embeddings=trainer.bank_emb.cpu().numpy())
-        if tune_trust and val is not None and model.config.uses_readout:
+        cancelled = cancel is not None and cancel()
+        if tune_trust and val is not None and model.config.uses_readout and not cancelled:
             tuning = tune_readout_trust(out, val_cases, device=str(trainer.device),
                                         progress=progress)
             if tuning["chosen"] is not None:
