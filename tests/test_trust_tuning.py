@@ -11,6 +11,7 @@ from conftest import TINY_MODEL
 
 from napari_jras.cli import main
 from napari_jras.core.engine import InferenceEngine, load_engine
+from napari_jras.core.errors import JRASError
 from napari_jras.core.io import find_cases, read_volume
 from napari_jras.core.metrics import mean_dice
 from napari_jras.core.pipeline import train_run
@@ -35,6 +36,9 @@ def test_neighbour_dice_scores_each_value_as_a_prediction_with_it_would(tiny_run
     dice, volumes = neighbour_dice(engine, find_cases(val_dir), grid=(0.0, 1.0))
     assert volumes == 1 and list(dice) == [0.0, 1.0]
     assert engine.readout_trust == pytest.approx(0.75)  # left as it was
+    with pytest.raises(JRASError, match="between 0 and 1"):  # a grid value out of range
+        neighbour_dice(engine, find_cases(val_dir), grid=(0.5, 1.5))
+    assert engine.readout_trust == pytest.approx(0.75)
     image = read_volume(val_dir / "patient045_frame01_image.tif").data
     label = read_volume(val_dir / "patient045_frame01_label.tif").data.astype(np.uint8)
     for trust in (0.0, 1.0):

@@ -130,15 +130,11 @@ class InferenceEngine:
                 f"{'on' if model.config.use_retrieval else 'off'}")
         if readout_only and not model.config.uses_readout:
             raise ModelError(f"--readout-only needs a J-RAS model with the readout fusion ({kind})")
-        if readout_trust is not None:
-            if not model.config.uses_readout:
-                raise ModelError("--readout-trust needs a J-RAS model with the readout fusion "
-                                 f"({kind})")
-            if not (isinstance(readout_trust, (int, float)) and 0.0 <= readout_trust <= 1.0):
-                raise JRASError(f"--readout-trust must be between 0 and 1, got {readout_trust!r}")
+        if readout_trust is not None and not model.config.uses_readout:
+            raise ModelError("--readout-trust needs a J-RAS model with the readout fusion "
+                             f"({kind})")
         self.readout_only = readout_only
-        self.readout_trust = float(model.config.readout_trust if readout_trust is None
-                                   else readout_trust)
+        self.readout_trust = model.config.readout_trust if readout_trust is None else readout_trust
         self.device = select_device(device)
         self.model = model
         self.amp = amp
@@ -154,6 +150,19 @@ class InferenceEngine:
             if bank is None:
                 raise BankError("This J-RAS model needs an exemplar bank (none was given or found)")
             self._check_bank(bank)
+
+    @property
+    def readout_trust(self) -> float:
+        """Weight of the readout's propagated mask for slices guided by accepted slices of
+        their own volume (:func:`~.readout.trust_readout`); set it to change it, within [0, 1]."""
+        return self._readout_trust
+
+    @readout_trust.setter
+    def readout_trust(self, value: float) -> None:
+        if isinstance(value, bool) or not (isinstance(value, (int, float))
+                                           and 0.0 <= value <= 1.0):
+            raise JRASError(f"--readout-trust must be between 0 and 1, got {value!r}")
+        self._readout_trust = float(value)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, bank: str | Path | ExemplarBank | None = None,
