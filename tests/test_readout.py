@@ -141,6 +141,40 @@ def test_new_runs_read_fine_values_and_older_readout_runs_load_pooled():
         ModelConfig(num_classes=3, readout_prior="global")
 
 
+def test_readout_matches_the_affinity_written_out():
+    """The fused, query-major affinity equals the formula: softmax over all exemplar positions
+    of -||q - e||^2 / sqrt(D) - lambda d^2 + log w_k, empty slots excluded; the readout is the
+    affinity-weighted exemplar masks and the confidence the log-scaled peak."""
+    torch.manual_seed(0)
+    b, k, f, h, w, c = 3, 2, 6, 4, 5, 3
+    readout = MemoryReadout(f, c, values="pooled")
+    query, exemplars = torch.randn(b, f, h, w), torch.randn(b, k, f, h, w)
+    masks = torch.randint(0, c, (b, k, h, w))
+    present = torch.tensor([[True, True], [True, False], [False, False]])
+    weights = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.5, 0.5]])
+    p_read, confidence = readout.read(query, exemplars, masks, present, weights)
+
+    kq = readout.key(query).flatten(2).transpose(1, 2)  # B,P,D
+    ke = readout.key(exemplars.flatten(0, 1)).reshape(b, k, -1, h * w)
+    ke = ke.permute(0, 1, 3, 2).reshape(b, k * h * w, -1)  # B,KM,D
+    grid = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1)
+    grid = grid.reshape(-1, 2).float()
+    moved = torch.cdist(grid, grid).pow(2).repeat(1, k)  # P,KM
+    lam = torch.nn.functional.softplus(readout.locality)
+    onehot = torch.nn.functional.one_hot(masks, c).reshape(b, -1, c)  # B,KM,C
+    for i in range(2):  # the third query has no exemplar: zero readout and confidence
+        logits = (-torch.cdist(kq[i], ke[i]).pow(2) / kq.shape[-1] ** 0.5 - lam * moved
+                  + torch.log(weights[i]).repeat_interleave(h * w))
+        logits[:, ~present[i].repeat_interleave(h * w)] = -torch.inf
+        affinity = logits.softmax(-1)
+        expected = (affinity @ onehot[i].float()).T.reshape(c, h, w)
+        assert torch.allclose(p_read[i], expected, atol=1e-5)
+        peak = affinity.max(-1).values
+        expected_conf = (torch.log(peak * k * h * w) / torch.log(torch.tensor(k * h * w + 1.0)))
+        assert torch.allclose(confidence[i].flatten(), expected_conf.clamp(0, 1), atol=1e-5)
+    assert float(p_read[2].abs().max()) == 0 and float(confidence[2].abs().max()) == 0
+
+
 def test_locality_prior_starts_near_copying_in_place_and_is_learned():
     """With keys that see nothing (all positions alike), the locality prior alone reads each
     query position from the same exemplar position: the exemplar's mask is copied in place,
