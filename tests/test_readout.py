@@ -253,7 +253,9 @@ def test_curriculum_defaults_and_overrides():
     # an override keeps the proportions of the rest of the default curriculum
     half = TrainConfig(guide_dropout=0.5).resolved("readout")
     assert half.guide_dropout == 0.5
-    assert half.neighbour_guides == pytest.approx(0.35 * 0.5 / 0.9, abs=1e-6)
+    d = CURRICULUM["readout"]
+    assert half.neighbour_guides == pytest.approx(
+        d["neighbour_guides"] * 0.5 / (1 - d["guide_dropout"]), abs=1e-6)
     assert half.neighbour_guides + half.own_guides < 0.5
     with pytest.raises(JRASError, match="exceed 1"):
         TrainConfig(guide_dropout=0.5, neighbour_guides=0.4, own_guides=0.2)
