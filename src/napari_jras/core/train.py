@@ -41,6 +41,7 @@ CURRICULUM = {
     "concat": {"guide_dropout": 0.5, "neighbour_guides": 0.0, "own_guides": 0.0},
     "readout": {"guide_dropout": 0.3, "neighbour_guides": 0.272222, "own_guides": 0.155556},
 }
+_R, _C = CURRICULUM["readout"], CURRICULUM["concat"]  # for the settings' help
 
 
 @dataclass
@@ -90,17 +91,18 @@ class TrainConfig:
     guide_dropout: float | None = setting(
         None, low=0.0, high=1.0, open_high=True,
         help="fraction of supervised samples trained without exemplars, in [0, 1) "
-             "(default: 0.3 readout, 0.5 concat)")
+             f"(default: {_R['guide_dropout']:.2g} readout, {_C['guide_dropout']:.2g} concat)")
     neighbour_guides: float | None = setting(
         None, low=0.0, high=1.0,
         help="fraction of supervised samples guided by adjacent slices (and the other frame) "
              "of their own volume, as after an accepted correction; lifts the own-patient "
              "exclusion for those samples only (never at evaluation) "
-             "(default: 0.27 readout, 0 concat)")
+             f"(default: {_R['neighbour_guides']:.2g} readout, {_C['neighbour_guides']:.2g} concat)")
     own_guides: float | None = setting(
         None, low=0.0, high=1.0,
         help="fraction of supervised samples whose first exemplar is their own slice, warped, "
-             "with a corrupted mask (default: 0.16 readout, 0 concat)")
+             f"with a corrupted mask (default: {_R['own_guides']:.2g} readout, "
+             f"{_C['own_guides']:.2g} concat)")
     class_sampling: float = setting(
         0.33, low=0.0, high=1.0,
         help="fraction of each batch drawn from slices holding a randomly chosen foreground "
