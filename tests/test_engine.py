@@ -34,10 +34,11 @@ def volume(data_dir) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def engine(tiny_run, tmp_path_factory) -> InferenceEngine:
-    """A CPU engine on a private copy of the tiny J-RAS run (tests here must not change it)."""
+    """A one-pass CPU engine on a private copy of the tiny J-RAS run (tests here must not change
+    it); the self-guided second pass has its own tests (test_self_guide.py)."""
     run = tmp_path_factory.mktemp("engine") / "run"
     shutil.copytree(tiny_run, run)
-    return InferenceEngine.from_run(run, device="cpu")
+    return InferenceEngine.from_run(run, device="cpu", self_guide=False)
 
 
 @pytest.fixture
@@ -93,7 +94,8 @@ def test_predict_2d_slice_and_subset(engine, volume):
 
 
 def test_batch_size_does_not_change_the_result(engine, volume, tiny_run):
-    small = InferenceEngine(load_model(tiny_run), engine.bank, device="cpu", batch_size=3)
+    small = InferenceEngine(load_model(tiny_run), engine.bank, device="cpu", batch_size=3,
+                            self_guide=False)
     np.testing.assert_array_equal(small.predict(volume).labels, engine.predict(volume).labels)
 
 
@@ -149,7 +151,7 @@ def test_k_larger_than_the_bank_uses_fewer_exemplars(run_copy, volume):
         by_patient = {r["id"]: r["patient_id"] for r in bank.records()}
     config = json.loads((run_copy / "config.json").read_text())
     (run_copy / "config.json").write_text(json.dumps({**config, "k": 8}))
-    engine = InferenceEngine.from_run(run_copy, device="cpu")
+    engine = InferenceEngine.from_run(run_copy, device="cpu", self_guide=False)
     pred = engine.predict(volume, exclude_patient="p0")
     for items in pred.exemplars.values():
         check_exemplars(items, k=6)  # 8 exemplars, 2 of them of the excluded patient
@@ -168,7 +170,7 @@ def test_aligned_exemplars_guide_the_prediction(run_copy, volume):
     """A run trained with ``align_shift`` fuses exemplars translated onto each query slice."""
     config = json.loads((run_copy / "config.json").read_text())
     (run_copy / "config.json").write_text(json.dumps({**config, "align_shift": 0.25}))
-    engine = InferenceEngine.from_run(run_copy, device="cpu")
+    engine = InferenceEngine.from_run(run_copy, device="cpu", self_guide=False)
     x = torch.from_numpy(resize_images(normalize(volume, engine.model.config.modality), (32, 32)))
     with torch.inference_mode():
         timings = dict.fromkeys(("embed", "search", "fusion"), 0.0)

@@ -37,9 +37,10 @@ def _one_case(data_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def engine(tiny_run, tmp_path_factory):
+    """One pass: the guide sources as such (self-guidance: test_self_guide.py)."""
     run = tmp_path_factory.mktemp("sources") / "run"
     shutil.copytree(tiny_run, run)
-    return InferenceEngine.from_run(run, device="cpu")
+    return InferenceEngine.from_run(run, device="cpu", self_guide=False)
 
 
 def test_neighbour_source_gives_each_slice_the_ground_truth_of_z_plus_minus_1(engine, volume,

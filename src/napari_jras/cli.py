@@ -95,7 +95,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """InferenceEngine options of the predict/evaluate flags."""
-    options: dict[str, Any] = {"compile_model": args.compile}
+    options: dict[str, Any] = {"compile_model": args.compile,
+                               "self_guide": not args.no_self_guide}
     if args.batch_size is not None:
         options["batch_size"] = args.batch_size
     if args.faiss_cpu:
@@ -216,6 +217,10 @@ def _add_inference(p: argparse.ArgumentParser) -> None:
                         "with a warning when compilation fails)")
     p.add_argument("--faiss-cpu", action="store_true",
                    help="search the bank on the CPU even when faiss-gpu and a GPU are present")
+    p.add_argument("--no-self-guide", action="store_true",
+                   help="one pass only: without it a readout model predicts a volume twice, "
+                        "the second pass guided by the first's prediction of each slice's "
+                        "nearest slice plus retrieved exemplars")
 
 
 def _add_common(p: argparse.ArgumentParser, device: bool = True) -> None:

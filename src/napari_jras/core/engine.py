@@ -112,6 +112,9 @@ class InferenceEngine:
         readout_trust: weight of the readout's propagated mask for slices guided by accepted
             slices of their own volume (:func:`~.readout.trust_readout`), in [0, 1]; None:
             the model's ``readout_trust``.
+        self_guide: a readout model predicts a volume (no annotated slices given) in two
+            passes: the second guides each slice by the first pass's prediction of its
+            nearest slice plus retrieved exemplars (:meth:`predict`).
 
     Raises:
         JRASError: ``batch_size`` out of range or ``device`` not available.
@@ -124,7 +127,7 @@ class InferenceEngine:
                  device: str | torch.device = "auto", amp: bool = True, batch_size: int = 16,
                  channels_last: bool | None = None, compile_model: bool = False,
                  on_warning: Callable[[str], None] | None = None, readout_only: bool = False,
-                 readout_trust: float | None = None):
+                 readout_trust: float | None = None, self_guide: bool = True):
         self.batch_size = check_int(batch_size, "batch_size", 1, MAX_BATCH_SIZE, JRASError)
         kind = (f"this one: fusion {model.config.fusion}, retrieval "
                 f"{'on' if model.config.use_retrieval else 'off'}")
@@ -134,6 +137,7 @@ class InferenceEngine:
             raise ModelError("--readout-trust needs a J-RAS model with the readout fusion "
                              f"({kind})")
         self.readout_only = readout_only
+        self.self_guide = bool(self_guide)
         self.readout_trust = model.config.readout_trust if readout_trust is None else readout_trust
         self.device = select_device(device)
         self.model = model
@@ -460,6 +464,13 @@ class InferenceEngine:
         ``memory`` holds annotated slices of this same volume, which take the first exemplar
         slots of the other slices (see :mod:`.volume_memory`); ``guide_source`` is
         ``retrieved`` (the default), or ``none`` / ``random`` for diagnostics.
+        **Self-guidance** (``self_guide``, on by default): a readout model given a volume and
+        no ``memory`` predicts in two passes. The first predicts the slices and their
+        neighbours z +- 1 with retrieved exemplars; the second predicts the slices again,
+        each guided by the first pass's label map of its nearest slice (a predicted memory
+        slice, :data:`~.volume_memory.PREDICTED_PENALTY` weaker, never trusted) plus K - 1
+        retrieved exemplars, so the network reads the volume's own anatomy as it reads an
+        annotator's accepted slice. The exemplars shown are the second pass's.
         Raises :class:`JRASError` subclasses with clear messages for bad input.
         A GPU out-of-memory error halves ``batch_size`` (kept for later calls) and retries; at
         one slice the engine moves to the CPU with a warning (see ``on_warning``).
@@ -511,11 +522,36 @@ class InferenceEngine:
                  if return_probabilities else None)
         result = Prediction(labels, z_all, probabilities=probs)
         timings = {"embed": 0.0, "search": 0.0, "fusion": 0.0, "network": 0.0}
+        count = _PassCounter(len(z_all), progress, cancel)
+        if self.self_guides(vol.shape[0], memory, guide_source):
+            first_z = sorted({n for z in z_all for n in (z - 1, z, z + 1)
+                              if 0 <= n < vol.shape[0]})
+            first = Prediction(np.zeros(vol.shape, dtype=np.uint8), first_z)
+            count.total += len(first_z)
+            self._run_pass(vol, first_z, exclude_patient, exclude_ids, first, timings,
+                           guide_source, None, count)
+            memory = first_pass_memory(first)
+        self._run_pass(vol, z_all, exclude_patient, exclude_ids, result, timings, guide_source,
+                       memory, count)
+        result.timings = timings
+        result.labels = labels if data.ndim == 3 else labels[0]
+        if probs is not None:
+            result.probabilities = probs if data.ndim == 3 else probs[:, 0]
+        return result
+
+    def self_guides(self, depth: int, memory: VolumeMemory | None, guide_source: str) -> bool:
+        """Whether :meth:`predict` runs the self-guided second pass (see there)."""
+        return (self.self_guide and self.model.config.uses_readout and not self.readout_only
+                and memory is None and depth > 1 and guide_source in SELF_GUIDED_SOURCES)
+
+    def _run_pass(self, vol: np.ndarray, z_list: list[int], exclude_patient: str | None,
+                  exclude_ids: Sequence[int], result: Prediction, timings: dict[str, float],
+                  guide_source: str, memory: VolumeMemory | None, count: _PassCounter) -> None:
+        """Predict slices ``z_list`` into ``result``, batch by batch (see :meth:`predict`)."""
         start = 0
-        while start < len(z_all):
-            if cancel is not None and cancel():
-                raise CancelledError("Prediction cancelled")
-            batch = z_all[start:start + self.batch_size]
+        while start < len(z_list):
+            count.check_cancel()
+            batch = z_list[start:start + self.batch_size]
             try:
                 self._predict_batch(vol, batch, exclude_patient, exclude_ids, result, timings,
                                     guide_source, memory)
@@ -526,13 +562,7 @@ class InferenceEngine:
                 self._recover_from_oom(len(batch))
                 continue
             start += len(batch)
-            if progress is not None:
-                progress(Progress("predict", start, len(z_all)))
-        result.timings = timings
-        result.labels = labels if data.ndim == 3 else labels[0]
-        if probs is not None:
-            result.probabilities = probs if data.ndim == 3 else probs[:, 0]
-        return result
+            count.advance(len(batch))
 
     def _predict_batch(self, vol: np.ndarray, batch: list[int], exclude_patient: str | None,
                        exclude_ids: Sequence[int], result: Prediction,
@@ -576,6 +606,39 @@ class InferenceEngine:
         p_read = p_read.float()  # the model's own output: safe to change in place
         p_read[:, 0] += (p_read.sum(1) <= 0).float()  # no exemplar: background
         return F.interpolate(p_read, size=size, mode="bilinear", align_corners=False)
+
+
+SELF_GUIDED_SOURCES = ("retrieved", "none", "random")
+"""Guide sources whose volume predictions :meth:`InferenceEngine.predict` self-guides."""
+
+
+def first_pass_memory(first: Prediction) -> VolumeMemory:
+    """The memory of the self-guided second pass: the first pass's label maps as predicted
+    slices; each slice is guided by the nearest of them (z - 1, else z + 1), never its own,
+    the other K - 1 slots retrieved as usual.
+    """
+    labels = {z: first.labels[z] for z in first.slices}
+    return VolumeMemory(labels, slots=1, max_distance=1, predicted=frozenset(labels),
+                        origin="this volume, first pass")
+
+
+@dataclass
+class _PassCounter:
+    """Progress and cancellation over the passes of one :meth:`InferenceEngine.predict`."""
+
+    total: int
+    progress: ProgressFn | None
+    cancel: CancelFn | None
+    done: int = 0
+
+    def check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise CancelledError("Prediction cancelled")
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(Progress("predict", self.done, self.total))
 
 
 def load_engine(run_dir: str | Path, bank: str | Path | None = None, device: str = "auto",

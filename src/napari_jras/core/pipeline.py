@@ -241,7 +241,8 @@ def evaluate_run(model_dir: str | Path, data: str | Path, bank: str | Path | Non
     slice's own ground truth).
     ``engine_options`` go to :class:`InferenceEngine` (``batch_size``, ``compile_model``,
     ``readout_only``: the readout's propagated mask alone, a diagnostic; ``readout_trust``:
-    the weight of that mask for slices guided by their own volume's annotated slices; both
+    the weight of that mask for slices guided by their own volume's annotated slices;
+    ``self_guide``: the two-pass prediction of volumes, :meth:`InferenceEngine.predict`; all
     recorded in the provenance).
 
     Args:
@@ -304,6 +305,7 @@ def evaluate_run(model_dir: str | Path, data: str | Path, bank: str | Path | Non
         "provenance": provenance(data=data, cases=cases, model_dir=model_dir,
                                  device=str(engine.device), guide_source=guide_source,
                                  readout_only=engine.readout_only,
+                                 self_guide=engine.self_guides(2, None, guide_source),
                                  readout_trust=(engine.readout_trust if cfg.uses_readout
                                                 else None),
                                  group_duplicates=group_duplicates,
