@@ -14,11 +14,12 @@ from napari_jras.core.bank import ExemplarBank
 from napari_jras.core.checkpoint import load_model
 from napari_jras.core.data import resize_images, resize_labels
 from napari_jras.core.device import amp_dtype, select_device
-from napari_jras.core.engine import InferenceEngine, RetrievedExemplar
+from napari_jras.core.engine import InferenceEngine
 from napari_jras.core.errors import BankError, CancelledError, DataError, JRASError
 from napari_jras.core.fusion import align_exemplars, combine
 from napari_jras.core.io import read_volume
 from napari_jras.core.normalize import normalize
+from napari_jras.core.prediction import RetrievedExemplar
 
 NUM_CLASSES = 4
 TAU = 0.1

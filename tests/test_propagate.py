@@ -8,9 +8,10 @@ import shutil
 import numpy as np
 import pytest
 
-from napari_jras.core.engine import InferenceEngine, Prediction
+from napari_jras.core.engine import InferenceEngine
 from napari_jras.core.errors import JRASError
 from napari_jras.core.io import read_volume
+from napari_jras.core.prediction import Prediction
 from napari_jras.core.propagate import propagate, slice_confidence
 from napari_jras.core.volume_memory import PREDICTED_PENALTY, VolumeMemory
 from napari_jras.core.workspace import OWN_CORRECTION, Workspace

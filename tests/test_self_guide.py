@@ -11,8 +11,9 @@ import pytest
 from napari_jras.cli import main
 from napari_jras.core.checkpoint import load_model
 from napari_jras.core.data import resize_labels
-from napari_jras.core.engine import InferenceEngine, first_pass_memory
+from napari_jras.core.engine import InferenceEngine
 from napari_jras.core.io import read_volume
+from napari_jras.core.self_guide import first_pass_memory
 from napari_jras.core.volume_memory import PREDICTED_PENALTY, VolumeMemory, diagnostic_memory
 
 

@@ -104,9 +104,13 @@ def test_gallery_follows_z_slider_and_opens_exemplars(assistant, qtbot):
     shown = [t.text() for t in gallery.tiles]
     set_slice(viewer, 7)
     assert len(gallery.tiles) == k and gallery.header.text().startswith("Slice 7")
-    expected = [f"#{e.id}" for e in gallery.exemplars_for(SAMPLE, 7)]
+    # self-guidance: the first pass's prediction of slice 6, then the bank's exemplars
+    items = gallery.exemplars_for(SAMPLE, 7)
+    expected = [f"#{e.id}" if e.id >= 0 else "first-pass" for e in items]
     assert [t.text().split()[0] for t in gallery.tiles] == expected
-    assert all("training" in t.text() and "sim" in t.text() for t in gallery.tiles)
+    assert items[0].id == -1 and items[0].record["slice_index"] == 6
+    assert "slice 6" in gallery.tiles[0].text()
+    assert all("training" in t.text() and "sim" in t.text() for t in gallery.tiles[1:])
     assert shown  # slice 2 had its own tiles
     n = len(viewer.layers)
     gallery.tiles[0].click()
@@ -687,7 +691,7 @@ def test_own_correction_tile_text_and_age():
     from datetime import datetime, timedelta, timezone
 
     from napari_jras._widgets.gallery import ago, is_own, tile_text
-    from napari_jras.core.engine import RetrievedExemplar
+    from napari_jras.core.prediction import RetrievedExemplar
 
     now = datetime(2026, 1, 2, 12, 0, tzinfo=timezone.utc)
     assert ago((now - timedelta(seconds=20)).isoformat(), now) == "just now"

@@ -10,7 +10,7 @@ Reads the ``napari-jras evaluate`` reports ``<variant>_<N>p_seed<S>_<source>.jso
 for every seed present in both sides (paired by seed):
 
 - the variant with ``retrieved`` / ``none`` / ``neighbour`` exemplars against the baseline;
-- ``neighbour`` against ``retrieved`` and against copying the neighbour's mask (slice z gets the
+- ``neighbour`` (of ``--neighbour-variant`` if given) against ``retrieved`` and against copying the neighbour's mask (slice z gets the
   ground truth of z-1, z+1 for the first slice: no network);
 - ``oracle`` against ``none`` (does the model read its exemplars at all?).
 
@@ -79,6 +79,9 @@ def main() -> None:
     parser.add_argument("--reports", type=Path, nargs="+", required=True)
     parser.add_argument("--variant", default="readout")
     parser.add_argument("--baseline", default="baseline")
+    parser.add_argument("--neighbour-variant", default=None,
+                        help="take the neighbour reports of this variant (e.g. the same runs "
+                             "evaluated with another --readout-trust); default: --variant")
     parser.add_argument("--patients", type=int, default=4)
     parser.add_argument("--val", type=Path, default=REPO.parent / "shared/data/acdc/val")
     parser.add_argument("--out", type=Path, required=True)
@@ -90,15 +93,15 @@ def main() -> None:
         return found.get((variant, n, source), {})
 
     base = side(args.baseline, "retrieved")
+    neighbour = side(args.neighbour_variant or args.variant, "neighbour")
     copy = copy_neighbour(args.val)
     rows = []
     comparisons = [
         ("retrieved vs baseline", side(args.variant, "retrieved"), base),
         ("none vs baseline", side(args.variant, "none"), base),
-        ("neighbour vs baseline", side(args.variant, "neighbour"), base),
-        ("neighbour vs retrieved", side(args.variant, "neighbour"), side(args.variant, "retrieved")),
-        ("neighbour vs copying the neighbour", side(args.variant, "neighbour"),
-         dict.fromkeys(side(args.variant, "neighbour"), copy)),
+        ("neighbour vs baseline", neighbour, base),
+        ("neighbour vs retrieved", neighbour, side(args.variant, "retrieved")),
+        ("neighbour vs copying the neighbour", neighbour, dict.fromkeys(neighbour, copy)),
         ("retrieved vs none", side(args.variant, "retrieved"), side(args.variant, "none")),
         ("oracle vs none", side(args.variant, "oracle"), side(args.variant, "none")),
     ]

@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from napari_jras.core.data import as_slices, resize_labels
-from napari_jras.core.engine import InferenceEngine, RetrievedExemplar
+from napari_jras.core.engine import InferenceEngine
 from napari_jras.core.io import find_cases, load_case
 from napari_jras.core.metrics import dice_per_class
+from napari_jras.core.prediction import RetrievedExemplar
 from napari_jras.core.provenance import provenance
 from napari_jras.core.volume_memory import diagnostic_memory
 

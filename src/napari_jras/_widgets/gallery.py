@@ -11,7 +11,7 @@ from qtpy.QtCore import QSize, Qt, Signal
 from qtpy.QtGui import QColor, QIcon, QImage, QPixmap
 from qtpy.QtWidgets import QGridLayout, QLabel, QToolButton, QVBoxLayout, QWidget
 
-from ..core.engine import RetrievedExemplar
+from ..core.prediction import RetrievedExemplar
 from ..core.workspace import OWN_CORRECTION
 from ._common import class_color, class_colormap, class_features, current_index
 
@@ -90,7 +90,7 @@ def tile_text(ex: RetrievedExemplar, width: int = 20) -> str:
     if is_own(ex):
         first, _, rest = own_text(ex).partition(", ")
         return f"{first}  w {ex.weight:.2f}\n{rest}\nscore {ex.score:.2f}, {r.get('dz', 0):+d} slices"
-    if ex.id < 0:  # a diagnostic memory (neighbour / oracle ground truth)
+    if ex.id < 0:  # a diagnostic memory (neighbour / oracle) or a first-pass prediction
         return (f"{r.get('origin', '?')}  w {ex.weight:.2f}\nslice {r.get('slice_index', '?')}\n"
                 f"score {ex.score:.2f}")
     case = str(r.get("case_id") or r.get("source") or "?")

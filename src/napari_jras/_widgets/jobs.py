@@ -16,8 +16,8 @@ import numpy as np
 
 from ..core import bank_tools, modality_bank
 from ..core.bank import ExemplarBank
-from ..core.engine import Prediction
 from ..core.errors import JRASError
+from ..core.prediction import Prediction
 from ..core.progress import CancelFn, Progress, ProgressFn
 from ..core.propagate import Propagation, propagate
 from ..core.run_files import TRAIN_CONFIG_FILE

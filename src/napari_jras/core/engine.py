@@ -15,7 +15,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,63 +27,21 @@ from .bank import ExemplarBank, Hit
 from .checkpoint import load_model
 from .data import resize_images, resize_labels
 from .device import autocast, select_device
-from .errors import BankError, CancelledError, JRASError, ModelError
+from .errors import BankError, JRASError, ModelError
 from .fusion import Guide, align_exemplars, empty_guide, fusion_weights, make_guide
 from .io import check_image
 from .model import JRASModel
 from .normalize import NormalizedSlices, intensity_map
+from .prediction import Prediction, RetrievedExemplar
 from .progress import CancelFn, Progress, ProgressFn
 from .ranges import check_int
 from .retrieval import embed_images, retriever_version
 from .run_files import BANK_DIR
+from .self_guide import SELF_GUIDED_SOURCES, PassCounter, first_pass_memory
 from .volume_memory import GUIDE_SOURCES, VolumeMemory
 
 log = logging.getLogger(__name__)
 MAX_BATCH_SIZE = 1024  # slices per network pass (predict/evaluate --batch-size)
-
-
-@dataclass
-class RetrievedExemplar:
-    """One exemplar used for a slice: what the gallery shows.
-
-    Attributes:
-        id: the bank exemplar's id; -1 for an annotated slice of the same volume (memory).
-        score: the retrieval similarity (cosine; 0 for the ``random`` diagnostic), or the
-            memory score of a volume slice.
-        weight: its fusion weight among the slice's exemplars (they sum to 1).
-        record: its provenance (case, patient, slice, origin...); memory slices add
-            ``slice_index``, ``dz`` and ``predicted`` when it is a propagated prediction.
-        image: the exemplar image at the model size ``(size, size)``, float32 in [0, 1].
-        mask: its label map ``(size, size)``, uint8 class indices.
-    """
-
-    id: int
-    score: float
-    weight: float
-    record: dict[str, Any]
-    image: np.ndarray
-    mask: np.ndarray
-
-
-@dataclass
-class Prediction:
-    """Result of :meth:`InferenceEngine.predict` (arrays at the input's shape).
-
-    Attributes:
-        labels: uint8 class indices, ``(Z, H, W)`` or ``(H, W)`` for a 2-D input; slices not
-            predicted are 0.
-        slices: the Z indices that were predicted, in order.
-        exemplars: the exemplars of each predicted slice (J-RAS models only).
-        probabilities: float16 class probabilities ``(C, Z, H, W)`` (``(C, H, W)`` for a 2-D
-            input) when asked for, else None.
-        timings: seconds spent in ``embed``, ``search``, ``fusion`` and ``network``.
-    """
-
-    labels: np.ndarray
-    slices: list[int]
-    exemplars: dict[int, list[RetrievedExemplar]] = field(default_factory=dict)
-    probabilities: np.ndarray | None = None
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 class EngineWarning(UserWarning):
@@ -522,7 +480,7 @@ class InferenceEngine:
                  if return_probabilities else None)
         result = Prediction(labels, z_all, probabilities=probs)
         timings = {"embed": 0.0, "search": 0.0, "fusion": 0.0, "network": 0.0}
-        count = _PassCounter(len(z_all), progress, cancel)
+        count = PassCounter(len(z_all), progress, cancel)
         if self.self_guides(vol.shape[0], memory, guide_source):
             first_z = sorted({n for z in z_all for n in (z - 1, z, z + 1)
                               if 0 <= n < vol.shape[0]})
@@ -546,7 +504,7 @@ class InferenceEngine:
 
     def _run_pass(self, vol: np.ndarray, z_list: list[int], exclude_patient: str | None,
                   exclude_ids: Sequence[int], result: Prediction, timings: dict[str, float],
-                  guide_source: str, memory: VolumeMemory | None, count: _PassCounter) -> None:
+                  guide_source: str, memory: VolumeMemory | None, count: PassCounter) -> None:
         """Predict slices ``z_list`` into ``result``, batch by batch (see :meth:`predict`)."""
         start = 0
         while start < len(z_list):
@@ -606,39 +564,6 @@ class InferenceEngine:
         p_read = p_read.float()  # the model's own output: safe to change in place
         p_read[:, 0] += (p_read.sum(1) <= 0).float()  # no exemplar: background
         return F.interpolate(p_read, size=size, mode="bilinear", align_corners=False)
-
-
-SELF_GUIDED_SOURCES = ("retrieved", "none", "random")
-"""Guide sources whose volume predictions :meth:`InferenceEngine.predict` self-guides."""
-
-
-def first_pass_memory(first: Prediction) -> VolumeMemory:
-    """The memory of the self-guided second pass: the first pass's label maps as predicted
-    slices; each slice is guided by the nearest of them (z - 1, else z + 1), never its own,
-    the other K - 1 slots retrieved as usual.
-    """
-    labels = {z: first.labels[z] for z in first.slices}
-    return VolumeMemory(labels, slots=1, max_distance=1, predicted=frozenset(labels),
-                        origin="this volume, first pass")
-
-
-@dataclass
-class _PassCounter:
-    """Progress and cancellation over the passes of one :meth:`InferenceEngine.predict`."""
-
-    total: int
-    progress: ProgressFn | None
-    cancel: CancelFn | None
-    done: int = 0
-
-    def check_cancel(self) -> None:
-        if self.cancel is not None and self.cancel():
-            raise CancelledError("Prediction cancelled")
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if self.progress is not None:
-            self.progress(Progress("predict", self.done, self.total))
 
 
 def load_engine(run_dir: str | Path, bank: str | Path | None = None, device: str = "auto",

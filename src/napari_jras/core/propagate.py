@@ -36,8 +36,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .engine import Prediction, RetrievedExemplar
 from .errors import JRASError
+from .prediction import Prediction, RetrievedExemplar
 from .progress import CancelFn, Progress, ProgressFn
 from .volume_memory import VolumeMemory
 

@@ -43,10 +43,11 @@ from .checkpoint import (
 from .corrections import now, prepare, store
 from .data import resize_labels
 from .drafts import DraftStore
-from .engine import BANK_DIR, InferenceEngine, Prediction
+from .engine import BANK_DIR, InferenceEngine
 from .errors import BankError, JRASError, ModelError
 from .finetune import FINETUNE_DIR, finetune_workspace, pending_job
 from .model import JRASModel, ModelConfig
+from .prediction import Prediction
 from .progress import CancelFn, ProgressFn
 from .run_files import TRAIN_CONFIG_FILE
 from .volume_memory import VolumeMemory
