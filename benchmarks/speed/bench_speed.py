@@ -8,8 +8,9 @@ Usage (from the repository root)::
 Three measurements, each written to ``speed.json`` (machine-readable), ``speed.md`` (tables)
 and PNG plots in ``--out``:
 
-1. **Latency** of one 256x256 slice and of a whole volume with the built-in model, split into
-   retriever embedding, bank search, fusion and network. The search part is measured on
+1. **Latency** of one 256x256 slice and of a whole volume with the built-in model (self-guided:
+   two passes; also in one pass), split into retriever embedding, bank search, fusion and
+   network. The search part is measured on
    indexes of 1k / 10k / 100k / 1M exemplars: the real bank's embeddings, then synthetic
    L2-normalised vectors (a mix of the real ones plus noise) for the large sizes, with the exact
    flat index and the approximate HNSW index that banks switch to above 50k exemplars.
@@ -82,7 +83,8 @@ def synthetic_embeddings(real: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 
 def engine_latency(engine: InferenceEngine, volume: np.ndarray, repeats: int) -> dict:
-    """Per-part milliseconds for one slice and for the whole volume (medians)."""
+    """Per-part milliseconds for one slice and for the whole volume (medians); for a
+    self-guided model also the volume in one pass (``volume_one_pass``)."""
     def parts(image: np.ndarray) -> dict:
         runs = []
         for _ in range(repeats + 1):
@@ -93,8 +95,15 @@ def engine_latency(engine: InferenceEngine, volume: np.ndarray, repeats: int) ->
         runs = runs[1:]  # the first call fills the exemplar cache
         return {key: median(r[key] for r in runs) for key in runs[0]}
 
-    return {"slice": parts(volume[volume.shape[0] // 2]), "volume": parts(volume),
-            "volume_slices": int(volume.shape[0])}
+    result = {"slice": parts(volume[volume.shape[0] // 2]), "volume": parts(volume),
+              "volume_slices": int(volume.shape[0])}
+    if engine.self_guides(volume.shape[0], None, "retrieved"):  # the volume took two passes
+        engine.self_guide = False
+        try:
+            result["volume_one_pass"] = parts(volume)
+        finally:
+            engine.self_guide = True
+    return result
 
 
 def search_latency(real: np.ndarray, sizes: list[int], k: int, volume_slices: int,
@@ -207,7 +216,10 @@ def write_report(result: dict, out: Path) -> None:
              f"{result['real_bank_size']} exemplars), ms", "",
              "| input | embed | search | fusion | network | total |", "|---|---|---|---|---|---|"]
     for key, label in (("slice", f"one {SLICE_SIZE}x{SLICE_SIZE} slice"),
-                       ("volume", f"volume ({lat['volume_slices']} slices)")):
+                       ("volume", f"volume ({lat['volume_slices']} slices)"),
+                       ("volume_one_pass", "the volume, one pass (`--no-self-guide`)")):
+        if key not in lat:
+            continue
         p = lat[key]
         lines.append(f"| {label} | {p['embed']:.1f} | {p['search']:.2f} | {p['fusion']:.1f} | "
                      f"{p['network']:.1f} | {p['total']:.1f} |")
