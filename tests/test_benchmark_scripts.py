@@ -153,6 +153,13 @@ def test_bench_speed_smoke(acdc_slices_dir, tmp_path):
            acdc_slices_dir, "--sizes", "200,400", "--out", tmp_path / "speed")
     speed = json.loads((tmp_path / "speed" / "speed.json").read_text())
     assert speed["provenance"]["device"] == "cpu" and speed["train_ratio"] > 0
+    # the built-in model is self-guided: its volume is also timed in one pass
+    assert speed["latency"]["volume_one_pass"]["total"] > 0
+    script("benchmarks/speed/bench_speed.py", "--quick", "--device", "cpu", "--latency-only",
+           "--out", tmp_path / "latency")
+    latency = json.loads((tmp_path / "latency" / "latency.json").read_text())
+    assert set(latency["latency"]) == {"slice", "volume", "volume_one_pass", "volume_slices"}
+    assert not (tmp_path / "latency" / "speed.json").exists()
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ Usage (from the repository root)::
 
     python benchmarks/speed/bench_speed.py --out benchmarks/results/speed_cpu
     python benchmarks/speed/bench_speed.py --out /tmp/speed --quick      # a smoke run
+    python benchmarks/speed/bench_speed.py --out DIR --latency-only      # latency.json only
 
 Three measurements, each written to ``speed.json`` (machine-readable), ``speed.md`` (tables)
 and PNG plots in ``--out``:
@@ -279,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="only the prediction latency, written to latency.json")
     parser.add_argument("--train-only", choices=["jras", "baseline"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.train_only:
@@ -299,6 +302,14 @@ def main(argv: list[str] | None = None) -> int:
     volume = np.pad(image, pad)[:, :SLICE_SIZE, :SLICE_SIZE]
     print("latency ...", flush=True)
     latency = engine_latency(engine, volume, args.repeats)
+    if args.latency_only:
+        record = {"provenance": provenance(model_dir=builtin_model_dir(),
+                                           device=str(engine.device)),
+                  "machine": machine(), "command": " ".join(["python", *sys.argv]),
+                  "repeats": args.repeats, "latency": latency}
+        (args.out / "latency.json").write_text(json.dumps(record, indent=1))
+        print(json.dumps(latency, indent=1))
+        return 0
     _, real = engine.bank.embeddings()
     print("search ...", flush=True)
     search = search_latency(real, sizes, engine.model.config.k, volume.shape[0], args.repeats)
