@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import tifffile
 
 from napari_jras.cli import main
 from napari_jras.core.checkpoint import load_model
@@ -133,3 +134,12 @@ def test_evaluate_records_self_guidance_and_can_turn_it_off(tiny_run, data_dir, 
     assert main(["evaluate", "--model", str(tiny_run), "--data", str(data), "--report",
                  str(neighbour), "--device", "cpu", "--quiet", "--guide-source", "neighbour"]) == 0
     assert json.loads(neighbour.read_text())["provenance"]["self_guide"] is False
+    flat = tmp_path / "flat"  # one 2-D slice: nothing to self-guide
+    flat.mkdir()
+    for suffix in ("image", "label"):
+        data2d = read_volume(data_dir / "acdc" / f"patient045_frame01_{suffix}.tif").data[4]
+        tifffile.imwrite(flat / f"patient045_frame01_{suffix}.tif", data2d)
+    single = tmp_path / "single.json"
+    assert main(["evaluate", "--model", str(tiny_run), "--data", str(flat), "--report",
+                 str(single), "--device", "cpu", "--quiet"]) == 0
+    assert json.loads(single.read_text())["provenance"]["self_guide"] is False

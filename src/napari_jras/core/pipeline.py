@@ -242,7 +242,8 @@ def evaluate_run(model_dir: str | Path, data: str | Path, bank: str | Path | Non
     ``engine_options`` go to :class:`InferenceEngine` (``batch_size``, ``compile_model``,
     ``readout_only``: the readout's propagated mask alone, a diagnostic; ``readout_trust``:
     the weight of that mask for slices guided by their own volume's annotated slices;
-    ``self_guide``: the two-pass prediction of volumes, :meth:`InferenceEngine.predict`; all
+    ``self_guide``: the two-pass prediction of volumes, :meth:`InferenceEngine.predict`,
+    recorded true when a case took it; all
     recorded in the provenance).
 
     Args:
@@ -281,6 +282,7 @@ def evaluate_run(model_dir: str | Path, data: str | Path, bank: str | Path | Non
         bank_ids, bank_images, _ = engine.bank.load_all()
         bank_thumbs = thumbnails(list(bank_images))
     results = []
+    self_guided = False  # did any case take the self-guided second pass?
     for i, case in enumerate(cases):
         image, label = load_case(case)
         near: list[int] = []
@@ -288,6 +290,8 @@ def evaluate_run(model_dir: str | Path, data: str | Path, bank: str | Path | Non
             pairs = duplicate_pairs(thumbnails(list(as_slices(image.data))), bank_thumbs)
             near = sorted({int(bank_ids[j]) for _, j in pairs})
         memory = diagnostic_memory(guide_source, label) if cfg.use_retrieval else None
+        depth = image.data.shape[0] if image.data.ndim == 3 else 1
+        self_guided = self_guided or engine.self_guides(depth, memory, guide_source)
         pred = engine.predict(image.data, exclude_patient=case.patient_id, exclude_ids=near,
                               guide_source=guide_source, memory=memory)
         result = evaluate_case(pred.labels, label, cfg.num_classes, spacing=image.spacing,
@@ -305,7 +309,7 @@ def evaluate_run(model_dir: str | Path, data: str | Path, bank: str | Path | Non
         "provenance": provenance(data=data, cases=cases, model_dir=model_dir,
                                  device=str(engine.device), guide_source=guide_source,
                                  readout_only=engine.readout_only,
-                                 self_guide=engine.self_guides(2, None, guide_source),
+                                 self_guide=self_guided,
                                  readout_trust=(engine.readout_trust if cfg.uses_readout
                                                 else None),
                                  group_duplicates=group_duplicates,
