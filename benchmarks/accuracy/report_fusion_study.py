@@ -10,8 +10,9 @@ Reads the ``napari-jras evaluate`` reports ``<variant>_<N>p_seed<S>_<source>.jso
 for every seed present in both sides (paired by seed):
 
 - the variant with ``retrieved`` / ``none`` / ``neighbour`` exemplars against the baseline;
-- ``neighbour`` (of ``--neighbour-variant`` if given) against ``retrieved`` and against copying the neighbour's mask (slice z gets the
-  ground truth of z-1, z+1 for the first slice: no network);
+- ``neighbour`` (of ``--neighbour-variant`` if given) against ``retrieved`` and against copying
+  the neighbour's mask (slice z gets the ground truth of z-1, z+1 for the first slice: no
+  network);
 - ``oracle`` against ``none`` (does the model read its exemplars at all?).
 
 Holm's correction runs across the table; verdicts follow ``benchmarks/report_stats.py``.
